@@ -1,0 +1,131 @@
+"""The ``ichnode`` command line: serve, check the config, talk to peers, report status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_HELP = "YAML configuration (default: $ICHNODE_CONFIG, else ./config.yaml, else the embedded defaults)."
+
+
+def _load(config_path: Path | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; its warnings are what matter here.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def parse_address(value: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (ae_title, host, port)."""
+    try:
+        ae_title, rest = value.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        if not ae_title or not host:
+            raise ValueError
+        return ae_title, host, int(port)
+    except ValueError:
+        raise click.BadParameter(f"expected AE@HOST:PORT, got {value!r}") from None
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=CONFIG_HELP,
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ichnode")
+def main() -> None:
+    """ichnode: a DICOM node that flags intracranial hemorrhage on head CT."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Receive images and run the node until SIGTERM/SIGINT."""
+    from .service import Node
+
+    config = _load(config_path)
+    _setup_logging(config.logging.level)
+    Node(config).run()
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: Path | None) -> None:
+    """Validate the configuration and print the effective values (exit 1 on error)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(config.to_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("address")
+@click.option("--calling-ae", default="ICHNODE_SCU", show_default=True, help="Our AE title.")
+def echo(address: str, calling_ae: str) -> None:
+    """C-ECHO a peer given as AE@HOST:PORT; exit 1 unless it answers Success."""
+    from .scu import echo as do_echo
+
+    ae_title, host, port = parse_address(address)
+    ok, message = do_echo(ae_title, host, port, calling_ae=calling_ae)
+    click.echo(message)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "address", required=True, help="Destination as AE@HOST:PORT.")
+@click.option("--calling-ae", default="ICHNODE_SCU", show_default=True, help="Our AE title.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def send(paths: tuple[Path, ...], address: str, calling_ae: str, progress: bool) -> None:
+    """C-STORE DICOM files (or folders, recursively) to AE@HOST:PORT.
+
+    Prints a summary of the response statuses; exit 1 if any file was not stored.
+    """
+    from .scu import send_files
+
+    ae_title, host, port = parse_address(address)
+    summary = send_files(list(paths), ae_title, host, port, calling_ae=calling_ae, progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+    sys.exit(0 if summary.all_stored else 1)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Instances and series by state, spool size and free disk."""
+    from .status import collect_status, format_status
+
+    report = collect_status(_load(config_path))
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
+if __name__ == "__main__":
+    main()

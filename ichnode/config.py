@@ -1,0 +1,243 @@
+"""The node's configuration: one YAML file, validated once into frozen objects.
+
+The defaults below are the embedded configuration; the top-level
+``config.yaml`` spells out the same values with comments (a test keeps the two
+equal).  Every error names the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_VAR = "ICHNODE_CONFIG"
+DEFAULT_PATH = Path("config.yaml")
+
+LABELS = (
+    "any",
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"AE title must be 1 to 16 printable characters, got {value!r}")
+    return value
+
+
+class NodeConfig(_Section):
+    ae_title: str = "ICHNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(8, ge=1)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Peer(_Section):
+    """An allowed calling AE: ``ae_title`` ("*" for any), optionally bound to ``host``.
+
+    ``port`` is where the peer listens, used when reports are returned to it.
+    """
+
+    ae_title: str
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return value if value == "*" else _check_ae_title(value)
+
+
+class AccessConfig(_Section):
+    allow: tuple[Peer, ...] = (Peer(ae_title="*", host="127.0.0.1"),)
+
+
+class StorageConfig(_Section):
+    spool_dir: Path = Path("ichnode-data/spool")
+    min_free_mb: int = Field(1024, ge=0)
+    # fsync every received file and its folder before answering Success.
+    fsync: bool = True
+    retention_days: int = Field(7, ge=0)
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///ichnode-data/ichnode.db"
+
+
+class SeriesConfig(_Section):
+    stable_seconds: float = Field(10.0, gt=0)
+    check_interval_seconds: float = Field(1.0, gt=0)
+    min_slices: int = Field(10, ge=1)
+    # Largest angle between the slice normal and the patient's z axis still
+    # called axial; admits gantry tilt (typically up to ~30 degrees).
+    axial_tolerance_degrees: float = Field(35.0, ge=0, le=90)
+    # A series is a head series when BodyPartExamined or a description
+    # contains one of these words (case-insensitive); empty tags pass.
+    head_keywords: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "NEURO")
+
+
+class ModelConfig(_Section):
+    path: Path | None = None  # None: the bundled default model
+    batch_size: int = Field(32, ge=1)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _labels(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, threshold in value.items():
+            if label not in LABELS:
+                raise ValueError(f"unknown label {label!r}, expected one of {LABELS}")
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold for {label!r} must be in [0, 1], got {threshold}")
+        return value
+
+
+class Destination(_Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class RetryConfig(_Section):
+    first_delay_s: float = Field(5.0, gt=0)
+    max_delay_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(20, ge=1)
+
+
+class ReportsConfig(_Section):
+    sr: bool = True
+    summary_image: bool = True
+    return_to_sender: bool = False
+    destinations: tuple[Destination, ...] = ()
+    retry: RetryConfig = RetryConfig()
+
+
+class LoggingConfig(_Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    access: AccessConfig = AccessConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    series: SeriesConfig = SeriesConfig()
+    model: ModelConfig = ModelConfig()
+    reports: ReportsConfig = ReportsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def resolve_paths(self, base: Path) -> Config:
+        """Return a copy whose relative paths (spool, SQLite file, model) are under ``base``."""
+        spool = self.storage.spool_dir
+        model = self.model.path
+        return self.model_copy(
+            update={
+                "storage": self.storage.model_copy(
+                    update={"spool_dir": spool if spool.is_absolute() else base / spool}
+                ),
+                "database": self.database.model_copy(
+                    update={"url": _resolve_sqlite_url(self.database.url, base)}
+                ),
+                "model": self.model.model_copy(
+                    update={"path": model if model is None or model.is_absolute() else base / model}
+                ),
+            }
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _resolve_sqlite_url(url: str, base: Path) -> str:
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith("sqlite:////"):
+        return url
+    path = url[len(prefix) :]
+    if not path or path.startswith(":memory:"):
+        return url
+    return prefix + str((base / path).resolve())
+
+
+def default_config_path() -> Path | None:
+    """``$ICHNODE_CONFIG``, else ``./config.yaml`` if it exists, else None (embedded defaults)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+
+
+def parse_config(data: Any, base: Path) -> Config:
+    """Validate a mapping (as read from YAML) into a :class:`Config`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the configuration must be a mapping, got {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            value = error.get("input")
+            problems.append(f"{key}: {error['msg']} (got {value!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    return config.resolve_paths(base)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        A YAML file. ``None`` uses :func:`default_config_path`, and the embedded
+        defaults (relative to the working directory) when there is no file.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or a key has a bad value; the message names them.
+    """
+    if path is None:
+        path = default_config_path()
+    if path is None:
+        return parse_config({}, Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, path.resolve().parent)

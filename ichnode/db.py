@@ -1,0 +1,235 @@
+"""Database schema and session helpers.
+
+The components (receiver, series completion, worker, dispatcher) talk to each
+other only through these tables and the spool folder, so each can be
+restarted on its own and resumes from the rows it finds.
+
+Series life cycle (``Series.state``)::
+
+    receiving --stable_seconds without a new instance--> complete
+    complete --worker claims--> processing --> scored | skipped | failed
+    any state --a new instance arrives--> receiving   (scored again later,
+                                                       as a new result version)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+SCHEMA_VERSION = 1
+
+# Series states
+RECEIVING = "receiving"
+COMPLETE = "complete"
+PROCESSING = "processing"
+SCORED = "scored"
+SKIPPED = "skipped"
+FAILED = "failed"
+
+# Delivery states
+QUEUED = "queued"
+SENT = "sent"
+DEAD = "dead"
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: every timestamp in the database is naive UTC."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Meta(Base):
+    """Key/value facts about the database itself (the schema version)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    study_uid: Mapped[str] = mapped_column(String(128), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(128))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=RECEIVING, index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # Bumped each time the series becomes complete: late slices make a new version.
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    results: Mapped[list[SeriesResult]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(128))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(128))
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    # Relative to storage.spool_dir.
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # How many times this SOP Instance UID arrived; the newest copy is kept.
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SeriesResult(Base):
+    """One scoring (or skip decision) of one version of a series."""
+
+    __tablename__ = "series_result"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # scored | skipped | failed
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    flags: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    thresholds: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    key_sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    slice_count: Mapped[int] = mapped_column(Integer, default=0)
+    quarantined_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    superseded: Mapped[bool] = mapped_column(default=False)
+
+    series: Mapped[Series] = relationship(back_populates="results")
+    slices: Mapped[list[SliceResult]] = relationship(back_populates="result")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+
+class SliceResult(Base):
+    __tablename__ = "slice_result"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("series_result.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(128))
+    position: Mapped[int] = mapped_column(Integer)  # index in z order
+    scores: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    result: Mapped[SeriesResult] = relationship(back_populates="slices")
+
+
+class Delivery(Base):
+    """One report object to be stored at one destination, retried until it is."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("series_result.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | summary
+    sop_instance_uid: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(String(512))  # relative to spool_dir
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    result: Mapped[SeriesResult] = relationship(back_populates="deliveries")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL mode and a busy timeout on every connection."""
+    is_sqlite = url.startswith("sqlite")
+    kwargs: dict[str, Any] = {}
+    if is_sqlite:
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # Threads of one process share the engine; SQLite itself serialises writers.
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if is_sqlite:
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives a process crash (kill -9); after a
+    # power loss the spool scan at start-up re-indexes any file whose row was lost.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def init_db(engine: Engine) -> None:
+    """Create missing tables and record the schema version; refuse a newer schema."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        row = session.get(Meta, "schema_version")
+        if row is None:
+            session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(row.value) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {row.value} is newer than this ichnode "
+                f"({SCHEMA_VERSION}); upgrade ichnode"
+            )
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One short transaction: commit on success, roll back on any error."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def count_by_state(session: Session, column: Any) -> dict[str, int]:
+    from sqlalchemy import func
+
+    rows = session.execute(select(column, func.count()).group_by(column)).all()
+    return {state: count for state, count in rows}

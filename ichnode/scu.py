@@ -1,0 +1,189 @@
+"""Client side of DICOM: C-ECHO and C-STORE to a peer, with every status checked."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# A peer may propose at most 128 presentation contexts in one association.
+MAX_CONTEXTS = 128
+
+
+def status_category(status: int | None) -> str:
+    """Success, Warning, Failure, or "No response" for a C-STORE/C-ECHO status."""
+    if status is None:
+        return "No response"
+    if status == 0x0000:
+        return "Success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "Warning"
+    return "Failure"
+
+
+def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU", timeout: float = 10) -> tuple[bool, str]:
+    """C-ECHO; returns (succeeded, a line saying what happened)."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False, _association_failure(assoc, ae_title, host, port)
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(response.Status) if "Status" in response else None
+    ok = code == 0x0000
+    shown = "no response" if code is None else f"0x{code:04X} ({status_category(code)})"
+    return ok, f"C-ECHO {ae_title}@{host}:{port}: {shown}"
+
+
+def _association_failure(assoc, ae_title: str, host: str, port: int) -> str:
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        reason = f"rejected (result 0x{rj.result:02X}, source 0x{rj.result_source:02X}, reason 0x{rj.diagnostic:02X})"
+        try:
+            reason += f": {rj.reason_str}"
+        except Exception:  # the description is a convenience only
+            pass
+        return f"association with {ae_title}@{host}:{port} {reason}"
+    if assoc.is_aborted:
+        return f"association with {ae_title}@{host}:{port} aborted"
+    return f"cannot associate with {ae_title}@{host}:{port} (no answer)"
+
+
+@dataclass
+class SendSummary:
+    """What happened to each file of a send."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def all_stored(self) -> bool:
+        return not self.failures and self.statuses["Success"] + self.statuses["Warning"] > 0
+
+    def lines(self) -> list[str]:
+        out = [f"{name}: {count}" for name, count in sorted(self.statuses.items())]
+        out += [f"not sent: {line}" for line in self.skipped]
+        out += [f"failed: {line}" for line in self.failures]
+        return out
+
+
+def iter_files(paths: Iterable[Path]) -> list[Path]:
+    """Files given, and every file under folders given, in a stable order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def send_files(
+    paths: Sequence[Path],
+    ae_title: str,
+    host: str,
+    port: int,
+    *,
+    calling_ae: str = "ICHNODE_SCU",
+    progress: bool = False,
+    timeout: float = 30,
+) -> SendSummary:
+    """C-STORE every DICOM file under ``paths`` over one association per batch of contexts.
+
+    Files that are not DICOM images (a DICOMDIR, a text file) are listed as
+    not sent, with the reason.
+    """
+    summary = SendSummary()
+    found: list[tuple[Path, str, str]] = []
+    for path in iter_files(paths):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
+            syntax = str(ds.file_meta.TransferSyntaxUID)
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            summary.skipped.append(f"{path}: not a DICOM file ({exc.__class__.__name__})")
+            continue
+        if sop_class == "1.2.840.10008.1.3.10":  # Media Storage Directory (DICOMDIR)
+            summary.skipped.append(f"{path}: a DICOMDIR, not an image")
+            continue
+        found.append((path, sop_class, syntax))
+
+    # Propose exactly the (SOP class, transfer syntax) pairs present, in
+    # batches of at most 128 contexts, one association per batch.
+    batches: list[list[tuple[Path, str, str]]] = []
+    contexts: list[set[tuple[str, str]]] = []
+    for item in found:
+        pair = (item[1], item[2])
+        for batch, pairs in zip(batches, contexts):
+            if pair in pairs or len(pairs) < MAX_CONTEXTS:
+                batch.append(item)
+                pairs.add(pair)
+                break
+        else:
+            batches.append([item])
+            contexts.append({pair})
+
+    bar = tqdm(total=len(found), unit="file", disable=not progress)
+    for batch, pairs in zip(batches, contexts):
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        for sop_class, syntax in sorted(pairs):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            reason = _association_failure(assoc, ae_title, host, port)
+            summary.statuses["Not sent"] += len(batch)
+            summary.failures.append(reason)
+            bar.update(len(batch))
+            continue
+        try:
+            for path, _, _ in batch:
+                status = store_file(assoc, path)
+                category = status_category(status)
+                summary.statuses[category] += 1
+                if category in ("Failure", "No response"):
+                    shown = "no response" if status is None else f"0x{status:04X}"
+                    summary.failures.append(f"{path}: {shown}")
+                bar.update(1)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    bar.close()
+    return summary
+
+
+def store_file(assoc, path: Path) -> int | None:
+    """C-STORE one file on an open association; the response status, None if none came."""
+    dataset: Path | Dataset = path
+    header = dcmread(path, stop_before_pixels=True)
+    if "SOPClassUID" not in header:
+        # Some archives (the RSNA files) keep the SOP Class UID only in the
+        # file meta; C-STORE needs it in the dataset.
+        dataset = dcmread(path)
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+    response = assoc.send_c_store(dataset)
+    if response is None or "Status" not in response:
+        return None
+    status = int(response.Status)
+    if status != 0x0000:
+        comment = response.get("ErrorComment", "")
+        logger.warning("C-STORE of %s answered 0x%04X %s", path, status, comment)
+    return status

@@ -1,0 +1,140 @@
+"""Wires the node together: database, spool, receiver and the periodic jobs.
+
+``ichnode serve`` runs every component as a thread of one process. They share
+nothing but the database and the spool, so a restart resumes from the rows:
+pending series are completed, files whose row was lost are re-indexed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+from sqlalchemy import select
+
+from . import db
+from .config import Config
+from .receiver import start_receiver
+from .series import InstanceHeader, complete_stable_series, register_instance
+from .spool import Spool
+
+logger = logging.getLogger(__name__)
+
+# How long SIGTERM waits for open associations to finish before aborting them.
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+class Node:
+    """One ichnode: call :meth:`start`, then :meth:`stop` (or :meth:`run` to block)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = db.make_engine(config.database.url)
+        db.init_db(self.engine)
+        self.sessions = db.session_factory(self.engine)
+        self.spool = Spool(
+            config.storage.spool_dir,
+            min_free_mb=config.storage.min_free_mb,
+            fsync=config.storage.fsync,
+        )
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone="UTC",
+        )
+        self.server = None
+        self._stopped = threading.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "the node is not started"
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        removed = self.spool.clear_tmp()
+        if removed:
+            logger.info("removed %d partial files left by an interrupted transfer", removed)
+        reindexed = reindex_spool(self)
+        if reindexed:
+            logger.warning("re-indexed %d spooled files that had no database row", reindexed)
+        self._add_job(self.complete_series, self.config.series.check_interval_seconds)
+        self.scheduler.start()
+        self.server = start_receiver(self.config, self.spool, self.sessions)
+
+    def _add_job(self, func: Callable[[], object], seconds: float) -> None:
+        self.scheduler.add_job(func, "interval", seconds=seconds, id=func.__name__)
+
+    def complete_series(self) -> list[str]:
+        return complete_stable_series(self.sessions, self.config.series.stable_seconds)
+
+    def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, let open associations finish (then abort them), stop jobs."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            associations = list(self.server.active_associations)
+            self.server.shutdown()
+            deadline = time.monotonic() + grace_seconds
+            for assoc in associations:
+                assoc.join(max(0.0, deadline - time.monotonic()))
+                if assoc.is_alive():
+                    logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+                    assoc.abort()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.engine.dispose()
+        logger.info("stopped")
+
+    def run(self) -> None:
+        """Start and block until SIGTERM or SIGINT, then stop cleanly."""
+        wake = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s, shutting down", signal.Signals(signum).name)
+            wake.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        wake.wait()
+        self.stop()
+
+
+def reindex_spool(node: Node) -> int:
+    """Record spooled instance files that have no row.
+
+    A file renamed into the spool whose row was lost (a crash between the two
+    steps, or a power loss with SQLite's synchronous=NORMAL) was never
+    acknowledged, but it is a whole image: keep it rather than wait for a resend.
+    """
+    with node.sessions() as session:
+        known = set(session.scalars(select(db.Instance.path)))
+    count = 0
+    for path in node.spool.iter_instance_files():
+        relative = path.relative_to(node.spool.root).as_posix()
+        if relative in known:
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            meta = ds.file_meta
+            header = InstanceHeader.from_dataset(
+                ds,
+                sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")),
+                sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "")),
+            )
+        except Exception as exc:
+            logger.error("spooled file %s is unreadable (%s); left in place", relative, exc)
+            continue
+        register_instance(
+            node.sessions, header, path=relative, size_bytes=path.stat().st_size, calling_ae=None, peer_host=None
+        )
+        count += 1
+    return count

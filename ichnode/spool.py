@@ -1,0 +1,143 @@
+"""The spool folder: every received instance as a DICOM file, written durably.
+
+Layout under ``storage.spool_dir``::
+
+    .tmp/                          temporary files, same filesystem as the rest
+    instances/<study>/<series>/<sop>.dcm
+    reports/<study>/<sop>.dcm      report objects waiting for or after delivery
+
+A file is first written under ``.tmp``, flushed to disk with fsync, then
+renamed into place and its folder fsynced, so after a crash or power loss a
+file is either whole at its final path or absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+def safe_name(uid: str) -> str:
+    """A file name for a UID; real-world UIDs (``ID_1f6d1e8aeb``) may hold any character.
+
+    Characters outside ``[0-9A-Za-z._-]`` are replaced and a short hash keeps
+    replaced names unique.
+    """
+    cleaned = _UNSAFE.sub("_", uid.strip())[:96]
+    if cleaned != uid or not cleaned:
+        cleaned += "-" + hashlib.sha1(uid.encode()).hexdigest()[:8]
+    return cleaned
+
+
+class Spool:
+    """The spool folder and its free-space guard."""
+
+    def __init__(self, root: Path, *, min_free_mb: int = 0, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.min_free_mb = min_free_mb
+        self.fsync = fsync
+        self.tmp_dir = self.root / ".tmp"
+        self.instances_dir = self.root / "instances"
+        self.reports_dir = self.root / "reports"
+        for folder in (self.tmp_dir, self.instances_dir, self.reports_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- space -----------------------------------------------------------
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / 2**20
+
+    def has_room(self) -> bool:
+        return self.free_mb() >= self.min_free_mb
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.instances_dir.rglob("*.dcm"))
+
+    # -- paths -----------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Path of an instance relative to the spool root."""
+        return f"instances/{safe_name(study_uid)}/{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+
+    def report_path(self, study_uid: str, sop_uid: str) -> str:
+        return f"reports/{safe_name(study_uid)}/{safe_name(sop_uid)}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    # -- durable writes --------------------------------------------------
+    def commit_file(self, source: Path, relative: str) -> Path:
+        """Move a complete file into place durably; returns its final path.
+
+        ``source`` should be on the spool filesystem (``tmp_dir``); from another
+        filesystem it is copied to ``tmp_dir`` first, since a rename cannot
+        cross filesystems.
+        """
+        target = self.root / relative
+        if self.fsync:
+            _fsync_path(source)
+        self._make_parents(target.parent)
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            staged = self.tmp_dir / (target.name + ".part")
+            shutil.copyfile(source, staged)
+            if self.fsync:
+                _fsync_path(staged)
+            os.replace(staged, target)
+        if self.fsync:
+            _fsync_path(target.parent)
+        return target
+
+    def write_bytes(self, data: bytes, relative: str) -> Path:
+        """Write ``data`` durably at ``relative`` (temp file, fsync, rename)."""
+        staged = self.tmp_dir / f"{os.getpid()}-{safe_name(Path(relative).name)}.part"
+        with open(staged, "wb") as handle:
+            handle.write(data)
+        return self.commit_file(staged, relative)
+
+    def _make_parents(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+            if self.fsync:
+                # The new folder's entry in its parent must reach the disk too.
+                _fsync_path(path.parent)
+
+    def remove(self, relative: str) -> None:
+        try:
+            (self.root / relative).unlink()
+        except FileNotFoundError:
+            pass
+
+    def clear_tmp(self) -> int:
+        """Delete leftovers of interrupted writes; returns how many."""
+        count = 0
+        for path in self.tmp_dir.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                count += 1
+        return count
+
+    def iter_instance_files(self) -> Iterator[Path]:
+        yield from self.instances_dir.rglob("*.dcm")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,70 @@
+"""``ichnode status``: what the node holds, read from the database and the spool."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from sqlalchemy import func, select
+
+from . import db
+from .config import Config
+
+
+def collect_status(config: Config) -> dict[str, Any]:
+    engine = db.make_engine(config.database.url)
+    db.init_db(engine)
+    spool_dir = config.storage.spool_dir
+    try:
+        with db.session_factory(engine)() as session:
+            instances = session.scalar(select(func.count()).select_from(db.Instance)) or 0
+            quarantined = (
+                session.scalar(
+                    select(func.count()).select_from(db.Instance).where(db.Instance.quarantine_reason.is_not(None))
+                )
+                or 0
+            )
+            duplicates = session.scalar(select(func.sum(db.Instance.times_received - 1))) or 0
+            series = db.count_by_state(session, db.Series.state)
+            deliveries = db.count_by_state(session, db.Delivery.state)
+            dead = [
+                {
+                    "sop_instance_uid": d.sop_instance_uid,
+                    "destination": f"{d.ae_title}@{d.host}:{d.port}",
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                }
+                for d in session.scalars(select(db.Delivery).where(db.Delivery.state == db.DEAD))
+            ]
+    finally:
+        engine.dispose()
+    spool_bytes = sum(p.stat().st_size for p in spool_dir.rglob("*.dcm")) if spool_dir.exists() else 0
+    usage = shutil.disk_usage(spool_dir if spool_dir.exists() else spool_dir.parent)
+    return {
+        "database": config.database.url,
+        "spool_dir": str(spool_dir),
+        "instances": {"total": instances, "quarantined": quarantined, "duplicates_replaced": int(duplicates)},
+        "series": series,
+        "deliveries": deliveries,
+        "dead_letters": dead,
+        "spool_bytes": spool_bytes,
+        "free_disk_mb": round(usage.free / 2**20),
+        "min_free_mb": config.storage.min_free_mb,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [
+        f"database     {report['database']}",
+        f"spool        {report['spool_dir']} ({report['spool_bytes'] / 2**20:.1f} MB)",
+        f"free disk    {report['free_disk_mb']} MB (minimum {report['min_free_mb']} MB)",
+        "instances    " + ", ".join(f"{k} {v}" for k, v in report["instances"].items()),
+        "series       " + (", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) or "none"),
+        "deliveries   " + (", ".join(f"{k} {v}" for k, v in sorted(report["deliveries"].items())) or "none"),
+    ]
+    for dead in report["dead_letters"]:
+        lines.append(
+            f"dead letter  {dead['sop_instance_uid']} to {dead['destination']} after "
+            f"{dead['attempts']} attempts: {dead['last_error']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training, evaluation and phantom data for ichnode's hemorrhage model."""
