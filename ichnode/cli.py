@@ -30,8 +30,11 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU at INFO; its warnings are what matter here.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # These log every PDU / every copied module at INFO; their warnings are what matter here.
+    for noisy in ("pynetdicom", "highdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # A job still running at its next tick is skipped by design, not a problem.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def parse_address(value: str) -> tuple[str, str, int]:
@@ -63,13 +66,24 @@ def main() -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
-    """Receive images and run the node until SIGTERM/SIGINT."""
+@click.option(
+    "--components",
+    default="receiver,worker,dispatcher",
+    show_default=True,
+    help="Comma-separated stages to run in this process (they share only the database and spool).",
+)
+def serve(config_path: Path | None, components: str) -> None:
+    """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
+    from .model import ModelCardError
     from .service import Node
 
     config = _load(config_path)
     _setup_logging(config.logging.level)
-    Node(config).run()
+    try:
+        node = Node(config, components=[c.strip() for c in components.split(",") if c.strip()])
+    except (ModelCardError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+    node.run()
 
 
 @main.command("check-config")

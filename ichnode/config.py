@@ -37,15 +37,19 @@ class _Section(BaseModel):
 
 
 def _check_ae_title(value: str) -> str:
-    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
+    # Leading and trailing spaces are not significant (PS3.5 6.2) and the
+    # receiver compares stripped titles, so store the stripped value.
+    stripped = value.strip(" ")
+    if not 0 < len(stripped) <= 16 or "\\" in value or not value.isprintable():
         raise ValueError(f"AE title must be 1 to 16 printable characters, got {value!r}")
-    return value
+    return stripped
 
 
 class NodeConfig(_Section):
     ae_title: str = "ICHNODE"
     host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
+    # 0 picks a free port (tests); the log says which.
+    port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(8, ge=1)
 
     _ae = field_validator("ae_title")(_check_ae_title)

@@ -48,6 +48,7 @@ FAILED = "failed"
 QUEUED = "queued"
 SENT = "sent"
 DEAD = "dead"
+SUPERSEDED = "superseded"  # a newer result of the series replaced this report
 
 
 def utcnow() -> dt.datetime:

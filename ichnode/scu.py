@@ -39,7 +39,7 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU"
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
-        return False, _association_failure(assoc, ae_title, host, port)
+        return False, association_failure(assoc, ae_title, host, port)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -50,7 +50,7 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU"
     return ok, f"C-ECHO {ae_title}@{host}:{port}: {shown}"
 
 
-def _association_failure(assoc, ae_title: str, host: str, port: int) -> str:
+def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         reason = f"rejected (result 0x{rj.result:02X}, source 0x{rj.result_source:02X}, reason 0x{rj.diagnostic:02X})"
@@ -147,7 +147,7 @@ def send_files(
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title)
         if not assoc.is_established:
-            reason = _association_failure(assoc, ae_title, host, port)
+            reason = association_failure(assoc, ae_title, host, port)
             summary.statuses["Not sent"] += len(batch)
             summary.failures.append(reason)
             bar.update(len(batch))

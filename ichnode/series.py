@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -128,70 +128,95 @@ def _register(
     calling_ae: str | None,
     peer_host: str | None,
 ) -> Registration:
+    # Core statements rather than ORM objects: this runs once per received
+    # image on the association thread, and the ORM would triple its cost.
     now = db.utcnow()
+    series_t = db.Series.__table__
+    instance_t = db.Instance.__table__
     with db.transaction(factory) as session:
-        series = session.scalars(select(db.Series).where(db.Series.series_uid == header.series_uid)).one_or_none()
-        if series is None:
-            series = db.Series(
-                series_uid=header.series_uid,
-                study_uid=header.study_uid,
-                patient_id=header.patient_id,
-                accession_number=header.accession_number,
-                modality=header.modality,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                body_part=header.body_part,
-                calling_ae=calling_ae,
-                peer_host=peer_host,
-                state=db.RECEIVING,
-                instance_count=0,
-                first_received_at=now,
-                last_received_at=now,
-                version=0,
+        conn = session.connection()
+        series_id = conn.execute(
+            select(series_t.c.id).where(series_t.c.series_uid == header.series_uid)
+        ).scalar_one_or_none()
+        if series_id is None:
+            series_id = conn.execute(
+                insert(series_t).values(
+                    series_uid=header.series_uid,
+                    study_uid=header.study_uid,
+                    patient_id=header.patient_id,
+                    accession_number=header.accession_number,
+                    modality=header.modality,
+                    series_number=header.series_number,
+                    series_description=header.series_description,
+                    body_part=header.body_part,
+                    calling_ae=calling_ae,
+                    peer_host=peer_host,
+                    state=db.RECEIVING,
+                    instance_count=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                    version=0,
+                )
+            ).inserted_primary_key[0]
+        fields = dict(
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            series_id=series_id,
+            path=path,
+            size_bytes=size_bytes,
+            instance_number=header.instance_number,
+            calling_ae=calling_ae,
+            peer_host=peer_host,
+            received_at=now,
+            quarantine_reason=None,
+        )
+        existing = conn.execute(
+            select(instance_t.c.id, instance_t.c.path, instance_t.c.series_id, instance_t.c.times_received).where(
+                instance_t.c.sop_instance_uid == header.sop_instance_uid
             )
-            session.add(series)
-            session.flush()
-        instance = session.scalars(
-            select(db.Instance).where(db.Instance.sop_instance_uid == header.sop_instance_uid)
-        ).one_or_none()
+        ).first()
         replaced_path = None
-        duplicate = instance is not None
-        if instance is None:
-            instance = db.Instance(sop_instance_uid=header.sop_instance_uid, times_received=1)
-            session.add(instance)
-            series.instance_count += 1
+        if existing is None:
+            instance_id = conn.execute(
+                insert(instance_t).values(sop_instance_uid=header.sop_instance_uid, times_received=1, **fields)
+            ).inserted_primary_key[0]
+            added = 1
         else:
-            instance.times_received += 1
-            if instance.path != path:
-                replaced_path = instance.path
-            if instance.series_id != series.id:
-                old = session.get(db.Series, instance.series_id)
-                if old is not None:
-                    old.instance_count -= 1
-                series.instance_count += 1
+            instance_id = existing.id
+            conn.execute(
+                update(instance_t)
+                .where(instance_t.c.id == existing.id)
+                .values(times_received=existing.times_received + 1, **fields)
+            )
+            replaced_path = existing.path if existing.path != path else None
+            added = 0
+            if existing.series_id != series_id:
+                # Same SOP Instance UID now in another series: move it.
+                conn.execute(
+                    update(series_t)
+                    .where(series_t.c.id == existing.series_id)
+                    .values(instance_count=series_t.c.instance_count - 1)
+                )
+                added = 1
             logger.info(
                 "duplicate SOP Instance UID %s from %s (received %d times), keeping the newer copy",
                 header.sop_instance_uid,
                 calling_ae,
-                instance.times_received,
+                existing.times_received + 1,
             )
-        instance.sop_class_uid = header.sop_class_uid
-        instance.transfer_syntax_uid = header.transfer_syntax_uid
-        instance.series_id = series.id
-        instance.path = path
-        instance.size_bytes = size_bytes
-        instance.instance_number = header.instance_number
-        instance.calling_ae = calling_ae
-        instance.peer_host = peer_host
-        instance.received_at = now
-        instance.quarantine_reason = None
-        series.last_received_at = now
-        if series.state != db.RECEIVING:
-            # Late slices: complete and score the series again later.
-            series.state = db.RECEIVING
-            series.claimed_at = None
-        session.flush()
-        return Registration(instance.id, series.id, duplicate, replaced_path)
+        # Back to receiving even if it was complete or scored: late slices
+        # make the series complete (and scored) again, as a new version.
+        conn.execute(
+            update(series_t)
+            .where(series_t.c.id == series_id)
+            .values(
+                instance_count=series_t.c.instance_count + added,
+                last_received_at=now,
+                state=db.RECEIVING,
+                claimed_at=None,
+            )
+        )
+        return Registration(instance_id, series_id, existing is not None, replaced_path)
 
 
 def complete_stable_series(

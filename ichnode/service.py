@@ -1,8 +1,10 @@
 """Wires the node together: database, spool, receiver and the periodic jobs.
 
 ``ichnode serve`` runs every component as a thread of one process. They share
-nothing but the database and the spool, so a restart resumes from the rows:
-pending series are completed, files whose row was lost are re-indexed.
+nothing but the database and the spool, so they can also run as separate
+processes (``--components``), and a restart resumes from the rows: pending
+series are completed, interrupted scoring is redone, due deliveries are
+retried, files whose row was lost are re-indexed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -21,21 +23,37 @@ from sqlalchemy import select
 
 from . import db
 from .config import Config
+from .dispatch import Dispatcher
+from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .series import InstanceHeader, complete_stable_series, register_instance
 from .spool import Spool
+from .worker import Worker, describe_device, requeue_interrupted
 
 logger = logging.getLogger(__name__)
 
 # How long SIGTERM waits for open associations to finish before aborting them.
 SHUTDOWN_GRACE_SECONDS = 20.0
 
+RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
+ALL_COMPONENTS = (RECEIVER, WORKER, DISPATCHER)
+
 
 class Node:
     """One ichnode: call :meth:`start`, then :meth:`stop` (or :meth:`run` to block)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        components: Sequence[str] = ALL_COMPONENTS,
+        model: HemorrhageModel | None = None,
+    ) -> None:
+        unknown = set(components) - set(ALL_COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}, expected some of {ALL_COMPONENTS}")
         self.config = config
+        self.components = tuple(components)
         self.engine = db.make_engine(config.database.url)
         db.init_db(self.engine)
         self.sessions = db.session_factory(self.engine)
@@ -50,6 +68,16 @@ class Node:
             timezone="UTC",
         )
         self.server = None
+        self.worker: Worker | None = None
+        self.dispatcher: Dispatcher | None = None
+        if WORKER in self.components:
+            # Loaded before anything starts: a bad model or card refuses to start.
+            self.worker = Worker(config, self.sessions, self.spool, model or load_model(config.model.path))
+            logger.info("scoring on %s", describe_device())
+        if DISPATCHER in self.components:
+            self.dispatcher = Dispatcher(
+                self.sessions, self.spool, config.reports.retry, calling_ae=config.node.ae_title
+            )
         self._stopped = threading.Event()
 
     @property
@@ -58,18 +86,30 @@ class Node:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        removed = self.spool.clear_tmp()
-        if removed:
-            logger.info("removed %d partial files left by an interrupted transfer", removed)
-        reindexed = reindex_spool(self)
-        if reindexed:
-            logger.warning("re-indexed %d spooled files that had no database row", reindexed)
-        self._add_job(self.complete_series, self.config.series.check_interval_seconds)
+        interval = self.config.series.check_interval_seconds
+        if RECEIVER in self.components:
+            removed = self.spool.clear_tmp()
+            if removed:
+                logger.info("removed %d partial files left by an interrupted transfer", removed)
+            reindexed = reindex_spool(self)
+            if reindexed:
+                logger.warning("re-indexed %d spooled files that had no database row", reindexed)
+        # Completion only reads and updates rows; any process may run it.
+        self._add_job(self.complete_series, interval)
+        if self.worker is not None:
+            requeued = requeue_interrupted(self.sessions)
+            if requeued:
+                logger.warning("scoring of %d series was interrupted; scoring them again", requeued)
+            self._add_job(self.worker.run_once, interval)
+        if self.dispatcher is not None:
+            self._add_job(self.dispatcher.run_once, interval)
         self.scheduler.start()
-        self.server = start_receiver(self.config, self.spool, self.sessions)
+        if RECEIVER in self.components:
+            self.server = start_receiver(self.config, self.spool, self.sessions)
 
     def _add_job(self, func: Callable[[], object], seconds: float) -> None:
-        self.scheduler.add_job(func, "interval", seconds=seconds, id=func.__name__)
+        name = f"{type(func.__self__).__name__}.{func.__name__}"
+        self.scheduler.add_job(func, "interval", seconds=seconds, id=name, name=name)
 
     def complete_series(self) -> list[str]:
         return complete_stable_series(self.sessions, self.config.series.stable_seconds)
@@ -90,6 +130,8 @@ class Node:
                     assoc.abort()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.worker is not None:
+            self.worker.close()
         self.engine.dispose()
         logger.info("stopped")
 

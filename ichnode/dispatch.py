@@ -1,0 +1,140 @@
+"""The dispatcher: C-STORE queued report objects, retrying until they are stored.
+
+Every delivery is a row (:class:`ichnode.db.Delivery`); its attempts and next
+attempt time live in the database, so backoff survives restarts. Only a
+Success status marks a delivery sent: a warning or failure status, a refused
+association or a dead peer are all retried with exponential backoff until
+``reports.retry.max_attempts``, after which the delivery is dead-lettered
+with its last error (shown by ``ichnode status``). A resend reuses the same
+file, hence the same SOP Instance UID, so the PACS never holds two copies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from itertools import groupby
+
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import db
+from .config import RetryConfig
+from .scu import association_failure, status_category
+from .spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempts: int, retry: RetryConfig) -> float:
+    """Delay before the next try after ``attempts`` failed ones: doubling, capped."""
+    return min(retry.max_delay_s, retry.first_delay_s * 2 ** max(0, attempts - 1))
+
+
+class Dispatcher:
+    def __init__(
+        self, sessions: sessionmaker[Session], spool: Spool, retry: RetryConfig, *, calling_ae: str, timeout: float = 30
+    ) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.retry = retry
+        self.calling_ae = calling_ae
+        self.timeout = timeout
+
+    def run_once(self, now: dt.datetime | None = None) -> int:
+        """Try every due delivery, one association per destination; returns how many were stored."""
+        now = now or db.utcnow()
+        with self.sessions() as session:
+            due = session.scalars(
+                select(db.Delivery)
+                .where(db.Delivery.state == db.QUEUED, db.Delivery.next_attempt_at <= now)
+                .order_by(db.Delivery.ae_title, db.Delivery.host, db.Delivery.port, db.Delivery.id)
+            ).all()
+        sent = 0
+        for (ae_title, host, port), group in groupby(due, key=lambda d: (d.ae_title, d.host, d.port)):
+            sent += self._send_to(ae_title, host, port, list(group))
+        return sent
+
+    def _send_to(self, ae_title: str, host: str, port: int, deliveries: list[db.Delivery]) -> int:
+        datasets = {}
+        for delivery in deliveries:
+            try:
+                datasets[delivery.id] = dcmread(self.spool.absolute(delivery.path))
+            except Exception as exc:
+                self._failed(delivery, f"report file unreadable: {exc}", final=True)
+        if not datasets:
+            return 0
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for ds in datasets.values():
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            reason = association_failure(assoc, ae_title, host, port)
+            for delivery in deliveries:
+                if delivery.id in datasets:
+                    self._failed(delivery, reason)
+            return 0
+        sent = 0
+        try:
+            for delivery in deliveries:
+                ds = datasets.get(delivery.id)
+                if ds is None:
+                    continue
+                if not assoc.is_established:
+                    self._failed(delivery, "association lost before sending")
+                    continue
+                response = assoc.send_c_store(ds)
+                status = int(response.Status) if response is not None and "Status" in response else None
+                if status == 0x0000:
+                    self._sent(delivery)
+                    sent += 1
+                else:
+                    shown = "no response" if status is None else f"0x{status:04X} ({status_category(status)})"
+                    comment = response.get("ErrorComment", "") if response is not None else ""
+                    self._failed(delivery, f"C-STORE answered {shown} {comment}".strip())
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return sent
+
+    def _sent(self, delivery: db.Delivery) -> None:
+        with db.transaction(self.sessions) as session:
+            session.execute(
+                update(db.Delivery)
+                .where(db.Delivery.id == delivery.id)
+                .values(state=db.SENT, sent_at=db.utcnow(), attempts=delivery.attempts + 1, last_error=None)
+            )
+        logger.info(
+            "delivered %s %s to %s@%s:%d", delivery.kind, delivery.sop_instance_uid, delivery.ae_title, delivery.host, delivery.port
+        )
+
+    def _failed(self, delivery: db.Delivery, error: str, *, final: bool = False) -> None:
+        attempts = delivery.attempts + 1
+        dead = final or attempts >= self.retry.max_attempts
+        next_at = db.utcnow() + dt.timedelta(seconds=backoff_seconds(attempts, self.retry))
+        with db.transaction(self.sessions) as session:
+            session.execute(
+                update(db.Delivery)
+                .where(db.Delivery.id == delivery.id)
+                .values(
+                    state=db.DEAD if dead else db.QUEUED,
+                    attempts=attempts,
+                    last_error=error,
+                    next_attempt_at=next_at,
+                )
+            )
+        destination = f"{delivery.ae_title}@{delivery.host}:{delivery.port}"
+        if dead:
+            logger.error("gave up delivering %s to %s after %d attempts: %s", delivery.sop_instance_uid, destination, attempts, error)
+        else:
+            logger.warning(
+                "delivery of %s to %s failed (attempt %d): %s; next try at %s",
+                delivery.sop_instance_uid,
+                destination,
+                attempts,
+                error,
+                next_at.isoformat(timespec="seconds"),
+            )

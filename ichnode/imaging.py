@@ -1,0 +1,832 @@
+"""Image preprocessing shared by the node and by ``training/``.
+
+This is the only place where CT pixels become model inputs: Hounsfield units
+(with the RSNA 2019 "bad intercept" fix and out-of-field padding mapped to
+air), slice order along the slice normal (correct under gantry tilt),
+intensity windows, resizing and 2.5D neighbour stacking.  ``training/``
+imports it so that training and inference always see the same pixels; never
+copy it.
+
+Everything is numpy (no ``tf.*``), single-threaded and free of module state,
+so it can run on any Keras backend and in any worker thread.
+
+Conventions
+-----------
+- Images are ``(H, W)`` and windowed images ``(H, W, C)`` float32, one
+  channel per ``(center, width)`` window in the order given.
+- Volumes are ``(N, H, W, C)``, slices in ascending position along the slice
+  normal (ascending patient z, i.e. feet to head, for axial series).
+
+Limitations
+-----------
+- Multi-frame (enhanced) images: :func:`to_hu` decodes one frame (``frame=``)
+  and reads the rescale from the functional groups, but :func:`order_slices`
+  and :func:`preprocess_series` handle single-frame datasets only (one
+  dataset per slice), which is what head CT series are sent as.
+- Only single-sample (grayscale) images are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import pixel_array as _decode_pixels
+
+__all__ = [
+    "AIR_HU",
+    "DEFAULT_WINDOWS",
+    "PADDING_HU_THRESHOLD",
+    "apply_windows",
+    "fix_bad_intercept",
+    "header_windows",
+    "needs_intercept_fix",
+    "order_slices",
+    "preprocess_series",
+    "preprocess_slice",
+    "rescale_parameters",
+    "resize",
+    "slice_normal",
+    "slice_positions",
+    "stack_context",
+    "tilt_degrees",
+    "to_hu",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Default model windows as ``(center, width)`` in HU: brain, subdural, bone.
+DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40, 80), (80, 200), (600, 2800))
+
+#: Value given to padding / out-of-field pixels.
+AIR_HU = -1024.0
+
+#: HU values strictly below this are out-of-field padding (no tissue or air
+#: is that dense-less); scanners pad with e.g. -2000 or -3024 after rescale.
+PADDING_HU_THRESHOLD = -1500.0
+
+# RSNA 2019 "correct_dcm" constants: the 12-bit data is offset by 1024 while
+# the header claims an intercept near 0.
+_FIX_OFFSET = 1000
+_FIX_MODULUS = 4096
+_FIX_INTERCEPT = -1000.0
+
+
+# --------------------------------------------------------------------------
+# Argument checks (highdicom style: name the argument and the value)
+# --------------------------------------------------------------------------
+
+
+def _check_dataset(ds: Any, name: str = "ds") -> None:
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"Argument '{name}' must be a pydicom Dataset, got {type(ds).__name__}")
+
+
+def _check_windows(windows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Return float32 ``(lower, 1 / width)`` per window after checking them."""
+    try:
+        pairs = [(float(c), float(w)) for c, w in windows]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Argument 'windows' must be a sequence of (center, width) pairs, got {windows!r}"
+        ) from None
+    if not pairs:
+        raise ValueError(f"Argument 'windows' must hold at least one window, got {windows!r}")
+    for center, width in pairs:
+        if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+            raise ValueError(
+                "Argument 'windows' must hold finite centers and positive widths, "
+                f"got {windows!r}"
+            )
+    centers = np.array([c for c, _ in pairs], dtype=np.float64)
+    widths = np.array([w for _, w in pairs], dtype=np.float64)
+    return (centers - widths / 2).astype(np.float32), (1.0 / widths).astype(np.float32)
+
+
+def _check_size(size: Any) -> tuple[int, int]:
+    try:
+        height, width = size
+    except (TypeError, ValueError):
+        raise ValueError(f"Argument 'size' must be a pair (height, width), got {size!r}") from None
+    for value in (height, width):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Argument 'size' must hold positive integers, got {size!r}")
+    return int(height), int(width)
+
+
+def _check_context(context: Any) -> int:
+    if not isinstance(context, numbers.Integral) or isinstance(context, bool) or context < 0:
+        raise ValueError(f"Argument 'context' must be a non-negative integer, got {context!r}")
+    return int(context)
+
+
+# --------------------------------------------------------------------------
+# Header helpers
+# --------------------------------------------------------------------------
+
+
+def _first_float(value: Any, default: float, keyword: str) -> float:
+    """One float from a DS/IS value that may be absent, empty or multi-valued."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return default
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Attribute {keyword} must be a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise ValueError(f"Attribute {keyword} must be finite, got {value!r}")
+    return result
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    return int(_first_float(ds.get("NumberOfFrames"), 1.0, "NumberOfFrames"))
+
+
+def _from_functional_groups(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
+    """The first item of ``sequence`` for ``frame`` (per-frame, else shared)."""
+    for groups, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        items = ds.get(groups)
+        if items is not None and len(items) > index:
+            inner = items[index].get(sequence)
+            if inner:
+                return inner[0]
+    return None
+
+
+def rescale_parameters(ds: Dataset, frame: int = 0) -> tuple[float, float]:
+    """Return the modality rescale ``(slope, intercept)`` of an image.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The image.
+    frame : int, optional
+        Frame whose functional groups are used for enhanced (multi-frame)
+        images where the rescale lives in the Pixel Value Transformation
+        Sequence; ignored when the top-level attributes are present.
+
+    Returns
+    -------
+    tuple[float, float]
+        Slope (1 when absent) and intercept (0 when absent), as written in
+        the header; the RSNA fix (:func:`fix_bad_intercept`) is not applied.
+    """
+    _check_dataset(ds)
+    source: Dataset | None = ds
+    if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+        source = _from_functional_groups(ds, "PixelValueTransformationSequence", frame)
+    if source is None:
+        return 1.0, 0.0
+    return (
+        _first_float(source.get("RescaleSlope"), 1.0, "RescaleSlope"),
+        _first_float(source.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
+    )
+
+
+def header_windows(ds: Dataset) -> tuple[tuple[float, float], ...]:
+    """Return the display windows the header suggests as ``(center, width)``.
+
+    Handles absent, empty and multi-valued WindowCenter / WindowWidth (the
+    RSNA files carry e.g. ``[40, 40]``); pairs that are not numbers or have a
+    non-positive width are skipped.  Not used by the model (its card fixes
+    the windows); useful for summary images and checks.
+    """
+    _check_dataset(ds)
+
+    def values(keyword: str) -> list[Any]:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return []
+        return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+    result = []
+    for center, width in zip(values("WindowCenter"), values("WindowWidth")):
+        try:
+            c, w = float(center), float(width)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(c) and math.isfinite(w) and w > 0:
+            result.append((c, w))
+    return tuple(result)
+
+
+# --------------------------------------------------------------------------
+# Hounsfield units
+# --------------------------------------------------------------------------
+
+
+def needs_intercept_fix(ds: Dataset, intercept: float | None = None) -> bool:
+    """Whether the RSNA 2019 "bad intercept" fix applies to ``ds``.
+
+    The condition is the one of the widely used ``correct_dcm`` kernels:
+    BitsStored 12, PixelRepresentation 0 (unsigned) and
+    ``int(RescaleIntercept) > -100``.  It is restricted to CT (or a missing
+    Modality) so that 12-bit unsigned MR or CR data is never altered.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The image.
+    intercept : float, optional
+        The header intercept if already known (e.g. from functional groups);
+        read with :func:`rescale_parameters` otherwise.
+    """
+    _check_dataset(ds)
+    if ds.get("Modality", "CT") not in ("CT", "", None):
+        return False
+    if ds.get("BitsStored") != 12 or ds.get("PixelRepresentation") != 0:
+        return False
+    if intercept is None:
+        intercept = rescale_parameters(ds)[1]
+    return int(intercept) > -100
+
+
+def fix_bad_intercept(
+    ds: Dataset, pixels: np.ndarray | None = None, *, frame: int = 0
+) -> tuple[np.ndarray, float]:
+    """Apply the RSNA 2019 "bad intercept" fix to stored pixel values.
+
+    Some RSNA (and scanner) images are 12-bit unsigned with a header
+    intercept of about 0 while the values are really stored with an offset:
+    stored values from 3096 up are negative HU that wrapped around.  The fix,
+    exactly as in the published ``correct_dcm``, is::
+
+        px = px + 1000; px[px >= 4096] -= 4096; intercept = -1000
+
+    Unlike ``correct_dcm`` the dataset is not modified.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The image, used for the condition (:func:`needs_intercept_fix`) and,
+        when ``pixels`` is None, as the pixel source.
+    pixels : numpy.ndarray, optional
+        Stored values already decoded from ``ds``.
+    frame : int, optional
+        Frame to decode / read the rescale of for multi-frame images.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, float]
+        The stored values to rescale and the intercept to use.  When the fix
+        does not apply these are ``pixels`` unchanged (not copied) and the
+        header intercept; otherwise a new int32 array and -1000.
+    """
+    _check_dataset(ds)
+    if pixels is None:
+        pixels = _decode_frame(ds, frame)
+    intercept = rescale_parameters(ds, frame)[1]
+    if not needs_intercept_fix(ds, intercept):
+        return pixels, intercept
+    # int32 so that + 1000 cannot overflow uint16 whatever sits in the unused bits.
+    fixed = pixels.astype(np.int32) + _FIX_OFFSET
+    fixed[fixed >= _FIX_MODULUS] -= _FIX_MODULUS
+    return fixed, _FIX_INTERCEPT
+
+
+def _decode_frame(ds: Dataset, frame: int | None) -> np.ndarray:
+    """Decode one frame as a 2-D array of stored values (no rescale)."""
+    n_frames = _number_of_frames(ds)
+    if frame is None:
+        if n_frames > 1:
+            raise ValueError(
+                f"Dataset has {n_frames} frames; pass 'frame' to choose one "
+                "(multi-frame series are not supported by the series functions)"
+            )
+        frame = 0
+    valid = isinstance(frame, numbers.Integral) and not isinstance(frame, bool)
+    if not valid or not 0 <= frame < n_frames:
+        raise ValueError(f"Argument 'frame' must be an integer in [0, {n_frames}), got {frame!r}")
+    samples = int(_first_float(ds.get("SamplesPerPixel"), 1.0, "SamplesPerPixel"))
+    if samples != 1:
+        raise ValueError(f"Only grayscale images are supported, got SamplesPerPixel {samples}")
+    if "PixelData" not in ds:
+        raise ValueError("Dataset has no PixelData (7FE0,0010)")
+    # pydicom.pixels.pixel_array decodes without caching the array on the
+    # dataset (a series keeps ~300 datasets alive) and can pick one frame.
+    if n_frames > 1:
+        pixels = _decode_pixels(ds, index=int(frame))
+    else:
+        pixels = _decode_pixels(ds)
+    if pixels.ndim == 3 and pixels.shape[0] == 1:
+        pixels = pixels[0]
+    if pixels.ndim != 2:
+        raise ValueError(f"Expected a 2-D frame, decoded an array of shape {pixels.shape}")
+    return pixels
+
+
+def _padding_mask(ds: Dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """Mask of stored values equal to PixelPaddingValue (or within the range)."""
+    pad = ds.get("PixelPaddingValue")
+    if isinstance(pad, (MultiValue, list, tuple)):
+        pad = pad[0] if len(pad) else None
+    if pad is None or pad == "" or not isinstance(pad, numbers.Integral):
+        return None
+    # PixelPaddingValue is US or SS; a value read with the other sign must
+    # still match, so cast it the way the pixels are stored (wraps).
+    dtype = pixels.dtype if pixels.dtype.kind in "iu" else np.dtype(np.int64)
+    pad_value = np.array(int(pad), dtype=np.int64).astype(dtype)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if isinstance(limit, numbers.Integral):
+        limit_value = np.array(int(limit), dtype=np.int64).astype(dtype)
+        low, high = min(pad_value, limit_value), max(pad_value, limit_value)
+        return (pixels >= low) & (pixels <= high)
+    return pixels == pad_value
+
+
+def to_hu(ds: Dataset, *, frame: int | None = None, fix_intercept: bool = True) -> np.ndarray:
+    """Return the image in Hounsfield units.
+
+    ``HU = stored * RescaleSlope + RescaleIntercept`` (1 and 0 when absent),
+    after the RSNA bad-intercept fix (:func:`fix_bad_intercept`) where it
+    applies.  Padding, i.e. stored values equal to PixelPaddingValue (or in
+    [PixelPaddingValue, PixelPaddingRangeLimit]) and anything below
+    :data:`PADDING_HU_THRESHOLD` after rescale (out-of-field values such as
+    -2000 or -3024), is set to :data:`AIR_HU`.  Compressed transfer syntaxes
+    are decoded by pydicom's installed plugins.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A single-sample image with PixelData and a file meta Transfer Syntax.
+    frame : int, optional
+        Frame index, required when the dataset has more than one frame.
+    fix_intercept : bool, optional
+        Apply the RSNA bad-intercept fix where its condition holds (default).
+
+    Returns
+    -------
+    numpy.ndarray
+        2-D float32 array ``(Rows, Columns)``.
+
+    Raises
+    ------
+    ValueError
+        If the image is multi-sample, multi-frame without ``frame``, has no
+        pixel data or invalid rescale values.
+    """
+    _check_dataset(ds)
+    pixels = _decode_frame(ds, frame)
+    index = 0 if frame is None else int(frame)
+    slope, intercept = rescale_parameters(ds, index)
+    pad_mask = _padding_mask(ds, pixels)
+    if fix_intercept:
+        pixels, intercept = fix_bad_intercept(ds, pixels, frame=index)
+    hu = pixels.astype(np.float32)  # always a new array: safe to modify in place
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    if pad_mask is not None:
+        np.copyto(hu, np.float32(AIR_HU), where=pad_mask)
+    np.copyto(hu, np.float32(AIR_HU), where=hu < PADDING_HU_THRESHOLD)
+    return hu
+
+
+# --------------------------------------------------------------------------
+# Geometry and slice order
+# --------------------------------------------------------------------------
+
+
+def _vector(ds: Dataset, keyword: str, length: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None and keyword == "ImageOrientationPatient":
+        # Enhanced images keep the orientation in the shared functional groups.
+        item = _from_functional_groups(ds, "PlaneOrientationSequence", 0)
+        value = None if item is None else item.get(keyword)
+    if value is None or value == "":
+        raise ValueError(f"Dataset has no {keyword}")
+    try:
+        vector = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Attribute {keyword} must hold {length} numbers, got {value!r}"
+        ) from None
+    if vector.shape != (length,) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"Attribute {keyword} must hold {length} finite numbers, got {value!r}")
+    return vector
+
+
+def slice_normal(ds: Dataset) -> np.ndarray:
+    """Return the unit slice normal, row cosines x column cosines.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        An image with ImageOrientationPatient.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 vector of shape ``(3,)`` in patient (LPS) coordinates; for
+        axial images ``[0, 0, 1]`` (towards the head).
+
+    Raises
+    ------
+    ValueError
+        If ImageOrientationPatient is missing, malformed or degenerate.
+    """
+    _check_dataset(ds)
+    iop = _vector(ds, "ImageOrientationPatient", 6)
+    normal = np.cross(iop[:3], iop[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        raise ValueError(
+            f"ImageOrientationPatient has parallel row and column cosines: {iop.tolist()}"
+        )
+    return normal / norm
+
+
+def slice_positions(datasets: Sequence[Dataset]) -> np.ndarray:
+    """Return each slice's position along the common slice normal, in mm.
+
+    The common normal is the normalised mean of the slices' normals (they
+    are expected to share one orientation; series selection rejects mixed
+    ones).  Projecting ImagePositionPatient on the normal, rather than
+    taking its z, gives the true slice spacing under gantry tilt.
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Single-frame images with ImagePositionPatient and
+        ImageOrientationPatient.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64 array of shape ``(N,)``, in the order of ``datasets``.
+
+    Raises
+    ------
+    ValueError
+        If a dataset lacks either attribute (the message names its index) or
+        the orientations cancel out.
+    """
+    datasets = list(datasets)
+    if not datasets:
+        return np.empty(0, dtype=np.float64)
+    normals = np.empty((len(datasets), 3))
+    origins = np.empty((len(datasets), 3))
+    for i, ds in enumerate(datasets):
+        _check_dataset(ds, f"datasets[{i}]")
+        try:
+            normals[i] = slice_normal(ds)
+            origins[i] = _vector(ds, "ImagePositionPatient", 3)
+        except ValueError as exc:
+            raise ValueError(f"datasets[{i}]: {exc}") from None
+    normal = normals.mean(axis=0)
+    norm = float(np.linalg.norm(normal))
+    if norm < 0.5:
+        raise ValueError("The slices' orientations disagree: their normals cancel out")
+    return origins @ (normal / norm)
+
+
+def _instance_number(ds: Dataset) -> float | None:
+    try:
+        value = _first_float(ds.get("InstanceNumber"), math.nan, "InstanceNumber")
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def order_slices(datasets: Sequence[Dataset]) -> list[int]:
+    """Return the indices of ``datasets`` in ascending slice position.
+
+    Slices are sorted by :func:`slice_positions` (projection on the slice
+    normal, correct under gantry tilt); ties are broken by InstanceNumber,
+    then by input order.  When any slice lacks ImagePositionPatient or
+    ImageOrientationPatient, the order falls back to ascending
+    InstanceNumber (with a warning), whose direction is then whatever the
+    scanner numbered.
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Single-frame images of one series.
+
+    Returns
+    -------
+    list[int]
+        A permutation of ``range(len(datasets))``.
+
+    Raises
+    ------
+    ValueError
+        If positions are missing and so is an InstanceNumber.
+    """
+    datasets = list(datasets)
+    n = len(datasets)
+    if n <= 1:
+        for i, ds in enumerate(datasets):
+            _check_dataset(ds, f"datasets[{i}]")
+        return list(range(n))
+    instance = [_instance_number(ds) if isinstance(ds, Dataset) else None for ds in datasets]
+    try:
+        positions = slice_positions(datasets)
+    except ValueError as exc:
+        missing = [i for i, value in enumerate(instance) if value is None]
+        if missing:
+            raise ValueError(
+                f"Cannot order slices: {exc}, and datasets[{missing[0]}] has no InstanceNumber"
+            ) from None
+        logger.warning("Ordering %d slices by InstanceNumber: %s", n, exc)
+        return sorted(range(n), key=lambda i: (instance[i], i))
+    tie = np.array([math.inf if v is None else v for v in instance])
+    # np.lexsort sorts by the last key first and is stable.
+    return [int(i) for i in np.lexsort((np.arange(n), tie, positions))]
+
+
+def tilt_degrees(ds: Dataset) -> float:
+    """Return the angle in degrees between the slice normal and patient z.
+
+    0 for a pure axial slice, about 18.5 for a gantry tilt of 18.5 degrees,
+    90 for sagittal or coronal slices.  The sign of the normal is ignored.
+    Computed from ImageOrientationPatient (GantryDetectorTilt is optional
+    and not always consistent with it).
+    """
+    normal = slice_normal(ds)
+    return math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+
+
+# --------------------------------------------------------------------------
+# Windows, resizing, context
+# --------------------------------------------------------------------------
+
+
+def _window_planes(hu: np.ndarray, lower: np.ndarray, inverse_width: np.ndarray) -> np.ndarray:
+    """Windows as channel-first planes ``(C, *hu.shape)``.
+
+    Channel-first keeps every operation on contiguous memory: broadcasting
+    into a trailing axis of 3 is several times slower.
+    """
+    planes = np.empty((len(lower),) + hu.shape, dtype=np.float32)
+    for c in range(len(lower)):
+        np.subtract(hu, lower[c], out=planes[c])
+        planes[c] *= inverse_width[c]
+    np.clip(planes, 0.0, 1.0, out=planes)
+    return planes
+
+
+def apply_windows(
+    hu: np.ndarray, windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS
+) -> np.ndarray:
+    """Map HU to ``[0, 1]`` through each window, one channel per window.
+
+    For a window ``(center, width)`` the value is
+    ``clip((hu - (center - width / 2)) / width, 0, 1)``: HU 40 in the brain
+    window (40, 80) gives 0.5, HU 0 gives 0 and HU 80 gives 1.  (Linear
+    over the full width, not DICOM's VOI formula with its half-unit shifts.)
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        Array of any shape, in HU.
+    windows : Sequence[tuple[float, float]], optional
+        ``(center, width)`` pairs with positive widths.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 array of shape ``hu.shape + (len(windows),)``.
+    """
+    lower, inverse_width = _check_windows(windows)
+    hu = np.asarray(hu, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(_window_planes(hu, lower, inverse_width), 0, -1))
+
+
+def _take(x: np.ndarray, axis: int, index: slice | np.ndarray) -> np.ndarray:
+    key: list[Any] = [slice(None)] * x.ndim
+    key[axis] = index
+    return x[tuple(key)]
+
+
+def _resize_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Resize float32 ``x`` along one axis (area down, bilinear up)."""
+    n_in = x.shape[axis]
+    if n_out == n_in:
+        return x
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    if n_in % n_out == 0:
+        # Integer factor: exact block mean as a sum of strided views.
+        factor = n_in // n_out
+        out = _take(x, axis, slice(0, None, factor)) + _take(x, axis, slice(1, None, factor))
+        for k in range(2, factor):
+            out += _take(x, axis, slice(k, None, factor))
+        out *= np.float32(1.0 / factor)
+        return out
+    if n_out < n_in:
+        # Area average over fractional pixel footprints: the integral of a
+        # piecewise-constant signal is piecewise linear in its cumulative sum.
+        edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
+        cumulative = np.cumsum(x, axis=axis, dtype=np.float64)
+        zero = np.zeros_like(_take(cumulative, axis, slice(0, 1)))
+        cumulative = np.concatenate([zero, cumulative], axis=axis)
+        k = np.minimum(np.floor(edges).astype(np.intp), n_in - 1)
+        frac = (edges - k).reshape([n_out + 1 if a == axis else 1 for a in range(x.ndim)])
+        integral = _take(cumulative, axis, k) + frac * _take(x, axis, k)
+        area = _take(integral, axis, slice(1, None)) - _take(integral, axis, slice(None, -1))
+        return (area * (n_out / n_in)).astype(np.float32)
+    # Upscale: bilinear with half-pixel centres (as keras/TF "bilinear").
+    source = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    source = np.clip(source, 0.0, n_in - 1)
+    low = np.minimum(np.floor(source).astype(np.intp), max(n_in - 2, 0))
+    high = np.minimum(low + 1, n_in - 1)
+    weight = (source - low).astype(np.float32).reshape(shape)
+    below = _take(x, axis, low)
+    return below + weight * (_take(x, axis, high) - below)
+
+
+def _resize_2d(x: np.ndarray, size: tuple[int, int], axes: tuple[int, int]) -> np.ndarray:
+    x = _resize_axis(x, size[0], axes[0])
+    x = _resize_axis(x, size[1], axes[1])
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an image to ``size`` = ``(height, width)``.
+
+    Separable, per axis: an integer downscale factor is an exact block mean
+    (512 -> 256 averages 2x2 blocks), another downscale an area average over
+    fractional footprints, an upscale bilinear interpolation with half-pixel
+    centres.  A constant image stays constant; downscaling keeps the mean.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W)`` or ``(H, W, C)`` array.
+    size : tuple[int, int]
+        Output ``(height, width)``, positive integers.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 array ``size`` or ``size + (C,)``; a new array even when the
+        size is unchanged.
+    """
+    size = _check_size(size)
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(
+            "Argument 'image' must be a non-empty (H, W) or (H, W, C) array, "
+            f"got shape {image.shape}"
+        )
+    out = _resize_2d(image.astype(np.float32, copy=False), size, (0, 1))
+    # Same size and already float32: never hand back the caller's array.
+    return out.copy() if np.shares_memory(out, image) else out
+
+
+def stack_context(volume: np.ndarray, context: int) -> np.ndarray:
+    """Stack each slice with its neighbours along the channel axis (2.5D).
+
+    For slice ``i`` the channels are slices ``i - context`` ... ``i +
+    context`` (edge slices repeated beyond the ends), each with its ``C``
+    channels in order: output channel ``j * C + c`` is channel ``c`` of
+    slice ``clip(i - context + j, 0, N - 1)``.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(N, H, W, C)`` array, slices in order.
+    context : int
+        Neighbours on each side; 0 returns ``volume`` itself.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, H, W, C * (2 * context + 1))`` array of ``volume``'s dtype.
+    """
+    context = _check_context(context)
+    volume = np.asarray(volume)
+    if volume.ndim != 4:
+        raise ValueError(f"Argument 'volume' must be (N, H, W, C), got shape {volume.shape}")
+    if context == 0:
+        return volume
+    n, height, width, channels = volume.shape
+    span = 2 * context + 1
+    out = np.empty((n, height, width, span, channels), dtype=volume.dtype)
+    if n:
+        for j, offset in enumerate(range(-context, context + 1)):
+            neighbour = np.clip(np.arange(n) + offset, 0, n - 1)
+            out[:, :, :, j, :] = volume[neighbour]
+    return out.reshape(n, height, width, span * channels)
+
+
+# --------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------
+
+
+def _preprocess(
+    ds: Dataset,
+    lower: np.ndarray,
+    inverse_width: np.ndarray,
+    size: tuple[int, int],
+    frame: int | None,
+) -> np.ndarray:
+    hu = to_hu(ds, frame=frame)
+    out = np.empty(size + (len(lower),), dtype=np.float32)
+    # One full-size plane at a time, reused: fewer large allocations (each a
+    # fresh mmap and page faults) than windowing all channels first.  The
+    # arithmetic is that of resize(apply_windows(...)), bit for bit.
+    plane = np.empty_like(hu)
+    for c in range(len(lower)):
+        np.subtract(hu, lower[c], out=plane)
+        plane *= inverse_width[c]
+        np.clip(plane, 0.0, 1.0, out=plane)
+        out[:, :, c] = _resize_2d(plane, size, (0, 1))
+    return out
+
+
+def preprocess_slice(
+    ds: Dataset,
+    windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS,
+    size: tuple[int, int] = (256, 256),
+    *,
+    frame: int | None = None,
+) -> np.ndarray:
+    """Return one slice as model input: :func:`to_hu`, :func:`apply_windows`, :func:`resize`.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The image.
+    windows : Sequence[tuple[float, float]], optional
+        ``(center, width)`` per output channel.
+    size : tuple[int, int], optional
+        Output ``(height, width)``.
+    frame : int, optional
+        Frame of a multi-frame image.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 ``(height, width, len(windows))`` in ``[0, 1]``.
+    """
+    lower, inverse_width = _check_windows(windows)
+    return _preprocess(ds, lower, inverse_width, _check_size(size), frame)
+
+
+def preprocess_series(
+    datasets: Sequence[Dataset],
+    windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS,
+    size: tuple[int, int] = (256, 256),
+    context: int = 0,
+) -> tuple[np.ndarray, list[int]]:
+    """Order a series and return its model input volume.
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Single-frame images of one series, in any order.
+    windows : Sequence[tuple[float, float]], optional
+        ``(center, width)`` per channel.
+    size : tuple[int, int], optional
+        Output ``(height, width)`` of every slice (slices of other sizes are
+        resized too).
+    context : int, optional
+        Neighbouring slices on each side stacked as channels
+        (:func:`stack_context`).
+
+    Returns
+    -------
+    tuple[numpy.ndarray, list[int]]
+        Float32 ``(N, height, width, len(windows) * (2 * context + 1))`` and
+        the order used (:func:`order_slices`): row ``i`` of the volume is
+        ``datasets[order[i]]``.
+
+    Raises
+    ------
+    ValueError
+        If ``datasets`` is empty, an argument is invalid or the slices cannot
+        be ordered.  Decoding errors are re-raised with a note naming the
+        slice's index and SOPInstanceUID.
+    """
+    lower, inverse_width = _check_windows(windows)
+    size = _check_size(size)
+    context = _check_context(context)
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("Argument 'datasets' must hold at least one dataset, got none")
+    order = order_slices(datasets)
+    volume = np.empty((len(datasets),) + size + (len(lower),), dtype=np.float32)
+    for row, index in enumerate(order):
+        ds = datasets[index]
+        try:
+            volume[row] = _preprocess(ds, lower, inverse_width, size, None)
+        except Exception as exc:
+            uid = ds.get("SOPInstanceUID", "?")
+            exc.add_note(f"while preprocessing datasets[{index}] (SOPInstanceUID {uid})")
+            raise
+    return stack_context(volume, context), order

@@ -1,0 +1,404 @@
+"""The inference worker: claims complete series, scores them, queues the reports.
+
+For each claimed series the worker reads the headers, decides eligibility
+(:mod:`ichnode.selection`), builds the volume with the shared
+:mod:`ichnode.imaging`, runs the model, and in one transaction stores the
+slice and series results and the deliveries of the report objects it wrote
+to the spool. A slice that cannot be read or decoded is quarantined with the
+reason; the series is scored from the rest and its result says so.
+
+Reading and preprocessing the next series overlaps inference on the current
+one (a thread pool), and the slice stage is batched across all series
+claimed together, which keeps a GPU busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import db, imaging
+from .config import LABELS, Config, Peer
+from .model import HemorrhageModel, flags, series_scores
+from .reports import Finding, ReportContent, build_sr, build_summary_image, report_uids
+from .selection import skip_reason
+from .spool import Spool
+
+logger = logging.getLogger(__name__)
+
+# Series claimed per round: their slices share prediction batches.
+CLAIM_BATCH = 4
+
+
+@dataclass
+class PreparedSeries:
+    """A claimed series, read and preprocessed, ready for the model."""
+
+    series_id: int
+    series_uid: str
+    study_uid: str
+    version: int
+    calling_ae: str | None
+    headers: list[Dataset] = field(default_factory=list)  # scored slices, z order
+    sop_uids: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # spool paths, same order
+    inputs: np.ndarray | None = None  # (N, H, W, C)
+    quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
+    skip: str | None = None
+    prepare_seconds: float = 0.0
+
+
+class Worker:
+    def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, model: HemorrhageModel) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.spool = spool
+        self.model = model
+        card = model.card
+        # Config thresholds override the card's, label by label.
+        self.thresholds = {**card.thresholds, **config.model.thresholds}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ichnode-prepare")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- claiming --------------------------------------------------------
+    def claim(self, limit: int = CLAIM_BATCH) -> list[PreparedSeries]:
+        """Move up to ``limit`` complete series to processing; safe with several workers."""
+        claimed = []
+        with db.transaction(self.sessions) as session:
+            candidates = session.execute(
+                select(db.Series.id, db.Series.version)
+                .where(db.Series.state == db.COMPLETE)
+                .order_by(db.Series.completed_at)
+                .limit(limit)
+            ).all()
+            for series_id, version in candidates:
+                won = session.execute(
+                    update(db.Series)
+                    .where(db.Series.id == series_id, db.Series.state == db.COMPLETE)
+                    .values(state=db.PROCESSING, claimed_at=db.utcnow())
+                ).rowcount
+                if won:
+                    series = session.get(db.Series, series_id)
+                    claimed.append(
+                        PreparedSeries(series_id, series.series_uid, series.study_uid, version, series.calling_ae)
+                    )
+        return claimed
+
+    def run_once(self) -> int:
+        """Claim and process what is complete; returns the number of series handled.
+
+        The next batch is read and preprocessed in the pool while the model
+        scores the current one.
+        """
+        handled = 0
+        pending = [self._pool.submit(self.prepare, item) for item in self.claim()]
+        while pending:
+            upcoming = [self._pool.submit(self.prepare, item) for item in self.claim()]
+            self.score_and_store(pending)
+            handled += len(pending)
+            pending = upcoming
+        return handled
+
+    # -- preparing -------------------------------------------------------
+    def prepare(self, item: PreparedSeries) -> PreparedSeries:
+        """Read headers, check eligibility, decode and preprocess (runs in the pool)."""
+        started = time.perf_counter()
+        with self.sessions() as session:
+            rows = session.execute(
+                select(db.Instance.id, db.Instance.path, db.Instance.sop_class_uid, db.Instance.sop_instance_uid)
+                .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_(None))
+            ).all()
+        readable = []
+        for row in rows:
+            try:
+                readable.append((row, dcmread(self.spool.absolute(row.path), stop_before_pixels=True)))
+            except Exception as exc:
+                item.quarantined[row.id] = f"unreadable header: {exc}"
+        item.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], self.config.series)
+        if item.skip is None:
+            self._preprocess(item, readable)
+        item.prepare_seconds = time.perf_counter() - started
+        return item
+
+    def _preprocess(self, item: PreparedSeries, readable: list[tuple[object, Dataset]]) -> None:
+        card = self.model.card
+        order = imaging.order_slices([ds for _, ds in readable])
+        slices = []
+        for index in order:
+            row, header = readable[index]
+            try:
+                ds = dcmread(self.spool.absolute(row.path))
+                slices.append(imaging.preprocess_slice(ds, card.windows, tuple(card.input_size)))
+            except Exception as exc:
+                item.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
+                continue
+            item.headers.append(header)
+            item.sop_uids.append(row.sop_instance_uid)
+            item.paths.append(row.path)
+        if not slices:
+            item.skip = "no slice could be decoded"
+            return
+        item.inputs = imaging.stack_context(np.stack(slices), card.context_slices)
+
+    # -- scoring ---------------------------------------------------------
+    def score_and_store(self, futures: Sequence[Future[PreparedSeries]]) -> None:
+        items = []
+        for future in futures:
+            try:
+                items.append(future.result())
+            except Exception:
+                logger.exception("preparing a series failed")
+        scorable = [item for item in items if item.skip is None and item.inputs is not None]
+        probabilities = dict(zip((id(i) for i in scorable), self._predict(scorable)))
+        for item in items:
+            try:
+                self._store(item, probabilities.get(id(item)))
+            except Exception as exc:
+                logger.exception("storing the result of series %s failed", item.series_uid)
+                self._fail(item, f"{type(exc).__name__}: {exc}")
+
+    def _predict(self, items: Sequence[PreparedSeries]) -> Iterator[np.ndarray]:
+        if not items:
+            return iter(())
+        batch_size = self.config.model.batch_size
+        inputs = np.concatenate([item.inputs for item in items])
+        bounds = np.cumsum([0] + [len(item.inputs) for item in items])
+        if self.model.has_sequence_stage:
+            # The CNN stage over all slices of all claimed series at once, then
+            # the sequence stage series by series (it needs one series in z order).
+            embeddings = self.model.embed_slices(inputs, batch_size)
+            return iter([self.model.score_sequence(embeddings[a:b]) for a, b in zip(bounds, bounds[1:])])
+        probs = self.model.predict_slices(inputs, batch_size)
+        return iter([probs[a:b] for a, b in zip(bounds, bounds[1:])])
+
+    def _store(self, item: PreparedSeries, probs: np.ndarray | None) -> None:
+        card = self.model.card
+        if item.skip is not None:
+            self._finish(item, status=db.SKIPPED, skip_reason=item.skip)
+            logger.info("series %s skipped: %s", item.series_uid, item.skip)
+            return
+        assert probs is not None
+        scores = series_scores(probs, card)
+        found = flags(scores, self.thresholds)
+        key = int(np.argmax(probs[:, LABELS.index("any")]))
+        content = ReportContent(
+            findings=tuple(Finding(label, scores[label], found[label], self.thresholds[label]) for label in LABELS),
+            key_sop_instance_uid=item.sop_uids[key],
+            algorithm_name=card.name,
+            algorithm_version=card.version,
+            version=item.version,
+            quarantined_count=len(item.quarantined),
+            disclaimer=card.disclaimer,
+        )
+        reports = self._write_reports(item, content, key)
+        self._finish(
+            item,
+            status=db.SCORED,
+            scores=scores,
+            flags=found,
+            key_sop_instance_uid=item.sop_uids[key],
+            slice_probs=probs,
+            reports=reports,
+        )
+        positive = [label for label in LABELS if found[label]]
+        logger.info(
+            "series %s scored (version %d, %d slices, %d quarantined): %s",
+            item.series_uid,
+            item.version,
+            len(item.sop_uids),
+            len(item.quarantined),
+            ", ".join(positive) or "no hemorrhage flagged",
+        )
+
+    def _write_reports(self, item: PreparedSeries, content: ReportContent, key: int) -> list[tuple[str, str, str]]:
+        """Build the report objects and spool them; (kind, SOP Instance UID, spool path) each."""
+        reports_config = self.config.reports
+        uids = report_uids(item.series_uid, item.version)
+        written = []
+        if reports_config.sr:
+            sr = build_sr(item.headers, content, uids=uids)
+            written.append(("sr", sr))
+        if reports_config.summary_image:
+            key_ds = dcmread(self.spool.absolute(item.paths[key]))
+            summary = build_summary_image(key_ds, imaging.to_hu(key_ds), content, uids=uids)
+            written.append(("summary", summary))
+        out = []
+        for kind, dataset in written:
+            relative = self.spool.report_path(item.study_uid, dataset.SOPInstanceUID)
+            staged = self.spool.tmp_dir / f"{dataset.SOPInstanceUID}.part"
+            dataset.save_as(staged, enforce_file_format=True)
+            self.spool.commit_file(staged, relative)
+            out.append((kind, str(dataset.SOPInstanceUID), relative))
+        return out
+
+    # -- recording -------------------------------------------------------
+    def destinations(self, calling_ae: str | None) -> list[tuple[str, str, int]]:
+        """Where reports of a series from ``calling_ae`` go: destinations, then the sender."""
+        targets = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
+        if self.config.reports.return_to_sender and calling_ae:
+            sender = _sender_address(self.config.access.allow, calling_ae)
+            if sender is None:
+                logger.warning(
+                    "reports.return_to_sender is set but access.allow gives no host and port for %s", calling_ae
+                )
+            elif sender not in targets:
+                targets.append(sender)
+        return targets
+
+    def _finish(
+        self,
+        item: PreparedSeries,
+        *,
+        status: str,
+        skip_reason: str | None = None,
+        scores: dict[str, float] | None = None,
+        flags: dict[str, bool] | None = None,
+        key_sop_instance_uid: str | None = None,
+        slice_probs: np.ndarray | None = None,
+        reports: Sequence[tuple[str, str, str]] = (),
+    ) -> None:
+        card = self.model.card
+        now = db.utcnow()
+        with db.transaction(self.sessions) as session:
+            for instance_id, reason in item.quarantined.items():
+                session.execute(
+                    update(db.Instance).where(db.Instance.id == instance_id).values(quarantine_reason=reason)
+                )
+                logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
+            # Only a series still in the state we claimed it in moves on; if
+            # slices arrived meanwhile it is receiving again and this result
+            # is superseded at once by the next version.
+            current = session.execute(
+                update(db.Series)
+                .where(
+                    db.Series.id == item.series_id,
+                    db.Series.state == db.PROCESSING,
+                    db.Series.version == item.version,
+                )
+                .values(state=status)
+            ).rowcount
+            session.execute(
+                update(db.SeriesResult)
+                .where(db.SeriesResult.series_id == item.series_id, db.SeriesResult.superseded.is_(False))
+                .values(superseded=True)
+            )
+            # Reports of older versions not yet delivered are no longer worth sending.
+            older = select(db.SeriesResult.id).where(db.SeriesResult.series_id == item.series_id)
+            session.execute(
+                update(db.Delivery)
+                .where(db.Delivery.result_id.in_(older), db.Delivery.state == db.QUEUED)
+                .values(state=db.SUPERSEDED, last_error="superseded by a newer result")
+            )
+            result = db.SeriesResult(
+                series_id=item.series_id,
+                version=item.version,
+                status=status,
+                skip_reason=skip_reason,
+                model_name=card.name,
+                model_version=card.version,
+                scores=scores,
+                flags=flags,
+                thresholds=dict(self.thresholds) if scores else None,
+                key_sop_instance_uid=key_sop_instance_uid,
+                slice_count=len(item.sop_uids),
+                quarantined_count=len(item.quarantined),
+                created_at=now,
+                superseded=not current,
+            )
+            session.add(result)
+            session.flush()
+            if slice_probs is not None:
+                session.add_all(
+                    db.SliceResult(
+                        result_id=result.id,
+                        sop_instance_uid=sop_uid,
+                        position=position,
+                        scores={label: float(p) for label, p in zip(LABELS, row)},
+                    )
+                    for position, (sop_uid, row) in enumerate(zip(item.sop_uids, slice_probs))
+                )
+            if current:
+                for ae_title, host, port in self.destinations(item.calling_ae):
+                    for kind, sop_uid, path in reports:
+                        session.add(
+                            db.Delivery(
+                                result_id=result.id,
+                                kind=kind,
+                                sop_instance_uid=sop_uid,
+                                path=path,
+                                ae_title=ae_title,
+                                host=host,
+                                port=port,
+                                state=db.QUEUED,
+                                next_attempt_at=now,
+                            )
+                        )
+
+    def _fail(self, item: PreparedSeries, reason: str) -> None:
+        with db.transaction(self.sessions) as session:
+            session.execute(
+                update(db.Series)
+                .where(db.Series.id == item.series_id, db.Series.state == db.PROCESSING)
+                .values(state=db.FAILED)
+            )
+            session.add(
+                db.SeriesResult(
+                    series_id=item.series_id,
+                    version=item.version,
+                    status=db.FAILED,
+                    skip_reason=reason,
+                    model_name=self.model.card.name,
+                    model_version=self.model.card.version,
+                )
+            )
+
+
+def _sender_address(allow: Sequence[Peer], calling_ae: str) -> tuple[str, str, int] | None:
+    for peer in allow:
+        if peer.ae_title == calling_ae and peer.host and peer.port:
+            return (peer.ae_title, peer.host, peer.port)
+    return None
+
+
+def describe_device() -> str:
+    """The Keras backend and the accelerators it sees, for the start-up log."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
+        elif backend == "torch":
+            import torch
+
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        elif backend == "jax":
+            import jax
+
+            gpus = [str(device) for device in jax.devices() if device.platform == "gpu"]
+        else:
+            gpus = []
+    except Exception as exc:  # listing devices must never stop the node
+        return f"{backend} backend (devices unknown: {exc})"
+    return f"{backend} backend, " + (f"GPU: {', '.join(gpus)}" if gpus else "CPU")
+
+
+def requeue_interrupted(sessions: sessionmaker[Session]) -> int:
+    """At start-up: series left processing by a crash go back to complete."""
+    with db.transaction(sessions) as session:
+        return session.execute(
+            update(db.Series).where(db.Series.state == db.PROCESSING).values(state=db.COMPLETE, claimed_at=None)
+        ).rowcount

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install ichnode as a system service (run as root from the repository root):
+# a virtual environment in /opt/ichnode, the config in /etc/ichnode, data in
+# /var/lib/ichnode, and the systemd unit. Re-running upgrades the package and
+# keeps an existing /etc/ichnode/config.yaml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+install -D -m 0644 systemd/ichnode.sysusers.conf /usr/lib/sysusers.d/ichnode.conf
+systemd-sysusers /usr/lib/sysusers.d/ichnode.conf
+
+python3 -m venv /opt/ichnode/venv
+/opt/ichnode/venv/bin/pip install -q --upgrade pip
+/opt/ichnode/venv/bin/pip install -q .
+install -m 0644 README.md /opt/ichnode/README.md
+
+if [ ! -e /etc/ichnode/config.yaml ]; then
+    install -d -m 0755 /etc/ichnode
+    # Same defaults, with the data under the service's state directory.
+    sed -e 's|^  spool_dir: .*|  spool_dir: /var/lib/ichnode/spool|' \
+        -e 's|^  url: sqlite:///.*|  url: sqlite:////var/lib/ichnode/ichnode.db|' \
+        config.yaml > /etc/ichnode/config.yaml
+fi
+/opt/ichnode/venv/bin/ichnode check-config --config /etc/ichnode/config.yaml >/dev/null
+
+install -D -m 0644 systemd/ichnode.service /etc/systemd/system/ichnode.service
+systemctl daemon-reload
+systemctl enable --now ichnode.service
+systemctl --no-pager status ichnode.service || true
