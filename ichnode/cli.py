@@ -141,5 +141,67 @@ def status(config_path: Path | None, as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
+@main.group()
+def results() -> None:
+    """Findings per series: scores, flags, skip reasons, report delivery."""
+
+
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+
+
+@results.command("list")
+@config_option
+@click.option("--positive", is_flag=True, help="Only series with at least one flagged finding.")
+@click.option("--since", help="Only series received since then: 30m, 2h, 7d, or an ISO date/time (UTC).")
+@format_option
+def results_list(config_path: Path | None, positive: bool, since: str | None, fmt: str) -> None:
+    """One line per series, newest first."""
+    from .results import format_results, list_results, parse_since
+
+    try:
+        since_time = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    with _session(_load(config_path)) as session:
+        rows = list_results(session, positive=positive, since=since_time)
+    click.echo(format_results(rows, fmt))
+
+
+@results.command("show")
+@click.argument("uid")
+@config_option
+@format_option
+def results_show(uid: str, config_path: Path | None, fmt: str) -> None:
+    """Every series of a study (Study Instance UID) or one series (Series Instance UID)."""
+    from .results import format_results, show_results
+
+    with _session(_load(config_path)) as session:
+        rows = show_results(session, uid)
+    if not rows:
+        raise click.ClickException(f"no study or series {uid!r} in the database")
+    click.echo(format_results(rows, fmt))
+
+
+def _session(config: Config):
+    from . import db
+
+    engine = db.make_engine(config.database.url)
+    db.init_db(engine)
+    return db.session_factory(engine)()
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary folder (its path is printed).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the reports.")
+def demo(keep: bool, timeout: float) -> None:
+    """Run a node on its defaults in a temporary folder, send it phantom studies, print the findings."""
+    from .demo import run_demo
+
+    _setup_logging("WARNING")
+    sys.exit(run_demo(keep=keep, timeout=timeout, echo=click.echo))
+
+
 if __name__ == "__main__":
     main()

@@ -51,6 +51,10 @@ class NodeConfig(_Section):
     # 0 picks a free port (tests); the log says which.
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(8, ge=1)
+    # Receiver processes sharing the port (SO_REUSEPORT). More than one lets
+    # concurrent associations use several CPU cores; max_associations applies
+    # to each.
+    receiver_processes: int = Field(1, ge=1, le=32)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

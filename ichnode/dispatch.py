@@ -68,8 +68,10 @@ class Dispatcher:
             return 0
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        for ds in datasets.values():
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        # One context per (SOP class, transfer syntax): an association allows
+        # at most 128, and many reports may be due after a long outage.
+        for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}):
+            ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title)
         if not assoc.is_established:
             reason = association_failure(assoc, ae_title, host, port)
@@ -86,7 +88,11 @@ class Dispatcher:
                 if not assoc.is_established:
                     self._failed(delivery, "association lost before sending")
                     continue
-                response = assoc.send_c_store(ds)
+                try:
+                    response = assoc.send_c_store(ds)
+                except Exception as exc:  # e.g. the peer rejected this SOP class's context
+                    self._failed(delivery, f"C-STORE not sent: {exc}")
+                    continue
                 status = int(response.Status) if response is not None and "Status" in response else None
                 if status == 0x0000:
                     self._sent(delivery)

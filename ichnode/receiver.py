@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,9 @@ def handle_store(event: evt.Event, spool: Spool, factory: sessionmaker[Session])
         spool.commit_file(received, relative)
     except OSError as exc:
         logger.error("cannot write %s to the spool: %s", sop_uid, exc)
+        if not existed:
+            # The rename may have happened before the error: not acknowledged, so no file.
+            spool.remove(relative)
         return _failure(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
 
     try:
@@ -235,21 +239,52 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def start_receiver(config: Config, spool: Spool, factory: sessionmaker[Session]) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); stop with ``server.shutdown()``."""
+class _ReusePortServer(ThreadedAssociationServer):
+    """An association server that shares its port with the node's other receiver processes."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_receiver(
+    config: Config, spool: Spool, factory: sessionmaker[Session], *, index: int = 0
+) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); stop with ``server.shutdown()``.
+
+    ``index`` numbers the receiver processes of one node (``node.receiver_processes``);
+    with more than one they share the port (SO_REUSEPORT) and the kernel spreads
+    associations over them, so concurrent senders use several CPU cores.
+    """
     # pynetdicom writes incoming datasets with tempfile; keep them on the
-    # spool filesystem so moving them into place is a rename, not a copy.
-    tempfile.tempdir = str(spool.tmp_dir)
+    # spool filesystem so moving them into place is a rename, not a copy. Each
+    # receiver process has its own folder, emptied of partial files at start.
+    tmp = spool.tmp_dir / f"receiver-{index}"
+    tmp.mkdir(exist_ok=True)
+    removed = spool.clear_tmp(tmp)
+    if removed:
+        logger.info("removed %d partial files left by an interrupted transfer", removed)
+    tempfile.tempdir = str(tmp)
     ae = build_ae(config)
     policy = AccessPolicy(config.access, config.node.ae_title)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [policy]),
         (evt.EVT_C_STORE, handle_store, [spool, factory]),
     ]
-    server = ae.start_server(
-        (config.node.host, config.node.port), block=False, evt_handlers=handlers
+    shared = config.node.receiver_processes > 1
+    server = ae.make_server(
+        (config.node.host, config.node.port),
+        evt_handlers=handlers,
+        server_class=_ReusePortServer if shared else ThreadedAssociationServer,
     )
+    threading.Thread(target=server.serve_forever, name=f"receiver-{index}", daemon=True).start()
+    # As AE.start_server does: server.shutdown() removes the server from this list.
+    ae._servers.append(server)
     logger.info(
-        "listening as %s on %s:%d", config.node.ae_title, config.node.host, server.server_address[1]
+        "receiver %d listening as %s on %s:%d",
+        index,
+        config.node.ae_title,
+        config.node.host,
+        server.server_address[1],
     )
     return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +60,26 @@ def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
         except Exception:  # the description is a convenience only
             pass
         return f"association with {ae_title}@{host}:{port} {reason}"
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The peer answered but supports none of what we offered (e.g. no 3D SR).
+        offered = sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts})
+        return f"{ae_title}@{host}:{port} accepted no presentation context for {', '.join(offered)}"
     if assoc.is_aborted:
+        # pynetdicom reports a failed TCP connect as an abort; say which it was.
+        unreachable = _connect_error(host, port)
+        if unreachable:
+            return f"cannot connect to {ae_title}@{host}:{port}: {unreachable}"
         return f"association with {ae_title}@{host}:{port} aborted"
     return f"cannot associate with {ae_title}@{host}:{port} (no answer)"
+
+
+def _connect_error(host: str, port: int, timeout: float = 5) -> str | None:
+    """Why a TCP connection to ``host:port`` fails; None when it succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 @dataclass

@@ -41,7 +41,10 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     modality = str(first.get("Modality", "")).upper()
     if modality != "CT":
         return f"modality {modality or 'missing'} is not CT"
-    image_type = [str(value).upper() for value in first.get("ImageType", [])]
+    image_type_value = first.get("ImageType", [])
+    if isinstance(image_type_value, str):  # a single value is not a list
+        image_type_value = [image_type_value]
+    image_type = [str(value).upper() for value in image_type_value]
     shown = "\\".join(image_type)
     for value in image_type:
         if value in _EXCLUDED_IMAGE_TYPES:
@@ -58,9 +61,16 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
             f"not axial: slice normal {tilt:.1f} degrees from the patient axis "
             f"(series.axial_tolerance_degrees is {rules.axial_tolerance_degrees:g})"
         )
+    keywords = [word.upper() for word in rules.head_keywords]
+    # BodyPartExamined names what this series imaged and decides when it is
+    # set: a study described "CT HEAD CHEST" also holds a chest series.
+    body_part = str(first.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part:
+        if not any(word in body_part for word in keywords):
+            return f"not a head series: BodyPartExamined {body_part} names none of series.head_keywords"
+        return None
     described = [str(first.get(keyword, "")).upper() for keyword in _DESCRIPTIONS]
     described = [text for text in described if text.strip()]
-    keywords = [word.upper() for word in rules.head_keywords]
     if described and not any(word in text for text in described for word in keywords):
         return f"not a head series: {' / '.join(described)} names none of series.head_keywords"
     return None

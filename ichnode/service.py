@@ -9,7 +9,9 @@ retried, files whose row was lost are re-indexed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import signal
 import threading
 import time
@@ -48,12 +50,17 @@ class Node:
         *,
         components: Sequence[str] = ALL_COMPONENTS,
         model: HemorrhageModel | None = None,
+        receiver_index: int = 0,
     ) -> None:
         unknown = set(components) - set(ALL_COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}, expected some of {ALL_COMPONENTS}")
         self.config = config
         self.components = tuple(components)
+        # Receiver processes after the first (node.receiver_processes) only
+        # receive; the first one also does the start-up recovery.
+        self.receiver_index = receiver_index
+        self._extra_receivers: list[multiprocessing.process.BaseProcess] = []
         self.engine = db.make_engine(config.database.url)
         db.init_db(self.engine)
         self.sessions = db.session_factory(self.engine)
@@ -87,15 +94,15 @@ class Node:
 
     def start(self) -> None:
         interval = self.config.series.check_interval_seconds
-        if RECEIVER in self.components:
-            removed = self.spool.clear_tmp()
-            if removed:
-                logger.info("removed %d partial files left by an interrupted transfer", removed)
+        primary = self.receiver_index == 0
+        if RECEIVER in self.components and primary:
+            self.spool.clear_tmp()
             reindexed = reindex_spool(self)
             if reindexed:
                 logger.warning("re-indexed %d spooled files that had no database row", reindexed)
-        # Completion only reads and updates rows; any process may run it.
-        self._add_job(self.complete_series, interval)
+        if primary:
+            # Completion only reads and updates rows; any process may run it.
+            self._add_job(self.complete_series, interval)
         if self.worker is not None:
             requeued = requeue_interrupted(self.sessions)
             if requeued:
@@ -105,7 +112,21 @@ class Node:
             self._add_job(self.dispatcher.run_once, interval)
         self.scheduler.start()
         if RECEIVER in self.components:
-            self.server = start_receiver(self.config, self.spool, self.sessions)
+            self.server = start_receiver(self.config, self.spool, self.sessions, index=self.receiver_index)
+            if primary:
+                self._start_extra_receivers()
+
+    def _start_extra_receivers(self) -> None:
+        # The others bind the port the first one got (it may have been 0).
+        node = self.config.node.model_copy(update={"port": self.port})
+        config = self.config.model_copy(update={"node": node})
+        spawn = multiprocessing.get_context("spawn")
+        for index in range(1, self.config.node.receiver_processes):
+            process = spawn.Process(
+                target=run_extra_receiver, args=(config, index), name=f"ichnode-receiver-{index}", daemon=False
+            )
+            process.start()
+            self._extra_receivers.append(process)
 
     def _add_job(self, func: Callable[[], object], seconds: float) -> None:
         name = f"{type(func.__self__).__name__}.{func.__name__}"
@@ -119,6 +140,8 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        for process in self._extra_receivers:
+            process.terminate()  # SIGTERM: the same graceful stop as this one
         if self.server is not None:
             associations = list(self.server.active_associations)
             self.server.shutdown()
@@ -128,6 +151,10 @@ class Node:
                 if assoc.is_alive():
                     logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
                     assoc.abort()
+        for process in self._extra_receivers:
+            process.join(grace_seconds + 5)
+            if process.is_alive():
+                process.kill()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.worker is not None:
@@ -148,6 +175,24 @@ class Node:
         self.start()
         wake.wait()
         self.stop()
+
+
+def run_extra_receiver(config: Config, index: int) -> None:
+    """Entry point of receiver process ``index`` (>= 1) of a node."""
+    _die_with_parent()
+    logging.basicConfig(level=config.logging.level, format=f"%(asctime)s %(levelname)s receiver-{index} %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    Node(config, components=(RECEIVER,), receiver_index=index).run()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the node's main process dies (even by SIGKILL),
+    so no orphan keeps receiving on the port."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("cannot tie receiver process to its parent's life (not Linux?)")
 
 
 def reindex_spool(node: Node) -> int:

@@ -122,10 +122,11 @@ class Spool:
         except FileNotFoundError:
             pass
 
-    def clear_tmp(self) -> int:
-        """Delete leftovers of interrupted writes; returns how many."""
+    def clear_tmp(self, folder: Path | None = None) -> int:
+        """Delete leftovers of interrupted writes in ``folder`` (default: ``tmp_dir`` itself,
+        not its subfolders, which belong to receiver processes); returns how many."""
         count = 0
-        for path in self.tmp_dir.iterdir():
+        for path in (folder or self.tmp_dir).iterdir():
             if path.is_file():
                 path.unlink(missing_ok=True)
                 count += 1

@@ -1,0 +1,426 @@
+"""Loading the hemorrhage model and its model card; batched prediction.
+
+A model is two files side by side::
+
+    NAME.keras        the Keras 3 model (weights + architecture)
+    NAME.card.json    its model card (:class:`ModelCard`)
+
+The node refuses a model whose card is missing, unreadable or inconsistent
+(with the label order it reports, or with the model's input/output shapes):
+:func:`load_model` raises :class:`ModelCardError` naming the card field.
+
+Contract of the ``.keras`` file
+-------------------------------
+Only built-in Keras layers are used, so the file loads on any Keras 3 backend
+without custom objects.  Two kinds of model are accepted, told apart by the
+card's ``sequence_stage``:
+
+``sequence_stage = false`` (single stage)
+    ``model(x)`` maps slices ``(B, H, W, C)`` to probabilities ``(B, 6)``.
+
+``sequence_stage = true`` (two stages, as the bundled default)
+    The top-level model maps one batch of series ``(S, N, H, W, C)`` to
+    ``{"probs": (S, N, 6), "slice_probs": (S, N, 6)}`` and holds three named
+    sub-layers the node uses directly (found also inside wrappers such as
+    the ``TimeDistributed`` layer ``per_slice``):
+
+    - ``slice_encoder``: a model ``(B, H, W, C) -> (B, E)``, the per-slice
+      CNN producing one embedding per slice;
+    - ``slice_head``: a layer ``(..., E) -> (..., 6)``, slice-only
+      probabilities (used by :meth:`HemorrhageModel.predict_slices`);
+    - ``sequence_head``: a model ``(S, N, E) -> (S, N, 6)`` that refines each
+      slice's probabilities from the embeddings of the whole series (its
+      neighbours), in z order.
+
+So a worker can batch the expensive CNN stage across series and then run the
+cheap sequence stage per series::
+
+    emb = model.embed_slices(x_all)              # (sum N_i, E), any mix of series
+    probs_i = model.score_sequence(emb[a_i:b_i])   # (N_i, 6), one series in z order
+    scores = series_scores(probs_i, model.card)    # {label: float}
+    found = flags(scores, model.card.thresholds)   # {label: bool}
+
+which is exactly what :meth:`HemorrhageModel.predict_series` does for one
+series.  Inputs are float32 ``(H, W, C)`` slices as produced by
+``ichnode.imaging.preprocess_series(datasets, card.windows, card.input_size,
+card.context_slices)``; ``C == card.channels == len(windows) * (2k + 1)``.
+
+All probabilities are in label order :data:`LABELS`.  This module uses numpy
+and backend-neutral Keras only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ichnode.config import LABELS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL_NAME = "ich-phantom-default"
+CARD_SUFFIX = ".card.json"
+CARD_FORMAT = 1
+
+AGGREGATIONS = ("max", "mean", "top3_mean")
+
+# Names of the sub-layers of a two-stage model (see the module docstring).
+SLICE_ENCODER = "slice_encoder"
+SLICE_HEAD = "slice_head"
+SEQUENCE_HEAD = "sequence_head"
+
+
+class ModelCardError(ValueError):
+    """The model card is missing, unreadable, invalid or does not fit the model."""
+
+
+class ModelCard(BaseModel):
+    """Everything the node needs to feed a model and to read its output.
+
+    Validation checks the card on its own (labels, channel count, thresholds);
+    :func:`load_model` then checks it against the model's shapes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    card_format: int = CARD_FORMAT
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]
+    windows: tuple[tuple[float, float], ...] = Field(min_length=1)
+    context_slices: int = Field(ge=0)
+    channels: int = Field(ge=1)
+    sequence_stage: bool
+    series_aggregation: Literal["max", "mean", "top3_mean"] = "max"
+    thresholds: dict[str, float]
+    trained_on: str = Field(min_length=1)
+    intended_use: str = Field(min_length=1)
+    disclaimer: str = Field(min_length=1)
+    command: str = Field(min_length=1)
+    seed: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    created: str | None = None
+    keras_version: str | None = None
+
+    @field_validator("card_format")
+    @classmethod
+    def _format(cls, value: int) -> int:
+        if value != CARD_FORMAT:
+            raise ValueError(f"unsupported card format {value}, this node reads {CARD_FORMAT}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if tuple(value) != LABELS:
+            raise ValueError(f"labels must be {list(LABELS)} in this order, got {list(value)}")
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"input_size must be [H, W] with H, W >= 8, got {list(value)}")
+        return value
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        for center, width in value:
+            if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+                raise ValueError(f"each window must be [center, width > 0], got {[center, width]}")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) != set(LABELS):
+            raise ValueError(
+                f"thresholds must give one value for each of {list(LABELS)}, got {sorted(value)}"
+            )
+        for label, threshold in value.items():
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold for {label!r} must be in [0, 1], got {threshold}")
+        return {label: float(value[label]) for label in LABELS}
+
+    @model_validator(mode="after")
+    def _channels(self) -> ModelCard:
+        expected = len(self.windows) * (2 * self.context_slices + 1)
+        if self.channels != expected:
+            raise ValueError(
+                f"channels={self.channels} but len(windows) * (2 * context_slices + 1) = "
+                f"{len(self.windows)} * {2 * self.context_slices + 1} = {expected}"
+            )
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The shape of one model input slice, ``(H, W, C)``."""
+        return (self.input_size[0], self.input_size[1], self.channels)
+
+    @classmethod
+    def from_json(cls, path: Path) -> ModelCard:
+        """Read and validate a card; every error names ``path`` and the field."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelCardError(f"model card {path} is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelCardError(f"model card {path} is unreadable: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ModelCardError(f"model card {path} must hold a JSON object")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"field {'.'.join(str(p) for p in err['loc']) or '(card)'!r}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ModelCardError(f"model card {path} is invalid: {problems}") from None
+
+    def to_json(self, path: Path) -> None:
+        """Write the card as indented JSON."""
+        Path(path).write_text(
+            json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+        )
+
+
+def card_path_for(model_path: Path) -> Path:
+    """``dir/NAME.keras`` -> ``dir/NAME.card.json``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.removesuffix(".keras") + CARD_SUFFIX)
+
+
+def default_model_path() -> Path:
+    """The bundled default model shipped in ``ichnode/models/``."""
+    return DEFAULT_MODEL_DIR / f"{DEFAULT_MODEL_NAME}.keras"
+
+
+def _resolve(path: Path | None) -> Path:
+    if path is None:
+        return default_model_path()
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.keras"))
+        if len(found) != 1:
+            raise ModelCardError(
+                f"model path {path} is a folder holding {len(found)} .keras files, expected 1"
+            )
+        return found[0]
+    return path
+
+
+def _find_layer(model: Any, name: str) -> Any:
+    """The layer called ``name`` in ``model``, looking inside wrappers
+    (``TimeDistributed``) and nested models; ``None`` when absent."""
+    for layer in getattr(model, "layers", ()):
+        inner = getattr(layer, "layer", None)  # wrappers keep the wrapped layer here
+        if layer.name == name:
+            return layer
+        if inner is not None and inner.name == name:
+            return inner
+        found = _find_layer(inner if inner is not None else layer, name)
+        if found is not None:
+            return found
+    return None
+
+
+class HemorrhageModel:
+    """A loaded model with its card; see the module docstring for the contract.
+
+    Build it with :func:`load_model`.  Prediction runs Keras' compiled predict
+    step (``predict_on_batch``) on fixed-size chunks, so repeated calls do not
+    retrace.
+    """
+
+    def __init__(self, keras_model: Any, card: ModelCard, path: Path | None = None) -> None:
+        import keras
+
+        self.card = card
+        self.path = path
+        self.keras_model = keras_model
+        where = f"model {path}" if path else "model"
+        if card.sequence_stage:
+            encoder = _find_layer(keras_model, SLICE_ENCODER)
+            head = _find_layer(keras_model, SLICE_HEAD)
+            sequence = _find_layer(keras_model, SEQUENCE_HEAD)
+            if encoder is None or head is None or sequence is None:
+                raise ModelCardError(
+                    f"{where}: card field 'sequence_stage' is true but the model lacks "
+                    f"layer {SLICE_ENCODER!r}, {SLICE_HEAD!r} or {SEQUENCE_HEAD!r}"
+                )
+            self._encoder = encoder
+            self._sequence = sequence
+            self.embedding_dim = int(encoder.outputs[0].shape[-1])
+            input_shape = tuple(encoder.inputs[0].shape[1:])
+            self._check_input(input_shape, where)
+            slice_input = keras.Input(input_shape, name="slice")
+            self._slice_model = keras.Model(slice_input, head(encoder(slice_input)), name="slices")
+            seq_in = tuple(sequence.inputs[0].shape[2:])
+            if seq_in != (self.embedding_dim,):
+                raise ModelCardError(
+                    f"{where}: sequence_head takes {seq_in}, slice_encoder gives "
+                    f"({self.embedding_dim},)"
+                )
+        else:
+            if _find_layer(keras_model, SEQUENCE_HEAD) is not None:
+                raise ModelCardError(
+                    f"{where}: card field 'sequence_stage' is false but the model has "
+                    f"a {SEQUENCE_HEAD!r} layer"
+                )
+            self._encoder = None
+            self._sequence = None
+            self._slice_model = keras_model
+            self.embedding_dim = None
+            self._check_input(tuple(keras_model.inputs[0].shape[1:]), where)
+        output_dim = self._slice_model.outputs[0].shape[-1]
+        if output_dim != len(card.labels):
+            raise ModelCardError(
+                f"{where}: card field 'labels' lists {len(card.labels)} labels, "
+                f"the model outputs {output_dim}"
+            )
+
+    def _check_input(self, input_shape: tuple, where: str) -> None:
+        card = self.card
+        if input_shape != card.input_shape:
+            field = "channels" if input_shape[:2] == tuple(card.input_size) else "input_size"
+            raise ModelCardError(
+                f"{where}: card field {field!r} does not fit the model: card says input "
+                f"(H, W, C) = {card.input_shape}, model takes {input_shape}"
+            )
+
+    def __repr__(self) -> str:
+        return f"HemorrhageModel({self.card.name!r}, version={self.card.version!r})"
+
+    @property
+    def has_sequence_stage(self) -> bool:
+        return self._sequence is not None
+
+    def _check_slices(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.card.input_shape:
+            raise ValueError(
+                f"x must have shape (B, {', '.join(map(str, self.card.input_shape))}), "
+                f"got {x.shape}"
+            )
+        return x
+
+    @staticmethod
+    def _batched(fn: Any, x: np.ndarray, batch_size: int, width: int) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(x), width), dtype=np.float32)
+        for start in range(0, len(x), batch_size):
+            chunk = x[start : start + batch_size]
+            n = len(chunk)
+            if n < batch_size and len(x) > batch_size:
+                # Pad the last chunk to the full batch: one compiled shape.
+                pad = np.zeros((batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out[start : start + n] = np.asarray(fn(chunk), dtype=np.float32)[:n]
+        return out
+
+    def predict_slices(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Slice-stage probabilities ``(B, 6)`` for slices ``x`` ``(B, H, W, C)``.
+
+        For a two-stage model these ignore the neighbouring slices beyond the
+        2.5D context; :meth:`predict_series` gives the refined scores.
+        """
+        x = self._check_slices(x)
+        return self._batched(self._slice_model.predict_on_batch, x, batch_size, len(LABELS))
+
+    def embed_slices(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Slice embeddings ``(B, E)`` (two-stage models only); slices may mix series."""
+        if self._encoder is None:
+            raise TypeError(f"{self!r} has no sequence stage, use predict_slices")
+        x = self._check_slices(x)
+        return self._batched(self._encoder.predict_on_batch, x, batch_size, self.embedding_dim)
+
+    def score_sequence(self, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, 6)`` for the embeddings ``(N, E)`` of ONE series in z order."""
+        if self._sequence is None:
+            raise TypeError(f"{self!r} has no sequence stage, use predict_slices")
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must have shape (N, {self.embedding_dim}), got {embeddings.shape}"
+            )
+        if len(embeddings) == 0:
+            return np.zeros((0, len(LABELS)), dtype=np.float32)
+        probs = self._sequence.predict_on_batch(embeddings[None])
+        return np.asarray(probs, dtype=np.float32)[0]
+
+    def predict_series(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Probabilities ``(N, 6)`` for the slices ``(N, H, W, C)`` of ONE series in z order.
+
+        Runs the slice stage in batches of ``batch_size`` and then, if the model
+        has one, the sequence stage over the whole series.
+        """
+        x = self._check_slices(x)
+        if self._sequence is None:
+            return self.predict_slices(x, batch_size)
+        return self.score_sequence(self.embed_slices(x, batch_size))
+
+
+def load_model(path: Path | None = None) -> HemorrhageModel:
+    """Load a ``.keras`` model and the card beside it (``None``: the bundled default).
+
+    ``path`` may also be a folder holding exactly one ``.keras`` file.  Raises
+    :class:`ModelCardError` when the card is missing or inconsistent, and
+    ``FileNotFoundError`` when the model file is missing.
+    """
+    import keras
+
+    model_path = _resolve(path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} does not exist")
+    card = ModelCard.from_json(card_path_for(model_path))
+    keras_model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    model = HemorrhageModel(keras_model, card, model_path)
+    logger.info("loaded model %s version %s from %s", card.name, card.version, model_path)
+    return model
+
+
+def series_scores(slice_probs: np.ndarray, card: ModelCard) -> dict[str, float]:
+    """Series-level score per label from slice probabilities ``(N, 6)``.
+
+    ``card.series_aggregation`` says how: ``max`` over slices, ``mean``, or
+    ``top3_mean`` (mean of the three highest slices, fewer if N < 3).
+    """
+    probs = np.asarray(slice_probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(card.labels) or len(probs) == 0:
+        raise ValueError(
+            f"slice_probs must have shape (N >= 1, {len(card.labels)}), got {probs.shape}"
+        )
+    scores = aggregate_series(probs, card.series_aggregation)
+    return {label: float(score) for label, score in zip(card.labels, scores)}
+
+
+def aggregate_series(slice_probs: np.ndarray, how: str) -> np.ndarray:
+    """Series scores ``(6,)`` from slice probabilities ``(N, 6)`` by ``how`` (see :data:`AGGREGATIONS`)."""
+    probs = np.asarray(slice_probs, dtype=np.float64)
+    if how == "max":
+        return probs.max(axis=0)
+    if how == "mean":
+        return probs.mean(axis=0)
+    if how == "top3_mean":
+        return np.sort(probs, axis=0)[-min(3, len(probs)) :].mean(axis=0)
+    raise ValueError(f"unknown series aggregation {how!r}, expected one of {AGGREGATIONS}")
+
+
+def flags(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> dict[str, bool]:
+    """``{label: score >= threshold}`` for every label in ``scores``."""
+    missing = [label for label in scores if label not in thresholds]
+    if missing:
+        raise ValueError(f"thresholds has no value for {missing}")
+    return {label: bool(score >= thresholds[label]) for label, score in scores.items()}

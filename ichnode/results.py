@@ -1,0 +1,183 @@
+"""``ichnode results``: what the node concluded, answered from the database.
+
+Each row is one series: its newest result (scored, skipped or failed), or its
+state while it is still being received or scored, with the delivery state of
+its reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from . import db
+from .config import LABELS
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``30m``, ``2h``, ``7d`` (ago) or an ISO date/time (UTC) -> naive UTC datetime."""
+    now = now or db.utcnow()
+    match = _DURATION.match(text.strip())
+    if match:
+        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since expects e.g. 30m, 2h, 7d or an ISO time, got {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def _latest_result(series: db.Series) -> db.SeriesResult | None:
+    current = [r for r in series.results if r.version == series.version]
+    pool = current or series.results
+    return max(pool, key=lambda r: r.id) if pool else None
+
+
+def series_summary(series: db.Series, *, with_slices: bool = False) -> dict[str, Any]:
+    result = _latest_result(series)
+    # While a newer version is on its way, the row says so rather than
+    # showing the older result as if it were current.
+    pending = result is None or series.state in (db.RECEIVING, db.COMPLETE, db.PROCESSING)
+    row: dict[str, Any] = {
+        "study_uid": series.study_uid,
+        "series_uid": series.series_uid,
+        "accession_number": series.accession_number,
+        "series_number": series.series_number,
+        "series_description": series.series_description,
+        "calling_ae": series.calling_ae,
+        "instances": series.instance_count,
+        "received_at": _iso(series.last_received_at),
+        "status": series.state if pending else result.status,
+        "version": result.version if result else None,
+        "skip_reason": result.skip_reason if result else None,
+        "model": f"{result.model_name} {result.model_version}" if result and result.model_name else None,
+        "scores": dict(result.scores) if result and result.scores else {},
+        "flags": dict(result.flags) if result and result.flags else {},
+        "thresholds": dict(result.thresholds) if result and result.thresholds else {},
+        "key_sop_instance_uid": result.key_sop_instance_uid if result else None,
+        "slices_scored": result.slice_count if result else 0,
+        "slices_quarantined": result.quarantined_count if result else 0,
+        "scored_at": _iso(result.created_at) if result else None,
+        "delivery": [
+            {
+                "kind": d.kind,
+                "sop_instance_uid": d.sop_instance_uid,
+                "destination": f"{d.ae_title}@{d.host}:{d.port}",
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "sent_at": _iso(d.sent_at),
+            }
+            for d in (result.deliveries if result else [])
+        ],
+    }
+    if with_slices and result is not None:
+        row["slices"] = [
+            {"sop_instance_uid": s.sop_instance_uid, "position": s.position, "scores": s.scores}
+            for s in sorted(result.slices, key=lambda s: s.position)
+        ]
+    return row
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
+def _query():
+    return select(db.Series).options(
+        selectinload(db.Series.results).selectinload(db.SeriesResult.deliveries)
+    )
+
+
+def list_results(session: Session, *, positive: bool = False, since: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """One summary per series, newest first."""
+    query = _query().order_by(db.Series.last_received_at.desc())
+    if since is not None:
+        query = query.where(db.Series.last_received_at >= since)
+    rows = [series_summary(series) for series in session.scalars(query)]
+    if positive:
+        rows = [row for row in rows if any(row["flags"].values())]
+    return rows
+
+
+def show_results(session: Session, uid: str) -> list[dict[str, Any]]:
+    """Every series of a study (given its Study Instance UID), or the one series given."""
+    query = _query().options(
+        selectinload(db.Series.results).selectinload(db.SeriesResult.slices)
+    ).where(or_(db.Series.study_uid == uid, db.Series.series_uid == uid))
+    return [series_summary(series, with_slices=True) for series in session.scalars(query)]
+
+
+def _delivery_text(row: dict[str, Any]) -> str:
+    states = [d["state"] for d in row["delivery"]]
+    if not states:
+        return "-"
+    return ", ".join(f"{state} {states.count(state)}" for state in sorted(set(states)))
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    flat = {
+        "study_uid": row["study_uid"],
+        "series_uid": row["series_uid"],
+        "accession_number": row["accession_number"] or "",
+        "status": row["status"],
+        "version": row["version"] or "",
+        "skip_reason": row["skip_reason"] or "",
+        "positive": ",".join(label for label in LABELS if row["flags"].get(label)),
+    }
+    for label in LABELS:
+        score = row["scores"].get(label)
+        flat[label] = "" if score is None else f"{score:.3f}"
+    flat["delivery"] = _delivery_text(row)
+    return flat
+
+
+def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
+    """Render as ``json``, ``csv`` or an aligned ``table``."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    flat = [_flat(row) for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(_flat(_EMPTY).keys()))
+        writer.writeheader()
+        writer.writerows(flat)
+        return out.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise ValueError(f"format must be table, json or csv, got {fmt!r}")
+    if not flat:
+        return "no series"
+    columns = ["series_uid", "accession_number", "status", "any", "positive", "delivery", "skip_reason"]
+    shown = [{c: str(r[c]) for c in columns} for r in flat]
+    for r in shown:
+        # Long UIDs and reasons would push the scores off the screen.
+        r["series_uid"] = r["series_uid"] if len(r["series_uid"]) <= 28 else "..." + r["series_uid"][-25:]
+    widths = {c: max(len(c), *(len(r[c]) for r in shown)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in shown]
+    return "\n".join(lines)
+
+
+_EMPTY: dict[str, Any] = {
+    "study_uid": "",
+    "series_uid": "",
+    "accession_number": None,
+    "status": "",
+    "version": None,
+    "skip_reason": None,
+    "flags": {},
+    "scores": {},
+    "delivery": [],
+}

@@ -1,0 +1,153 @@
+"""The ``ichnode`` console script, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ichnode import __version__
+from ichnode.cli import main
+from ichnode.config import load_config
+from tests.conftest import (
+    all_instances,
+    config_data,
+    free_port,
+    require_data,
+    run_cli,
+    wait_series_state,
+    write_config,
+)
+
+
+def test_help_and_version() -> None:
+    result = run_cli(["--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ichnode")
+    for name in main.commands:
+        assert name in result.stdout
+    result = run_cli(["--version"])
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_subcommand_help(command: str) -> None:
+    result = run_cli([command, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: ichnode {command}")
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    result = run_cli(["recieve"])
+    assert result.returncode == 2
+    assert "No such command 'recieve'" in result.stderr
+
+
+@pytest.fixture
+def node_from_file(tmp_path: Path, start_node: Any) -> tuple[Any, Path]:
+    """An in-process node started from a YAML file the CLI can read too."""
+    path = write_config(
+        tmp_path / "ichnode.yaml",
+        config_data(tmp_path, access={"allow": [{"ae_title": "*", "host": "127.0.0.1"}]}),
+    )
+    return start_node(config=load_config(path)), path
+
+
+def test_echo_a_running_node(node_from_file: tuple[Any, Path]) -> None:
+    node, _ = node_from_file
+    result = run_cli(["echo", f"ICHNODE@127.0.0.1:{node.port}"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"C-ECHO ICHNODE@127.0.0.1:{node.port}: 0x0000 (Success)" in result.stdout
+
+
+def test_echo_a_closed_port_fails_clearly() -> None:
+    port = free_port()  # nothing listens there
+    result = run_cli(["echo", f"ICHNODE@127.0.0.1:{port}"])
+    assert result.returncode == 1
+    assert f"cannot connect to ICHNODE@127.0.0.1:{port}: Connection refused" in result.stdout
+
+
+def test_echo_a_refused_ae_title_fails_clearly(start_node: Any) -> None:
+    node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1"}]})
+    result = run_cli(["echo", f"WRONG_AE@127.0.0.1:{node.port}", "--calling-ae", "CT_SCANNER_1"])
+    assert result.returncode == 1
+    assert "rejected" in result.stdout
+    assert "reason 0x07" in result.stdout  # called AE title not recognised
+    result = run_cli(["echo", f"ICHNODE@127.0.0.1:{node.port}", "--calling-ae", "INTRUDER"])
+    assert result.returncode == 1
+    assert "rejected" in result.stdout
+    assert "reason 0x03" in result.stdout  # calling AE title not recognised
+    result = run_cli(["echo", f"ICHNODE@127.0.0.1:{node.port}", "--calling-ae", "CT_SCANNER_1"])
+    assert result.returncode == 0, result.stdout
+
+
+def test_echo_needs_an_address() -> None:
+    result = run_cli(["echo", "ICHNODE-127.0.0.1-11112"])
+    assert result.returncode == 2
+    assert "expected AE@HOST:PORT" in result.stderr
+
+
+def test_send_a_folder_prints_a_summary(node_from_file: tuple[Any, Path]) -> None:
+    node, _ = node_from_file
+    folder = require_data("ge-head-ct")
+    result = run_cli(["send", str(folder), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "Success: 28" in lines
+    assert sorted(Path(line.split()[2].rstrip(":")).name for line in lines if line.startswith("not sent:")) == [
+        "LICENSE",
+        "README.md",
+    ]
+    assert not [line for line in lines if line.startswith("failed:")]
+    assert len(all_instances(node)) == 28
+
+
+def test_send_to_a_refusing_node_exits_1(start_node: Any) -> None:
+    node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1"}]})
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
+    result = run_cli(["send", *map(str, files), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 1
+    assert "Not sent: 3" in result.stdout.splitlines()
+    assert "rejected" in result.stdout
+    assert all_instances(node) == []
+
+
+def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path]) -> None:
+    from tests.conftest import store_files
+
+    node, path = node_from_file
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))
+    assert store_files(node.port, files[:6]) == [0] * 6
+    assert store_files(node.port, files[:1]) == [0]  # one duplicate
+    from pydicom import dcmread
+
+    wait_series_state(node, str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID), "complete")
+
+    result = run_cli(["status", "--json", "--config", str(path)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["instances"]["total"] == 6
+    assert report["instances"]["duplicates_replaced"] == 1
+    assert report["series"] == {"complete": 1}
+    spooled = [p for p in node.spool.instances_dir.rglob("*.dcm")]
+    assert len(spooled) == 6
+    assert report["spool_bytes"] == sum(p.stat().st_size for p in spooled)
+    free_mb = shutil.disk_usage(node.spool.root).free / 2**20
+    assert abs(report["free_disk_mb"] - free_mb) < max(512, 0.05 * free_mb)
+    assert report["spool_dir"] == str(node.spool.root)
+
+    text = run_cli(["status", "--config", str(path)])
+    assert text.returncode == 0, text.stderr
+    assert "complete 1" in text.stdout
+    assert "total 6" in text.stdout
+
+
+def test_status_with_a_bad_config_exits_1(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.yaml", {"node": {"portt": 1}})
+    result = run_cli(["status", "--config", str(path)])
+    assert result.returncode == 1
+    assert "node.portt" in result.stderr

@@ -1,0 +1,139 @@
+"""The configuration: defaults, validation messages, path resolution, the CLI check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ichnode.config import ConfigError, load_config, parse_config
+from tests.conftest import REPO, run_cli, write_config
+
+
+def test_shipped_config_yaml_equals_embedded_defaults() -> None:
+    shipped = load_config(REPO / "config.yaml")
+    embedded = parse_config({}, REPO.resolve())
+    assert shipped == embedded
+    # Spot-check that the comparison is about real values, not two empty objects.
+    assert shipped.node.port == 11112
+    assert shipped.storage.spool_dir == REPO.resolve() / "ichnode-data" / "spool"
+    assert shipped.access.allow[0].ae_title == "*"
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "value"),
+    [
+        ({"node": {"port": 70000}}, "node.port", "70000"),
+        ({"node": {"portt": 11112}}, "node.portt", "11112"),
+        ({"node": {"ae_title": "AN_AE_TITLE_TOO_LONG"}}, "node.ae_title", "AN_AE_TITLE_TOO_LONG"),
+        ({"node": {"ae_title": "    "}}, "node.ae_title", "'    '"),
+        ({"access": {"allow": [{"ae_title": "BACK\\SLASH"}]}}, "access.allow.0.ae_title", "BACK"),
+        ({"storage": {"min_free_mb": -1}}, "storage.min_free_mb", "-1"),
+        ({"series": {"stable_seconds": 0}}, "series.stable_seconds", "0"),
+        ({"model": {"thresholds": {"subdurall": 0.5}}}, "model.thresholds", "subdurall"),
+        ({"logging": {"level": "LOUD"}}, "logging.level", "LOUD"),
+    ],
+)
+def test_bad_value_names_key_and_value(tmp_path: Path, data: dict, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path)
+    message = str(info.value)
+    assert key in message
+    assert value in message
+
+
+def test_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: {port: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_ae_title_surrounding_spaces_are_not_significant(tmp_path: Path) -> None:
+    # DICOM: leading/trailing spaces of an AE title are not significant; the
+    # receiver compares the stripped called AE title with this value.
+    config = parse_config({"node": {"ae_title": " ICHNODE "}}, tmp_path)
+    assert config.node.ae_title == "ICHNODE"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "etc" / "ichnode"
+    folder.mkdir(parents=True)
+    path = write_config(
+        folder / "node.yaml",
+        {"storage": {"spool_dir": "data/spool"}, "database": {"url": "sqlite:///data/node.db"}},
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "etc" / "ichnode" / "node.yaml")
+    assert config.storage.spool_dir == folder.resolve() / "data" / "spool"
+    assert config.database.url == f"sqlite:///{folder.resolve() / 'data' / 'node.db'}"
+    # Absolute paths and non-file URLs are left alone.
+    write_config(
+        path,
+        {"storage": {"spool_dir": str(tmp_path / "abs")}, "database": {"url": "postgresql://u@dbhost/ichnode"}},
+    )
+    config = load_config(path)
+    assert config.storage.spool_dir == tmp_path / "abs"
+    assert config.database.url == "postgresql://u@dbhost/ichnode"
+
+
+def test_environment_variable_names_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path / "from-env.yaml", {"node": {"port": 4242, "ae_title": "FROM_ENV"}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ICHNODE_CONFIG", str(path))
+    config = load_config()
+    assert (config.node.port, config.node.ae_title) == (4242, "FROM_ENV")
+    # Without the variable and without ./config.yaml: the embedded defaults, relative to the cwd.
+    monkeypatch.delenv("ICHNODE_CONFIG")
+    config = load_config()
+    assert config.node.port == 11112
+    assert config.storage.spool_dir == tmp_path / "ichnode-data" / "spool"
+
+
+def test_check_config_rejects_a_bad_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.yaml", {"node": {"port": 70000}})
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 1
+    assert "node.port" in result.stderr
+    assert "70000" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "good.yaml", {"node": {"port": 4243}, "storage": {"spool_dir": "spool-here"}}
+    )
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["node"]["port"] == 4243
+    assert printed["node"]["ae_title"] == "ICHNODE"  # defaults filled in
+    assert printed["storage"]["spool_dir"] == str(tmp_path.resolve() / "spool-here")
+    # What it prints is itself a valid configuration with the same meaning.
+    assert parse_config(printed, tmp_path) == load_config(path)
+
+
+def test_check_config_honours_the_environment_variable(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "env.yaml", {"node": {"ae_title": "ENV_NODE"}})
+    env = {**os.environ, "ICHNODE_CONFIG": str(path)}
+    result = run_cli(["check-config"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["node"]["ae_title"] == "ENV_NODE"
+
+    write_config(path, {"node": {"ae_title": "BAD\\AE"}})
+    result = run_cli(["check-config"], env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "node.ae_title" in result.stderr

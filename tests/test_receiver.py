@@ -1,0 +1,508 @@
+"""The receiver over real associations: C-ECHO, C-STORE, access control, failures, series.
+
+Senders are pynetdicom (in this process) and DCMTK's echoscu/storescu.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from ichnode import db
+from ichnode.config import parse_config
+from ichnode.scu import send_files
+from tests.conftest import (
+    all_instances,
+    all_series,
+    config_data,
+    dataset_bytes,
+    echo_ok,
+    require_data,
+    require_tool,
+    run_cli,
+    run_dcmtk,
+    series_by_uid,
+    store_files,
+    wait_series_state,
+)
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+# RSNA files and some pydicom test files carry UIDs such as "ID_1f6d1e8aeb".
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
+
+
+def ge_files() -> list[Path]:
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))
+    assert len(files) == 28
+    return files
+
+
+def ge_series_uid() -> str:
+    return str(dcmread(ge_files()[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def pydicom_file(name: str) -> Path:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.fail(f"pydicom-data lacks {name}")
+    return Path(path)
+
+
+@pytest.fixture
+def send_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file's encoded data set as it is, without decoding and re-encoding it."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def store_one(port: int, path: Path, calling_ae: str = "TEST_SCU") -> Any:
+    """C-STORE one file; the whole response (Status, ErrorComment)."""
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+
+def associate(port: int, calling_ae: str, called_ae: str = "ICHNODE") -> Any:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called_ae)
+
+
+def assert_rejected(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    assert not assoc.is_established
+    assert assoc.is_rejected
+    primitive = assoc.acceptor.primitive
+    assert (primitive.result, primitive.result_source, primitive.diagnostic) == (result, source, diagnostic)
+
+
+def assert_nothing_stored(node: Any) -> None:
+    spool = node.spool
+    assert [p for p in spool.instances_dir.rglob("*") if p.is_file()] == []
+    assert [p for p in spool.tmp_dir.rglob("*") if p.is_file()] == []
+    assert all_instances(node) == []
+    assert all_series(node) == []
+
+
+# -- C-ECHO ------------------------------------------------------------------
+def test_echo_with_pynetdicom(start_node: Any) -> None:
+    node = start_node()
+    assoc = associate(node.port, "TEST_SCU")
+    assert assoc.is_established
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert response.Status == 0x0000
+
+
+def test_echo_with_dcmtk(start_node: Any) -> None:
+    echoscu = require_tool("echoscu")
+    node = start_node()
+    result = run_dcmtk([echoscu, "-v", "-aet", "DCMTK_SCU", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr
+
+
+# -- real series -------------------------------------------------------------
+def test_ge_series_sent_with_storescu_is_one_complete_series(start_node: Any) -> None:
+    storescu = require_tool("storescu")
+    files = ge_files()
+    node = start_node()
+    result = run_dcmtk(
+        [storescu, "-aet", "GE_CT", "-aec", "ICHNODE", "127.0.0.1", str(node.port), *map(str, files)]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    series = wait_series_state(node, ge_series_uid(), db.COMPLETE, instance_count=28)
+    assert series.version == 1
+    assert (series.modality, series.calling_ae, series.peer_host) == ("CT", "GE_CT", "127.0.0.1")
+    assert len(all_series(node)) == 1
+    instances = all_instances(node)
+    assert len(instances) == 28
+    originals = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    assert {i.sop_instance_uid for i in instances} == set(originals)
+    for instance in instances:
+        received = dcmread(node.spool.absolute(instance.path))
+        sent = dcmread(originals[instance.sop_instance_uid])
+        assert instance.size_bytes == node.spool.absolute(instance.path).stat().st_size
+        assert instance.sop_class_uid == CT
+        assert received.PixelData == sent.PixelData
+        assert received.ImageOrientationPatient == sent.ImageOrientationPatient
+
+
+def test_series_split_over_two_associations_is_one_series(start_node: Any) -> None:
+    files = ge_files()
+    node = start_node()
+    assert store_files(node.port, files[:14], calling_ae="FIRST") == [0] * 14
+    assert store_files(node.port, files[14:], calling_ae="SECOND") == [0] * 14
+    series = wait_series_state(node, ge_series_uid(), db.COMPLETE, instance_count=28)
+    assert len(all_series(node)) == 1
+    instances = all_instances(node)
+    assert len(instances) == 28
+    assert {i.series_id for i in instances} == {series.id}
+    assert {i.calling_ae for i in instances} == {"FIRST", "SECOND"}
+
+
+def test_rsna_series_with_nonconforming_uids_is_accepted(start_node: Any) -> None:
+    folder = require_data("rsna-series")
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == 32
+    node = start_node()
+    summary = send_files(files, "ICHNODE", "127.0.0.1", node.port, calling_ae="RSNA")
+    assert summary.statuses == {"Success": 32}, summary.lines()
+    headers = [dcmread(f, stop_before_pixels=True) for f in files]
+    series_uid = str(headers[0].SeriesInstanceUID)
+    assert series_uid.startswith("ID_")
+    series = wait_series_state(node, series_uid, db.COMPLETE, instance_count=32)
+    assert series.study_uid == str(headers[0].StudyInstanceUID)
+    instances = all_instances(node)
+    # The dataset's SOP Instance UID (not the file meta's, which differs) identifies the instance.
+    assert {i.sop_instance_uid for i in instances} == {str(h.SOPInstanceUID) for h in headers}
+    by_uid = {str(h.SOPInstanceUID): f for h, f in zip(headers, files)}
+    for instance in instances:
+        assert instance.sop_class_uid == CT  # taken from the file meta by the sender
+        received = dcmread(node.spool.absolute(instance.path))
+        assert received.PixelData == dcmread(by_uid[instance.sop_instance_uid]).PixelData
+
+
+# -- transfer syntaxes -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "syntax", "sop_class"),
+    [
+        ("693_J2KR.dcm", "1.2.840.10008.1.2.4.90", CT),  # JPEG 2000 lossless
+        ("693_J2KI.dcm", "1.2.840.10008.1.2.4.91", CT),  # JPEG 2000 (lossy)
+        ("bad_sequence.dcm", "1.2.840.10008.1.2.4.70", CT),  # JPEG lossless SV1
+        ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5", MR),  # RLE lossless (no CT file has it)
+        ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", MR),  # JPEG-LS lossless
+        ("eCT_Supplemental.dcm", "1.2.840.10008.1.2.1", "1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT
+    ],
+)
+def test_transfer_syntax_received_byte_exact(
+    start_node: Any, send_raw: None, name: str, syntax: str, sop_class: str
+) -> None:
+    sent = pydicom_file(name)
+    assert str(dcmread(sent, stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax
+    node = start_node()
+    assert store_files(node.port, [sent]) == [0x0000]
+    (instance,) = all_instances(node)
+    assert (instance.transfer_syntax_uid, instance.sop_class_uid) == (syntax, sop_class)
+    received = node.spool.absolute(instance.path)
+    assert dataset_bytes(received) == dataset_bytes(sent)
+    received_ds, sent_ds = dcmread(received), dcmread(sent)
+    assert received_ds.file_meta.TransferSyntaxUID == syntax
+    assert received_ds.PixelData == sent_ds.PixelData
+    np.testing.assert_array_equal(received_ds.pixel_array, sent_ds.pixel_array)
+
+
+# -- access control ----------------------------------------------------------
+def test_wrong_called_ae_title_is_rejected(start_node: Any) -> None:
+    node = start_node()
+    # 1 rejected-permanent, 1 service user, 7 called AE title not recognised
+    assert_rejected(associate(node.port, "TEST_SCU", called_ae="NOT_ICHNODE"), 1, 1, 7)
+    assert echo_ok(node.port)  # the right title still works
+
+    echoscu = require_tool("echoscu")
+    result = run_dcmtk([echoscu, "-aet", "TEST_SCU", "-aec", "NOT_ICHNODE", "127.0.0.1", str(node.port)])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Association Rejected" in output
+    assert "Called AE Title Not Recognized" in output
+
+
+def test_unlisted_calling_ae_title_is_rejected(start_node: Any) -> None:
+    node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1"}]})
+    # 3: calling AE title not recognised
+    assert_rejected(associate(node.port, "INTRUDER"), 1, 1, 3)
+    assert echo_ok(node.port, calling_ae="CT_SCANNER_1")
+
+    echoscu = require_tool("echoscu")
+    result = run_dcmtk([echoscu, "-aet", "INTRUDER", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Association Rejected" in output
+    assert "Calling AE Title Not Recognized" in output
+    result = run_dcmtk([echoscu, "-aet", "CT_SCANNER_1", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_allowed_ae_title_from_another_host_is_rejected(start_node: Any) -> None:
+    node = start_node(
+        access={
+            "allow": [
+                {"ae_title": "CT_SCANNER_1", "host": "10.9.9.9"},
+                {"ae_title": "CT_SCANNER_2", "host": "localhost"},  # a name, resolved
+            ]
+        }
+    )
+    # 3: calling AE title not recognised (from this address)
+    assert_rejected(associate(node.port, "CT_SCANNER_1"), 1, 1, 3)
+    assert not echo_ok(node.port, calling_ae="CT_SCANNER_1")
+    assert echo_ok(node.port, calling_ae="CT_SCANNER_2")
+
+
+def test_association_log_names_peer_and_ae_titles(start_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1", "host": "127.0.0.1"}]})
+    assert echo_ok(node.port, calling_ae="CT_SCANNER_1")
+    assert not echo_ok(node.port, calling_ae="INTRUDER")
+    assert not echo_ok(node.port, calling_ae="CT_SCANNER_1", called_ae="SOMEONE")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ichnode.receiver"]
+    accepted = [m for m in messages if re.search(r"^association from CT_SCANNER_1@127\.0\.0\.1:\d+ to ICHNODE", m)]
+    assert len(accepted) == 1, messages
+    refused_calling = [m for m in messages if "refused" in m and "INTRUDER@127.0.0.1:" in m and "ICHNODE" in m]
+    assert len(refused_calling) == 1, messages
+    refused_called = [m for m in messages if "refused" in m and "CT_SCANNER_1@127.0.0.1:" in m and "SOMEONE" in m]
+    assert len(refused_called) == 1, messages
+    assert [r.levelname for r in caplog.records if "refused" in r.getMessage()] == ["WARNING", "WARNING"]
+
+
+# -- failures keep the sender's copy authoritative ----------------------------
+def test_full_disk_answers_out_of_resources(start_node: Any) -> None:
+    node = start_node(storage={"min_free_mb": 10**12})
+    response = store_one(node.port, pydicom_file("CT_small.dcm"))
+    assert response.Status == 0xA700
+    assert "min_free_mb" in response.ErrorComment
+    assert_nothing_stored(node)
+
+
+@pytest.mark.parametrize("when", ["before-rename", "after-rename"])
+def test_io_error_while_committing_answers_failure(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    from ichnode import spool as spool_module
+    from ichnode.spool import Spool
+
+    node = start_node()
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if when == "before-rename":
+
+        def commit_file(self: Spool, source: Path, relative: str) -> Path:
+            raise enospc
+
+        monkeypatch.setattr(Spool, "commit_file", commit_file)
+    else:
+        # The rename succeeded but syncing the folder entry failed: the
+        # image is not known to be durable, so it must not be acknowledged
+        # (nor left behind as a file without a row).
+        real_fsync = spool_module._fsync_path
+
+        def fsync(path: Path) -> None:
+            # Only the final sync of the series folder, once the file is in it.
+            if path.is_dir() and any(path.glob("*.dcm")):
+                raise enospc
+            real_fsync(path)
+
+        monkeypatch.setattr(spool_module, "_fsync_path", fsync)
+
+    sent = pydicom_file("CT_small.dcm")
+    response = store_one(node.port, sent)
+    assert 0xA700 <= response.Status <= 0xA7FF
+    assert "spool write failed" in response.ErrorComment
+    assert_nothing_stored(node)
+
+    monkeypatch.undo()  # the disk recovers; the sender's retry is stored
+    assert store_one(node.port, sent).Status == 0x0000
+    assert len(all_instances(node)) == 1
+
+
+def test_database_error_answers_failure(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ichnode.receiver
+
+    node = start_node()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(ichnode.receiver, "register_instance", broken)
+    sent = pydicom_file("CT_small.dcm")
+    response = store_one(node.port, sent)
+    assert 0xA700 <= response.Status <= 0xA7FF
+    assert "database error" in response.ErrorComment
+    assert_nothing_stored(node)
+
+    monkeypatch.undo()
+    assert store_one(node.port, sent).Status == 0x0000
+    assert len(all_instances(node)) == 1
+
+
+def test_header_without_series_uid_cannot_be_understood(start_node: Any, tmp_path: Path) -> None:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    del ds.SeriesInstanceUID
+    path = tmp_path / "no-series.dcm"
+    ds.save_as(path)
+    node = start_node()
+    response = store_one(node.port, path)
+    assert response.Status == 0xC000
+    assert "SeriesInstanceUID" in response.ErrorComment
+    assert_nothing_stored(node)
+
+
+# -- duplicates, other classes, a whole exam ---------------------------------
+def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: None, tmp_path: Path) -> None:
+    first = pydicom_file("CT_small.dcm")
+    ds = dcmread(first)
+    ds.ImageComments = "second copy"
+    ds.PixelData = (ds.pixel_array + 7).astype(ds.pixel_array.dtype).tobytes()
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+
+    node = start_node()
+    assert store_files(node.port, [first]) == [0]
+    assert store_files(node.port, [second]) == [0]
+    (instance,) = all_instances(node)
+    assert instance.sop_instance_uid == str(ds.SOPInstanceUID)
+    assert instance.times_received == 2
+    (series,) = all_series(node)
+    assert series.instance_count == 1
+    files = [p for p in node.spool.instances_dir.rglob("*") if p.is_file()]
+    assert files == [node.spool.absolute(instance.path)]
+    assert dataset_bytes(files[0]) == dataset_bytes(second)
+    assert dcmread(files[0]).ImageComments == "second copy"
+
+
+def test_non_ct_storage_classes_are_accepted_and_recorded(start_node: Any) -> None:
+    philips = require_data("philips-phantom")
+    secondary = philips / "S21610" / "S4010" / "I10"
+    mr = pydicom_file("MR_small.dcm")
+    node = start_node()
+    assert store_files(node.port, [secondary, mr]) == [0, 0]
+    classes = {i.sop_class_uid: i for i in all_instances(node)}
+    assert set(classes) == {SECONDARY_CAPTURE, MR}
+    assert {s.modality for s in all_series(node)} == {"CT", "MR"}
+    for instance in classes.values():
+        assert node.spool.absolute(instance.path).is_file()
+
+
+def test_whole_philips_exam_sent_with_the_cli(start_node: Any) -> None:
+    philips = require_data("philips-phantom")
+    node = start_node()
+    result = run_cli(["send", str(philips), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "Success: 118" in lines
+    not_sent = [line for line in lines if line.startswith("not sent:")]
+    dicomdirs = [line for line in not_sent if "DIRFILE" in line and "DICOMDIR" in line]
+    assert len(dicomdirs) == 5
+    assert {Path(line.split()[2].rstrip(":")).name for line in not_sent} == {"DIRFILE", "README.md", "LICENSE"}
+
+    expected = {}
+    for folder, count in {"S1000": 1, "S2010": 54, "S3010": 58, "S4010": 5}.items():
+        first = next(p for p in sorted((philips / "S21610" / folder).iterdir()) if p.name != "DIRFILE")
+        expected[str(dcmread(first, stop_before_pixels=True).SeriesInstanceUID)] = count
+    for series_uid, count in expected.items():
+        wait_series_state(node, series_uid, db.COMPLETE, instance_count=count)
+    assert len(all_series(node)) == 4
+    assert len(all_instances(node)) == 118
+    classes = {i.sop_class_uid for i in all_instances(node)}
+    assert classes == {CT, SECONDARY_CAPTURE}
+
+
+# -- series life cycle -------------------------------------------------------
+def test_late_slice_reopens_a_complete_series(start_node: Any) -> None:
+    files = ge_files()
+    # stable_seconds long enough that the test sees "receiving" right after the late slice.
+    node = start_node(series={"stable_seconds": 1.0, "check_interval_seconds": 0.1})
+    series_uid = ge_series_uid()
+    assert store_files(node.port, files[:5]) == [0] * 5
+    first = wait_series_state(node, series_uid, db.COMPLETE, instance_count=5)
+    assert first.version == 1
+
+    assert store_files(node.port, files[5:6]) == [0]
+    reopened = series_by_uid(node, series_uid)
+    assert (reopened.state, reopened.version, reopened.instance_count) == (db.RECEIVING, 1, 6)
+
+    second = wait_series_state(node, series_uid, db.COMPLETE, instance_count=6)
+    assert second.version == 2
+    assert second.completed_at > first.completed_at
+
+
+def test_restart_completes_a_series_left_receiving(start_node: Any, tmp_path: Path) -> None:
+    files = ge_files()
+    series_uid = ge_series_uid()
+    # First run: series never complete on their own before the stop.
+    config = parse_config(config_data(tmp_path, series={"stable_seconds": 3600}), base=tmp_path)
+    node = start_node(config=config)
+    assert store_files(node.port, files[:4]) == [0] * 4
+    node.stop()
+    assert series_by_uid(node, series_uid).state == db.RECEIVING
+
+    # Leftovers of a crash: a partial temp file, and a whole spooled file whose row was lost.
+    (node.spool.tmp_dir / "receiver-0" / "interrupted.dcm").write_bytes(b"\0" * 100)
+    (node.spool.tmp_dir / "report.part").write_bytes(b"\0" * 100)
+    orphan_uid = str(dcmread(files[4], stop_before_pixels=True).SOPInstanceUID)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    orphan = node.spool.absolute(node.spool.instance_path(study_uid, series_uid, orphan_uid))
+    orphan.write_bytes(files[4].read_bytes())
+
+    restarted_config = config.model_copy(
+        update={"series": config.series.model_copy(update={"stable_seconds": 0.5})}
+    )
+    restarted = start_node(config=restarted_config)
+    series = wait_series_state(restarted, series_uid, db.COMPLETE, instance_count=5)
+    assert series.version == 1
+    assert [p for p in restarted.spool.tmp_dir.rglob("*") if p.is_file()] == []
+    assert orphan_uid in {i.sop_instance_uid for i in all_instances(restarted)}
+    assert echo_ok(restarted.port)
+
+
+def test_concurrent_associations_store_one_series(start_node: Any) -> None:
+    """Several senders at once (a PACS with parallel associations) still make one series."""
+    import threading
+
+    files = ge_files()
+    node = start_node()
+    results: dict[int, list[int | None]] = {}
+
+    def send(index: int) -> None:
+        results[index] = store_files(node.port, files[index::4], calling_ae=f"SENDER{index}")
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(s for statuses in results.values() for s in statuses) == [0] * 28
+    wait_series_state(node, ge_series_uid(), db.COMPLETE, instance_count=28)
+    assert len(all_series(node)) == 1
+    assert len(all_instances(node)) == 28
+
+
+def test_new_uid_for_each_store_is_a_new_instance(start_node: Any, tmp_path: Path) -> None:
+    """Same pixels, new SOP Instance UID: a second instance, not a duplicate."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    copies = []
+    for index in range(3):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        path = tmp_path / f"copy{index}.dcm"
+        ds.save_as(path)
+        copies.append(path)
+    node = start_node()
+    assert store_files(node.port, copies) == [0, 0, 0]
+    instances = all_instances(node)
+    assert sorted(i.instance_number for i in instances) == [1, 2, 3]
+    assert {i.times_received for i in instances} == {1}
+    (series,) = all_series(node)
+    assert series.instance_count == 3
