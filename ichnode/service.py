@@ -28,6 +28,7 @@ from .config import Config
 from .dispatch import Dispatcher
 from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
+from .retention import purge_expired
 from .series import InstanceHeader, complete_stable_series, register_instance
 from .spool import Spool
 from .worker import Worker, describe_device, requeue_interrupted
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 # How long SIGTERM waits for open associations to finish before aborting them.
 SHUTDOWN_GRACE_SECONDS = 20.0
+
+# How often spooled files past storage.retention_days are looked for.
+RETENTION_CHECK_SECONDS = 3600.0
 
 RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
 ALL_COMPONENTS = (RECEIVER, WORKER, DISPATCHER)
@@ -103,6 +107,7 @@ class Node:
         if primary:
             # Completion only reads and updates rows; any process may run it.
             self._add_job(self.complete_series, interval)
+            self._add_job(self.purge_expired, RETENTION_CHECK_SECONDS)
         if self.worker is not None:
             requeued = requeue_interrupted(self.sessions)
             if requeued:
@@ -134,6 +139,9 @@ class Node:
 
     def complete_series(self) -> list[str]:
         return complete_stable_series(self.sessions, self.config.series.stable_seconds)
+
+    def purge_expired(self) -> int:
+        return purge_expired(self.sessions, self.spool, self.config.storage.retention_days)
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let open associations finish (then abort them), stop jobs."""

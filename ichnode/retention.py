@@ -1,0 +1,58 @@
+"""Retention: spooled images and report files are deleted ``storage.retention_days``
+after their series last changed, once the series is finished (scored, skipped
+or failed) and its reports are no longer waiting to be sent.
+
+The series, its results and the delivery history stay in the database; only
+the image files and their instance rows go. ``retention_days: 0`` keeps
+everything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import db
+from .spool import Spool
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (db.SCORED, db.SKIPPED, db.FAILED)
+
+
+def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days: int, *, now: dt.datetime | None = None) -> int:
+    """Delete the files of finished series older than the retention; returns how many files."""
+    if retention_days <= 0:
+        return 0
+    cutoff = (now or db.utcnow()) - dt.timedelta(days=retention_days)
+    removed = 0
+    with db.transaction(sessions) as session:
+        waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state == db.QUEUED)
+        expired = session.scalars(
+            select(db.Series.id).where(
+                db.Series.state.in_(FINISHED),
+                db.Series.last_received_at < cutoff,
+                db.Series.id.not_in(waiting),
+            )
+        ).all()
+        if not expired:
+            return 0
+        paths = session.scalars(select(db.Instance.path).where(db.Instance.series_id.in_(expired))).all()
+        reports = session.scalars(
+            select(db.Delivery.path)
+            .join(db.SeriesResult)
+            .where(db.SeriesResult.series_id.in_(expired))
+            .distinct()
+        ).all()
+        # Files go before the rows are committed: a crash in between leaves
+        # rows without files (harmless), never files without rows, which the
+        # start-up re-index would bring back as newly received images.
+        for relative in [*paths, *reports]:
+            spool.remove(relative)
+            removed += 1
+        session.execute(delete(db.Instance).where(db.Instance.series_id.in_(expired)))
+    logger.info("retention: removed %d files of %d series older than %d days", removed, len(expired), retention_days)
+    return removed
