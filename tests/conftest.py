@@ -7,10 +7,8 @@ waits with a fixed sleep: :func:`wait_for` polls a condition until a deadline.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,52 +22,26 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-IN_CI = os.environ.get("CI") == "true"
+DATA = Path(os.environ.get("ICHNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 T = TypeVar("T")
 
 
 # -- availability ------------------------------------------------------------
-def _missing(what: str) -> None:
-    """Fail in CI (where everything must be present), skip elsewhere."""
-    if IN_CI:
-        pytest.fail(f"{what} is required when CI=true", pytrace=False)
-    pytest.skip(f"{what} is not available")
-
-
-@functools.lru_cache(maxsize=None)
-def _find_dcmtk_tool(name: str) -> str | None:
-    # pynetdicom installs Python apps with the same names (echoscu, storescu)
-    # into the venv's bin; only a DCMTK binary counts.
-    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
-        candidate = Path(folder or ".") / name
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run(
-                [str(candidate), "--version"], capture_output=True, text=True, timeout=20
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return str(candidate)
-    return None
-
-
-def require_tool(name: str) -> str:
-    """Path of the DCMTK tool ``name``; fails when CI == "true" and it is missing, else skips."""
-    path = _find_dcmtk_tool(name)
-    if path is None:
-        _missing(f"DCMTK {name}")
-    return path  # type: ignore[return-value]
+# Peers (DCMTK, Orthanc, dicom3tools) must be there in CI: require_tool fails
+# when CI=true and one is missing, and skips elsewhere.
+from .peers import free_port, require_tool  # noqa: E402,F401  (used by the tests through conftest)
 
 
 def require_data(name: str) -> Path:
-    """A folder of the shared real data (never copied into the repo)."""
+    """A folder of the shared real data, read in place (never copied into the repo).
+
+    It lives beside the repository (``../shared/data``, or ``$ICHNODE_SHARED_DATA``);
+    a checkout without it skips the tests that need it, saying where it looked.
+    """
     path = DATA / name
     if not path.is_dir():
-        _missing(f"shared data {path}")
+        pytest.skip(f"shared data {path} is not present")
     return path
 
 
@@ -99,12 +71,6 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}; last value: {last!r}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- configuration -----------------------------------------------------------

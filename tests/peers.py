@@ -62,16 +62,20 @@ def free_port() -> int:
 def require_tool(name: str) -> str:
     """Absolute path of the program ``name``.
 
+    pynetdicom installs Python apps named like DCMTK's (storescu, echoscu,
+    storescp) into the virtual environment's bin; those never count.
     When it is missing: under pytest, ``pytest.fail`` if ``$CI == "true"`` (a CI
     image must have its peers) and ``pytest.skip`` otherwise; outside pytest
     (benchmarks), :class:`ToolMissing` (a ``RuntimeError``).
     """
-    path = shutil.which(name)
-    if path is None:
-        search = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN_DIRS])
-        path = shutil.which(name, path=search)
-    if path is not None:
-        return os.path.abspath(path)
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    search = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p] + list(_SBIN_DIRS)
+    for folder in search:
+        if Path(folder).resolve() == venv_bin:
+            continue
+        path = shutil.which(name, path=folder)
+        if path is not None:
+            return os.path.abspath(path)
     message = f"{name} is not installed (not on PATH nor in {', '.join(_SBIN_DIRS)})"
     if "pytest" in sys.modules:
         import pytest

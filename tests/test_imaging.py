@@ -33,8 +33,8 @@ from ichnode.imaging import (
     to_hu,
 )
 
-# ../shared/data relative to the repository root; never copied into the repo.
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import require_data
+
 
 BRAIN = (40, 80)
 TILT_IOP = [1, 0, 0, 0, math.cos(math.radians(18.5)), -math.sin(math.radians(18.5))]
@@ -372,9 +372,7 @@ def test_order_ties_and_fallbacks() -> None:
 
 
 def _read_series(name: str) -> tuple[list[Path], list[Dataset]]:
-    files = sorted((DATA / name).glob("*.dcm"))
-    if not files:
-        _missing(f"shared data {DATA / name}")
+    files = sorted(require_data(name).glob("*.dcm"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RSNA's invalid UIDs
         return files, [pydicom.dcmread(f) for f in files]

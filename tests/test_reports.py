@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
-import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass, replace
@@ -33,18 +31,11 @@ from ichnode.reports import (
     report_uids,
 )
 
-try:
-    from ichnode.imaging import to_hu
-except ImportError:  # the shared imaging module is not there yet
+from ichnode.imaging import to_hu
 
-    def to_hu(ds: Dataset) -> np.ndarray:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        return ds.pixel_array.astype(np.float32) * slope + intercept
+from .conftest import require_data, require_tool
 
 
-# ../shared/data relative to the repository root; never copied into the repo.
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SERIES = ("ge-head-ct", "rsna-series")
 INVALID_VALUES = "Error - Dicom dataset contains invalid data values for Value Representations"
 PROBABILITIES = (0.91, 0.02, 0.70, 0.10, 0.40, 0.05)
@@ -57,20 +48,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),
     pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent"),
 ]
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is missing (CI=true)")
-    pytest.skip(f"{what} is missing")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        _missing(f"the {name} executable")
-    assert path is not None
-    return path
 
 
 def _content(key_uid: str, *, version: int = 1, quarantined: int = 0) -> ReportContent:
@@ -103,10 +80,7 @@ class Built:
 
 
 def _read_series(name: str) -> tuple[list[Path], list[Dataset]]:
-    folder = DATA / name
-    paths = sorted(folder.glob("*.dcm"))
-    if not paths:
-        _missing(f"the {name} series in {folder}")
+    paths = sorted(require_data(name).glob("*.dcm"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -139,7 +113,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def _dciodvfy(path: Path) -> list[str]:
     result = subprocess.run(
-        [_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120
     )
     return (result.stdout + result.stderr).splitlines()
 
@@ -219,7 +193,7 @@ def test_ge_reports_have_no_errors_but_the_source_de_identification_method(
 
 def test_dsrdump_renders_every_finding(built: Built) -> None:
     result = subprocess.run(
-        [_tool("dsrdump"), str(built.sr_path)], capture_output=True, text=True, timeout=120
+        [require_tool("dsrdump"), str(built.sr_path)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     text = result.stdout
