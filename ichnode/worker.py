@@ -172,7 +172,8 @@ class Worker:
         if not items:
             return iter(())
         batch_size = self.config.model.batch_size
-        inputs = np.concatenate([item.inputs for item in items])
+        # One series (the usual case at low load): no copy of its inputs.
+        inputs = items[0].inputs if len(items) == 1 else np.concatenate([item.inputs for item in items])
         bounds = np.cumsum([0] + [len(item.inputs) for item in items])
         if self.model.has_sequence_stage:
             # The CNN stage over all slices of all claimed series at once, then
