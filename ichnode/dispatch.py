@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from itertools import groupby
 
 from pydicom import dcmread
@@ -42,10 +43,15 @@ class Dispatcher:
         self.retry = retry
         self.calling_ae = calling_ae
         self.timeout = timeout
+        # Runs from the scheduler and when the worker wakes it: never twice at once.
+        self._lock = threading.Lock()
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Try every due delivery, one association per destination; returns how many were stored."""
-        now = now or db.utcnow()
+        with self._lock:
+            return self._run(now or db.utcnow())
+
+    def _run(self, now: dt.datetime) -> int:
         with self.sessions() as session:
             due = session.scalars(
                 select(db.Delivery)

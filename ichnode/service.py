@@ -10,6 +10,7 @@ retried, files whose row was lost are re-indexed.
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import logging
 import multiprocessing
 import signal
@@ -42,6 +43,10 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 RETENTION_CHECK_SECONDS = 3600.0
 
 RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
+
+# Scheduler jobs. Each runs on its interval; a stage that hands work to the
+# next one in the same process wakes that job at once instead.
+COMPLETION_JOB, SCORING_JOB, DELIVERY_JOB, RETENTION_JOB = "completion", "scoring", "delivery", "retention"
 ALL_COMPONENTS = (RECEIVER, WORKER, DISPATCHER)
 
 
@@ -106,15 +111,15 @@ class Node:
                 logger.warning("re-indexed %d spooled files that had no database row", reindexed)
         if primary:
             # Completion only reads and updates rows; any process may run it.
-            self._add_job(self.complete_series, interval)
-            self._add_job(self.purge_expired, RETENTION_CHECK_SECONDS)
+            self._add_job(COMPLETION_JOB, self.complete_series, interval)
+            self._add_job(RETENTION_JOB, self.purge_expired, RETENTION_CHECK_SECONDS)
         if self.worker is not None:
             requeued = requeue_interrupted(self.sessions)
             if requeued:
                 logger.warning("scoring of %d series was interrupted; scoring them again", requeued)
-            self._add_job(self.worker.run_once, interval)
+            self._add_job(SCORING_JOB, self.score, interval)
         if self.dispatcher is not None:
-            self._add_job(self.dispatcher.run_once, interval)
+            self._add_job(DELIVERY_JOB, self.dispatcher.run_once, interval)
         self.scheduler.start()
         if RECEIVER in self.components:
             self.server = start_receiver(self.config, self.spool, self.sessions, index=self.receiver_index)
@@ -133,12 +138,27 @@ class Node:
             process.start()
             self._extra_receivers.append(process)
 
-    def _add_job(self, func: Callable[[], object], seconds: float) -> None:
-        name = f"{type(func.__self__).__name__}.{func.__name__}"
-        self.scheduler.add_job(func, "interval", seconds=seconds, id=name, name=name)
+    def _add_job(self, job_id: str, func: Callable[[], object], seconds: float) -> None:
+        self.scheduler.add_job(func, "interval", seconds=seconds, id=job_id, name=job_id)
+
+    def _wake(self, job_id: str) -> None:
+        """Run a job now rather than at its next tick (the next stage has work)."""
+        job = self.scheduler.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=dt.datetime.now(dt.UTC))
 
     def complete_series(self) -> list[str]:
-        return complete_stable_series(self.sessions, self.config.series.stable_seconds)
+        completed = complete_stable_series(self.sessions, self.config.series.stable_seconds)
+        if completed:
+            self._wake(SCORING_JOB)
+        return completed
+
+    def score(self) -> int:
+        assert self.worker is not None
+        handled = self.worker.run_once()
+        if handled:
+            self._wake(DELIVERY_JOB)
+        return handled
 
     def purge_expired(self) -> int:
         return purge_expired(self.sessions, self.spool, self.config.storage.retention_days)

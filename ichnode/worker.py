@@ -15,10 +15,12 @@ claimed together, which keeps a GPU busy.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -35,8 +37,10 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
-# Series claimed per round: their slices share prediction batches.
+# Series claimed per round: those prepared at the same time share prediction batches.
 CLAIM_BATCH = 4
+# Threads reading and preprocessing series (decoding releases the GIL in part).
+PREPARE_THREADS = min(4, os.cpu_count() or 2)
 
 
 @dataclass
@@ -51,7 +55,7 @@ class PreparedSeries:
     headers: list[Dataset] = field(default_factory=list)  # scored slices, z order
     sop_uids: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # spool paths, same order
-    inputs: np.ndarray | None = None  # (N, H, W, C)
+    volume: np.ndarray | None = None  # (N, H, W, windows), z order
     quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
     skip: str | None = None
     prepare_seconds: float = 0.0
@@ -66,10 +70,20 @@ class Worker:
         card = model.card
         # Config thresholds override the card's, label by label.
         self.thresholds = {**card.thresholds, **config.model.thresholds}
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ichnode-prepare")
+        self._pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="ichnode-prepare")
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # The first prediction traces the model (~1 s); pay it at start, not
+        # on the first patient's series.
+        card = self.model.card
+        zeros = np.zeros((2, *card.input_size, card.channels), dtype=np.float32)
+        self.model.predict_series(zeros, batch_size=2)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
 
     # -- claiming --------------------------------------------------------
     def claim(self, limit: int = CLAIM_BATCH) -> list[PreparedSeries]:
@@ -98,21 +112,36 @@ class Worker:
     def run_once(self) -> int:
         """Claim and process what is complete; returns the number of series handled.
 
-        The next batch is read and preprocessed in the pool while the model
-        scores the current one.
+        Series are read and preprocessed in a pool while the model scores
+        those already prepared; whatever is ready at the same moment shares
+        prediction batches (which keeps a GPU busy); results and reports are
+        stored by another thread while the model moves on.
         """
         handled = 0
-        pending = [self._pool.submit(self.prepare, item) for item in self.claim()]
+        pending = {self._pool.submit(self.prepare, item) for item in self.claim()}
+        stores: list[Future[None]] = []
         while pending:
-            upcoming = [self._pool.submit(self.prepare, item) for item in self.claim()]
-            self.score_and_store(pending)
-            handled += len(pending)
-            pending = upcoming
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            items = []
+            for future in done:
+                try:
+                    items.append(future.result())
+                except Exception:
+                    logger.exception("preparing a series failed")
+            # Claim more while the model works, so the pool never idles.
+            pending |= {self._pool.submit(self.prepare, item) for item in self.claim()}
+            scorable = [item for item in items if item.volume is not None]
+            probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
+            for item in items:
+                stores.append(self._store_pool.submit(self._store_or_fail, item, probabilities.get(id(item))))
+            handled += len(items)
+        for future in stores:
+            future.result()
         return handled
 
     # -- preparing -------------------------------------------------------
     def prepare(self, item: PreparedSeries) -> PreparedSeries:
-        """Read headers, check eligibility, decode and preprocess (runs in the pool)."""
+        """Read the files, check eligibility, decode and preprocess (runs in the pool)."""
         started = time.perf_counter()
         with self.sessions() as session:
             rows = session.execute(
@@ -122,66 +151,89 @@ class Worker:
         readable = []
         for row in rows:
             try:
-                readable.append((row, dcmread(self.spool.absolute(row.path), stop_before_pixels=True)))
+                # Each file is read once; its pixels are decoded only if scored.
+                readable.append((row, dcmread(self.spool.absolute(row.path))))
             except Exception as exc:
-                item.quarantined[row.id] = f"unreadable header: {exc}"
+                item.quarantined[row.id] = f"unreadable file: {exc}"
         item.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], self.config.series)
         if item.skip is None:
             self._preprocess(item, readable)
         item.prepare_seconds = time.perf_counter() - started
         return item
 
-    def _preprocess(self, item: PreparedSeries, readable: list[tuple[object, Dataset]]) -> None:
+    def _preprocess(self, item: PreparedSeries, readable: list[tuple[Any, Dataset]]) -> None:
         card = self.model.card
         order = imaging.order_slices([ds for _, ds in readable])
         slices = []
         for index in order:
-            row, header = readable[index]
+            row, ds = readable[index]
             try:
-                ds = dcmread(self.spool.absolute(row.path))
                 slices.append(imaging.preprocess_slice(ds, card.windows, tuple(card.input_size)))
             except Exception as exc:
                 item.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
                 continue
-            item.headers.append(header)
+            # Keep the header only: the pixel data is not needed any more.
+            del ds.PixelData
+            item.headers.append(ds)
             item.sop_uids.append(row.sop_instance_uid)
             item.paths.append(row.path)
         if not slices:
             item.skip = "no slice could be decoded"
             return
-        item.inputs = imaging.stack_context(np.stack(slices), card.context_slices)
+        item.volume = np.stack(slices)
 
     # -- scoring ---------------------------------------------------------
-    def score_and_store(self, futures: Sequence[Future[PreparedSeries]]) -> None:
-        items = []
-        for future in futures:
-            try:
-                items.append(future.result())
-            except Exception:
-                logger.exception("preparing a series failed")
-        scorable = [item for item in items if item.skip is None and item.inputs is not None]
-        probabilities = dict(zip((id(i) for i in scorable), self._predict(scorable)))
-        for item in items:
-            try:
-                self._store(item, probabilities.get(id(item)))
-            except Exception as exc:
-                logger.exception("storing the result of series %s failed", item.series_uid)
-                self._fail(item, f"{type(exc).__name__}: {exc}")
+    def _batches(self, items: Sequence[PreparedSeries]) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """Model batches of whole pieces of series: (item index, 2.5D inputs) each.
 
-    def _predict(self, items: Sequence[PreparedSeries]) -> Iterator[np.ndarray]:
+        The neighbouring-slice channels are stacked per piece, not for a whole
+        series at once: a 300-slice series would otherwise need ~180 MB.
+        """
+        size = self.config.model.batch_size
+        context = self.model.card.context_slices
+        batch: list[tuple[int, np.ndarray]] = []
+        filled = 0
+        for index, item in enumerate(items):
+            volume = item.volume
+            for start in range(0, len(volume), size):
+                stop = min(start + size, len(volume))
+                low, high = max(0, start - context), min(len(volume), stop + context)
+                piece = imaging.stack_context(volume[low:high], context)[start - low : stop - low]
+                if filled + len(piece) > size:
+                    yield batch
+                    batch, filled = [], 0
+                batch.append((index, piece))
+                filled += len(piece)
+        if batch:
+            yield batch
+
+    def _predict(self, items: Sequence[PreparedSeries]) -> list[np.ndarray]:
+        """Per-slice probabilities (N_i, 6) of each series, in its z order."""
         if not items:
-            return iter(())
-        batch_size = self.config.model.batch_size
-        # One series (the usual case at low load): no copy of its inputs.
-        inputs = items[0].inputs if len(items) == 1 else np.concatenate([item.inputs for item in items])
-        bounds = np.cumsum([0] + [len(item.inputs) for item in items])
-        if self.model.has_sequence_stage:
-            # The CNN stage over all slices of all claimed series at once, then
-            # the sequence stage series by series (it needs one series in z order).
-            embeddings = self.model.embed_slices(inputs, batch_size)
-            return iter([self.model.score_sequence(embeddings[a:b]) for a, b in zip(bounds, bounds[1:])])
-        probs = self.model.predict_slices(inputs, batch_size)
-        return iter([probs[a:b] for a, b in zip(bounds, bounds[1:])])
+            return []
+        sequence = self.model.has_sequence_stage
+        # Slice stage: embeddings for a two-stage model, probabilities otherwise.
+        stage = self.model.embed_slices if sequence else self.model.predict_slices
+        outputs: list[list[np.ndarray]] = [[] for _ in items]
+        for batch in self._batches(items):
+            inputs = batch[0][1] if len(batch) == 1 else np.concatenate([piece for _, piece in batch])
+            result = stage(inputs, len(inputs))
+            offset = 0
+            for index, piece in batch:
+                outputs[index].append(result[offset : offset + len(piece)])
+                offset += len(piece)
+        per_series = [np.concatenate(parts) for parts in outputs]
+        if sequence:
+            # The sequence stage needs one whole series in z order.
+            return [self.model.score_sequence(embeddings) for embeddings in per_series]
+        return per_series
+
+    def _store_or_fail(self, item: PreparedSeries, probs: np.ndarray | None) -> None:
+        try:
+            self._store(item, probs)
+        except Exception as exc:
+            logger.exception("storing the result of series %s failed", item.series_uid)
+            self._fail(item, f"{type(exc).__name__}: {exc}")
 
     def _store(self, item: PreparedSeries, probs: np.ndarray | None) -> None:
         card = self.model.card
