@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Scoring throughput: ``Worker.run_once`` over complete series vs the bare model.
+
+Run from the repository root (any Keras backend; TensorFlow is not needed
+with ``KERAS_BACKEND=torch`` or ``jax``)::
+
+    .venv/bin/python benchmarks/scoring_throughput.py [--series 8] [--slices 32]
+        [--batch-size 32] [--matrix 512] [--repeat 1]
+
+No network: it spools ``--series`` copies (fresh UIDs, same pixels) of one
+synthetic 512x512 head-CT series from :mod:`training.phantoms` (numpy and
+pydicom only; cached under the temp folder) into a fresh spool and SQLite
+database with :func:`ichnode.series.register_instance`, marks them complete
+with :func:`ichnode.series.complete_stable_series`, and times one
+``Worker.run_once`` -- spooled files to stored results: header reads,
+selection, decode, preprocessing (in the worker's pool, overlapping
+inference), the model, SR + summary image built and spooled (fsync on, as
+shipped), results in the database.  Each repeat spools a fresh set.  A warm-up
+round (one claim's worth of series, same sizes) runs first, untimed, so every
+shape is compiled.
+
+Baseline, in the same run, on the same preprocessed slices and the same
+batches the worker uses: ``embed_slices`` over the slices of each claim
+(``CLAIM_BATCH`` series) and ``score_sequence`` per series (``predict_slices``
+for a one-stage model), measured before and after the end-to-end runs (the
+faster counts).  Prints slices/s of both, their ratio (target: end-to-end >=
+0.90 of bare when decode and preprocessing overlap inference) and where the
+worker's main thread spent its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (REPO_ROOT, BENCH_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import numpy as np  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+
+from latency import phantom_series, renew_uids  # noqa: E402  (numpy + pydicom only)
+
+
+def spool_series(spool: Any, sessions: Any, datasets: list[Dataset], count: int) -> list[str]:
+    """Write ``count`` copies of the series (fresh UIDs) into the spool and the database."""
+    from ichnode.series import InstanceHeader, register_instance
+
+    uids = []
+    for _ in range(count):
+        study, series = renew_uids(datasets)
+        for ds in datasets:
+            sop = str(ds.SOPInstanceUID)
+            relative = spool.instance_path(study, series, sop)
+            path = spool.absolute(relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            header = InstanceHeader.from_dataset(ds, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=sop)
+            register_instance(
+                sessions, header, path=relative, size_bytes=path.stat().st_size, calling_ae="BENCH_SCU", peer_host="127.0.0.1"
+            )
+        uids.append(series)
+    return uids
+
+
+def complete_all(sessions: Any) -> int:
+    from ichnode import db
+    from ichnode.series import complete_stable_series
+
+    return len(complete_stable_series(sessions, 0.0, now=db.utcnow() + dt.timedelta(seconds=1)))
+
+
+class Probe:
+    """Seconds spent in the worker's steps: main thread, and the prepare pool."""
+
+    def __init__(self, worker: Any) -> None:
+        self.totals: dict[str, float] = {}
+        self._lock = threading.Lock()
+        for name, attr in (
+            ("score_and_store", "score_and_store"),
+            ("model", "_predict"),
+            ("reports", "_write_reports"),
+            ("db", "_finish"),
+            ("prepare (pool thread-s)", "prepare"),
+        ):
+            setattr(worker, attr, self._timed(name, getattr(worker, attr), eager=name == "model"))
+
+    def _timed(self, name: str, func: Any, eager: bool) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = func(*args, **kwargs)
+            if eager:
+                result = iter(list(result))
+            with self._lock:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            return result
+
+        return wrapper
+
+    def reset(self) -> None:
+        self.totals = {}
+
+
+def bare_rate(model: Any, x: np.ndarray, n_series: int, claim: int, batch_size: int) -> float:
+    """Slices/s of the model alone, batched as the worker batches ``n_series`` copies of ``x``."""
+    groups = [min(claim, n_series - start) for start in range(0, n_series, claim)]
+    inputs = {k: np.concatenate([x] * k) for k in set(groups)}  # built outside the timing
+    n = len(x)
+    start = time.perf_counter()
+    for k in groups:
+        if model.has_sequence_stage:
+            embeddings = model.embed_slices(inputs[k], batch_size)
+            for i in range(k):
+                model.score_sequence(embeddings[i * n : (i + 1) * n])
+        else:
+            model.predict_slices(inputs[k], batch_size)
+    return n * n_series / (time.perf_counter() - start)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    # SystemExit unwinds through the finally blocks that stop and clean up.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--series", type=int, default=8, help="complete series scored in one run_once (default 8)")
+    parser.add_argument("--slices", type=int, default=32, help="slices per series (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="model.batch_size (default 32)")
+    parser.add_argument("--matrix", type=int, default=512, help="rows and columns of the phantom (default 512)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed run_once rounds, each on fresh series (default 1)")
+    parser.add_argument("--seed", type=int, default=3, help="phantom seed (default 3)")
+    parser.add_argument("--no-cache", action="store_true", help="do not keep the generated phantom in the temp folder")
+    args = parser.parse_args(argv)
+    if args.series < 1 or args.slices < 10 or args.batch_size < 1 or args.repeat < 1:
+        parser.error("need --series >= 1, --slices >= 10 (series.min_slices), --batch-size >= 1, --repeat >= 1")
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ichnode.worker import describe_device
+
+    device = describe_device()
+    cache = None if args.no_cache else Path(tempfile.gettempdir()) / "ichnode-bench-phantoms"
+    datasets = phantom_series(args.slices, args.seed, args.matrix, cache)
+
+    workdir = Path(tempfile.mkdtemp(prefix="ichnode-throughput-"))
+    try:
+        return run(args, datasets, workdir, device)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, datasets: list[Dataset], workdir: Path, device: str) -> int:
+    """Set up a spool, a database and a worker in ``workdir``; measure; close them."""
+    from ichnode import db
+    from ichnode.config import parse_config
+    from ichnode.model import load_model
+    from ichnode.spool import Spool
+    from ichnode.worker import Worker
+
+    config = parse_config(
+        {
+            "storage": {"spool_dir": str(workdir / "spool"), "min_free_mb": 0},
+            "database": {"url": f"sqlite:///{workdir / 'ichnode.db'}"},
+            "model": {"batch_size": args.batch_size},
+        },
+        base=workdir,
+    )
+    engine = db.make_engine(config.database.url)
+    db.init_db(engine)
+    sessions = db.session_factory(engine)
+    spool = Spool(config.storage.spool_dir, min_free_mb=0, fsync=config.storage.fsync)
+    model = load_model(config.model.path)
+    worker = Worker(config, sessions, spool, model)
+    try:
+        return measure(args, datasets, model, worker, sessions, device)
+    finally:
+        worker.close()
+        engine.dispose()
+
+
+def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worker: Any, sessions: Any, device: str) -> int:
+    import keras
+
+    from ichnode import db, imaging
+    from ichnode.worker import CLAIM_BATCH
+
+    spool, card = worker.spool, model.card
+    log(f"keras {keras.__version__}, {device}; model {card.name} {card.version} input {card.input_shape}")
+
+    x, _ = imaging.preprocess_series(datasets, card.windows, tuple(card.input_size), card.context_slices)
+    warm = min(CLAIM_BATCH, args.series)
+    spool_series(spool, sessions, datasets, warm)
+    complete_all(sessions)
+    started = time.perf_counter()
+    worker.run_once()
+    log(f"warm-up: {warm} series in {time.perf_counter() - started:.1f} s (not timed)")
+    bare = [bare_rate(model, x, args.series, CLAIM_BATCH, args.batch_size)]
+
+    probe = Probe(worker)
+    total = args.series * args.slices
+    rates, breakdowns = [], []
+    for round_ in range(args.repeat):
+        uids = spool_series(spool, sessions, datasets, args.series)
+        complete_all(sessions)
+        probe.reset()
+        started = time.perf_counter()
+        handled = worker.run_once()
+        elapsed = time.perf_counter() - started
+        with sessions() as session:
+            from sqlalchemy import func, select
+
+            scored = session.scalar(
+                select(func.count())
+                .select_from(db.SeriesResult)
+                .join(db.Series)
+                .where(db.Series.series_uid.in_(uids), db.SeriesResult.status == db.SCORED)
+            )
+        if handled != args.series or scored != args.series:
+            raise RuntimeError(f"run_once handled {handled} series and scored {scored}, expected {args.series}")
+        rates.append(total / elapsed)
+        breakdowns.append((elapsed, dict(probe.totals)))
+        log(f"round {round_ + 1}: {total} slices in {elapsed:.2f} s, {total / elapsed:.0f} slices/s")
+    bare.append(bare_rate(model, x, args.series, CLAIM_BATCH, args.batch_size))
+
+    end_to_end = statistics.median(rates)
+    best_bare = max(bare)
+    elapsed, t = min(breakdowns, key=lambda b: b[0])
+    store = t.get("score_and_store", 0.0)
+    model_s, reports_s, db_s = t.get("model", 0.0), t.get("reports", 0.0), t.get("db", 0.0)
+    print(
+        f"\nichnode scoring throughput, keras {keras.__version__}, {device}, {os.cpu_count()} CPUs\n"
+        f"model {card.name} {card.version}, input {card.input_shape}, batch {args.batch_size}, "
+        f"{args.series} series x {args.slices} slices ({args.matrix}x{args.matrix}) = {total} slices per round, "
+        f"claim {CLAIM_BATCH} series, reports SR + summary, fsync on, {args.repeat} round(s)\n"
+    )
+    print(f"{'end to end (Worker.run_once, files -> results)':50s} {end_to_end:8.1f} slices/s  (median)")
+    print(f"{'bare model (same inputs and batches)':50s} {best_bare:8.1f} slices/s  (best of {bare[0]:.0f}, {bare[1]:.0f})")
+    ratio = end_to_end / best_bare
+    print(f"{'ratio end to end / bare':50s} {ratio:8.2f}   target >= 0.90: {'MET' if ratio >= 0.9 else 'NOT MET'}")
+    print(f"\nfastest round, {elapsed:.2f} s wall; worker main thread:")
+    outside = elapsed - store  # claiming, submitting to the pool
+    parts = {
+        "model (_predict)": model_s,
+        "reports (SR + summary, spooled)": reports_s,
+        "db (results transaction)": db_s,
+        "waiting for read+preprocess (future.result)": store - model_s - reports_s - db_s,
+        "claiming, other": outside,
+    }
+    for name, seconds in parts.items():
+        print(f"  {name:46s} {seconds:7.2f} s  {100 * seconds / elapsed:5.1f} %")
+    pool = t.get("prepare (pool thread-s)", 0.0)
+    print(
+        f"  read+preprocess in the pool (overlaps the above): {pool:.2f} thread-s, "
+        f"{total / pool:.0f} slices/s per thread"
+    )
+    backend = keras.backend.backend()
+    if backend != "tensorflow" and "tensorflow" in sys.modules:
+        print(f"warning: tensorflow was imported although the backend is {backend}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
