@@ -257,6 +257,7 @@ def run_one(receiver: str, associations: int, dirs: list[Path], count: int, work
                         stable_seconds=60.0,
                         log_level="WARNING",
                         components=args.ichnode_components.split(","),
+                        config={"node": {"receiver_processes": args.receiver_processes}},
                     )
                 )
                 port, called = peer.port, peer.ae_title
@@ -362,6 +363,12 @@ def main() -> int:
         "--ichnode-components",
         default="receiver",
         help="ichnode serve --components (default: receiver; the worker would load the model)",
+    )
+    parser.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=1,
+        help="ichnode node.receiver_processes (processes sharing the port; default 1)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")

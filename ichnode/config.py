@@ -98,8 +98,9 @@ class SeriesConfig(_Section):
     # Largest angle between the slice normal and the patient's z axis still
     # called axial; admits gantry tilt (typically up to ~30 degrees).
     axial_tolerance_degrees: float = Field(35.0, ge=0, le=90)
-    # A series is a head series when BodyPartExamined or a description
-    # contains one of these words (case-insensitive); empty tags pass.
+    # A series is a head series when its BodyPartExamined contains one of
+    # these words (case-insensitive); when that tag is empty, when a study or
+    # series description or protocol name does; with all of them empty, it is.
     head_keywords: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "NEURO")
 
 

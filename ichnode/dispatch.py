@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import RetryConfig
-from .scu import association_failure, status_category
+from .scu import association_failure, disable_nagle, status_category
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Dispatcher:
                 if delivery.id in datasets:
                     self._failed(delivery, reason)
             return 0
+        disable_nagle(assoc)
         sent = 0
         try:
             for delivery in deliveries:

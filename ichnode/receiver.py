@@ -35,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import AccessConfig, Config
+from .scu import disable_nagle
 from .series import InstanceHeader, register_instance
 from .spool import Spool
 
@@ -141,6 +142,7 @@ def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
     rejection = policy.check(calling, called, host)
     if rejection is None:
         logger.info("association from %s@%s:%s to %s", calling, host, assoc.requestor.port, called)
+        disable_nagle(assoc)
         return
     logger.warning(
         "refused association from %s@%s:%s to %s: %s",

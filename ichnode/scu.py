@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -20,6 +21,17 @@ logger = logging.getLogger(__name__)
 
 # A peer may propose at most 128 presentation contexts in one association.
 MAX_CONTEXTS = 128
+
+
+def disable_nagle(assoc: Any) -> None:
+    """Send each PDU at once (TCP_NODELAY) on an association's socket.
+
+    A C-STORE is a small command PDU then the dataset; with Nagle's algorithm
+    and the peer's delayed ACK every store would stall ~40 ms.
+    """
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def status_category(status: int | None) -> str:
@@ -41,6 +53,7 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU"
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
         return False, association_failure(assoc, ae_title, host, port)
+    disable_nagle(assoc)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -170,6 +183,7 @@ def send_files(
             summary.failures.append(reason)
             bar.update(len(batch))
             continue
+        disable_nagle(assoc)
         try:
             for path, _, _ in batch:
                 status = store_file(assoc, path)

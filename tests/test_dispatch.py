@@ -1,0 +1,344 @@
+"""Report delivery: C-STORE of the SR and summary to real SCPs, retries, dead letters, crashes.
+
+Destinations are pynetdicom Storage SCPs in this process (tests.pipeline_support.Recorder)
+whose answer status the test sets; a "down" destination is a free port nobody
+listens on. Nodes run in this process with the shared model, except for the
+kill -9 test, whose first node is an ``ichnode serve`` subprocess.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from ichnode import db
+from ichnode.config import RetryConfig, parse_config
+from ichnode.dispatch import Dispatcher, backoff_seconds
+from ichnode.spool import Spool
+from tests.conftest import free_port, require_data, require_tool, run_cli, store_files
+from tests.peers import IchnodeProcess
+from tests.peers import require_tool as require_program
+from tests.pipeline_support import (
+    PIPELINE_WARNINGS,
+    Nodes,
+    Recorder,
+    deliveries,
+    node_factory,
+    phantom,
+    recorder_factory,
+    results_of,
+    shared_model,
+    wait_deliveries,
+)
+
+pytestmark = PIPELINE_WARNINGS
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    yield from node_factory(tmp_path)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Callable[..., Recorder]]:
+    yield from recorder_factory()
+
+
+# Short delays so that a test sees several retries in about a second.
+FAST_RETRY = {"first_delay_s": 0.2, "max_delay_s": 0.5, "max_attempts": 100}
+
+
+def _all_sent(count: int):
+    return lambda rows: len(rows) == count and all(r.state == db.SENT for r in rows)
+
+
+def _series_uid(series) -> str:
+    return str(series.datasets[0].SeriesInstanceUID)
+
+
+# -- reports reach the destination and are valid DICOM ---------------------------------
+def _dciodvfy(path: Path) -> list[str]:
+    out = subprocess.run([require_program("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    return (out.stdout + out.stderr).splitlines()
+
+
+def test_reports_reach_the_destination_in_the_source_study_and_validate(nodes: Nodes, recorder) -> None:
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    pacs = recorder()
+    node = nodes.start(reports={"destinations": [pacs.destination]})
+    assert store_files(node.port, files) == [0x0000] * len(files)
+
+    rows = wait_deliveries(node.sessions, _all_sent(2), message="SR and summary delivered")
+    assert sorted(r.kind for r in rows) == ["sr", "summary"]
+    assert all(r.attempts == 1 and r.last_error is None and r.sent_at is not None for r in rows)
+    received = {r.sop_class_uid: r for r in pacs.stored()}
+    assert sorted(received) == sorted([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
+    assert {r.calling_ae for r in received.values()} == {"ICHNODE"}
+    for item in received.values():
+        assert item.dataset.StudyInstanceUID == source.StudyInstanceUID
+        assert item.dataset.SeriesInstanceUID != source.SeriesInstanceUID  # a new series
+    assert {r.sop_instance_uid for r in rows} == {r.sop_instance_uid for r in received.values()}
+
+    # The spooled files (what is sent, and resent) pass dciodvfy but for what
+    # the source brings (GE: an empty DeidentificationMethod, see test_reports).
+    inherited = {line for line in _dciodvfy(files[0]) if line.startswith("Error")}
+    for row in rows:
+        path = node.spool.absolute(row.path)
+        lines = _dciodvfy(path)
+        assert [line for line in lines if line.startswith("Error") and line not in inherited] == [], row.kind
+        assert ("Comprehensive3DSR" if row.kind == "sr" else "SCImage") in lines
+    sr_row = next(r for r in rows if r.kind == "sr")
+    dump = subprocess.run(
+        [require_tool("dsrdump"), str(node.spool.absolute(sr_row.path))], capture_output=True, text=True, timeout=60
+    )
+    assert dump.returncode == 0, dump.stderr
+    assert "Comprehensive 3D SR Document" in dump.stdout
+
+
+# -- status answers that are not Success ------------------------------------------------
+def test_failure_and_warning_statuses_are_retried_with_the_same_objects(nodes: Nodes, recorder) -> None:
+    pacs = recorder(status=0xA700)
+    series = phantom(31)
+    node = nodes.start(reports={"destinations": [pacs.destination], "retry": FAST_RETRY})
+    store_files(node.port, series.datasets)
+
+    def answered(code: str):
+        return lambda rows: len(rows) == 2 and all(code in (r.last_error or "") for r in rows)
+
+    rows = wait_deliveries(node.sessions, answered("0xA700"), message="deliveries refused with 0xA700")
+    assert all(r.state == db.QUEUED and r.sent_at is None and r.attempts >= 1 for r in rows)
+    assert all("Failure" in r.last_error for r in rows)
+    pacs.status = 0xB000  # a warning is not a success either
+    rows = wait_deliveries(node.sessions, answered("0xB000"), message="deliveries answered with 0xB000")
+    assert all(r.state == db.QUEUED and r.sent_at is None and r.attempts >= 2 for r in rows)
+    assert all("Warning" in r.last_error for r in rows)
+    pacs.status = 0x0000
+    rows = wait_deliveries(node.sessions, _all_sent(2), message="deliveries stored")
+    assert all(r.attempts >= 3 and r.last_error is None for r in rows)
+
+    # Every attempt carried the same object: same SOP Instance UID, same content.
+    for row in rows:
+        tries = [r for r in pacs.records if r.sop_instance_uid == row.sop_instance_uid]
+        assert {0xA700, 0xB000, 0x0000} <= {t.status for t in tries}
+        assert len({(str(t.dataset.SeriesInstanceUID), str(t.dataset.ContentTime)) for t in tries}) == 1
+    assert pacs.stored_counts() == {row.sop_instance_uid: 1 for row in rows}
+
+
+def test_a_destination_down_for_a_while_gets_every_report_when_it_is_back(nodes: Nodes, recorder) -> None:
+    port = free_port()  # nobody listens there yet
+    studies = [phantom(32), phantom(33, hemorrhage=())]
+    node = nodes.start(
+        reports={"destinations": [{"ae_title": "LATE_PACS", "host": "127.0.0.1", "port": port}], "retry": FAST_RETRY}
+    )
+    for series in studies:
+        store_files(node.port, series.datasets)
+    rows = wait_deliveries(
+        node.sessions,
+        lambda rows: len(rows) == 4 and all(r.attempts >= 2 for r in rows),
+        message="four deliveries to have failed twice",
+    )
+    assert all(r.state == db.QUEUED and "cannot connect" in r.last_error for r in rows)
+
+    pacs = recorder("LATE_PACS", port=port)
+    rows = wait_deliveries(node.sessions, _all_sent(4), message="every report delivered")
+    assert pacs.stored_counts() == {r.sop_instance_uid: 1 for r in rows}
+
+
+def test_a_delivery_is_dead_lettered_after_max_attempts_and_shown_by_status(nodes: Nodes) -> None:
+    port = free_port()
+    retry = {"first_delay_s": 0.1, "max_delay_s": 0.2, "max_attempts": 3}
+    destination = {"ae_title": "GONE_PACS", "host": "127.0.0.1", "port": port}
+    config_path, config = nodes.config(reports={"destinations": [destination], "retry": retry})
+    node = nodes.start(config)
+    store_files(node.port, phantom(34).datasets)
+    rows = wait_deliveries(
+        node.sessions, lambda rows: len(rows) == 2 and all(r.state == db.DEAD for r in rows), message="dead letters"
+    )
+    assert all(r.attempts == 3 and "cannot connect to GONE_PACS@127.0.0.1" in r.last_error for r in rows)
+
+    out = run_cli(["status", "--json", "--config", str(config_path)])
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["deliveries"] == {"dead": 2}
+    dead = {d["sop_instance_uid"]: d for d in status["dead_letters"]}
+    assert sorted(dead) == sorted(r.sop_instance_uid for r in rows)
+    for letter in dead.values():
+        assert letter["destination"] == f"GONE_PACS@127.0.0.1:{port}"
+        assert letter["attempts"] == 3
+        assert "cannot connect" in letter["last_error"]
+
+
+def test_a_destination_without_sr_support_gets_the_summary_and_the_sr_is_dead_lettered(nodes: Nodes, recorder) -> None:
+    pacs = recorder(sop_classes=[SecondaryCaptureImageStorage])
+    retry = {"first_delay_s": 0.1, "max_delay_s": 0.2, "max_attempts": 2}
+    node = nodes.start(reports={"destinations": [pacs.destination], "retry": retry})
+    store_files(node.port, phantom(35).datasets)
+    rows = wait_deliveries(
+        node.sessions,
+        lambda rows: len(rows) == 2 and all(r.state in (db.SENT, db.DEAD) for r in rows),
+        message="summary sent and SR dead-lettered",
+    )
+    by_kind = {r.kind: r for r in rows}
+    assert by_kind["summary"].state == db.SENT
+    assert by_kind["sr"].state == db.DEAD and by_kind["sr"].attempts == 2
+    assert "presentation context" in by_kind["sr"].last_error
+    assert [r.sop_class_uid for r in pacs.stored()] == [SecondaryCaptureImageStorage]
+
+
+# -- backoff -------------------------------------------------------------------------
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
+    retry = RetryConfig(first_delay_s=5, max_delay_s=600, max_attempts=20)
+    assert [backoff_seconds(n, retry) for n in range(1, 10)] == [5, 10, 20, 40, 80, 160, 320, 600, 600]
+    assert backoff_seconds(0, retry) == 5
+
+
+def _queue(tmp_path: Path, count: int, port: int, ae_title: str = "TEST_PACS") -> tuple:
+    """A database and spool with ``count`` queued deliveries of one small report file."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    db.init_db(engine)
+    sessions = db.session_factory(engine)
+    spool = Spool(tmp_path / "spool")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "OT"
+    relative = spool.report_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    spool.commit_file(tmp_path / "report.dcm", relative)
+    with db.transaction(sessions) as session:
+        series = db.Series(series_uid=generate_uid(), study_uid=ds.StudyInstanceUID)
+        session.add(series)
+        session.flush()
+        result = db.SeriesResult(series_id=series.id, version=1, status=db.SCORED)
+        session.add(result)
+        session.flush()
+        session.add_all(
+            db.Delivery(
+                result_id=result.id,
+                kind="summary",
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                path=relative,
+                ae_title=ae_title,
+                host="127.0.0.1",
+                port=port,
+                state=db.QUEUED,
+                next_attempt_at=db.utcnow(),
+            )
+            for _ in range(count)
+        )
+    return engine, sessions, spool
+
+
+def test_next_attempt_at_in_the_database_grows_exponentially(tmp_path: Path) -> None:
+    retry = RetryConfig(first_delay_s=1, max_delay_s=8, max_attempts=10)
+    engine, sessions, spool = _queue(tmp_path, 1, free_port())
+    dispatcher = Dispatcher(sessions, spool, retry, calling_ae="ICHNODE", timeout=5)
+    far = db.utcnow() + dt.timedelta(days=1)  # every delivery is due then
+    try:
+        delays = []
+        for attempt in range(1, 7):
+            before = db.utcnow()
+            assert dispatcher.run_once(now=far) == 0
+            (row,) = deliveries(sessions)
+            assert (row.attempts, row.state) == (attempt, db.QUEUED)
+            delays.append((row.next_attempt_at - before).total_seconds())
+            # Not due yet: a tick now leaves it alone.
+            dispatcher.run_once()
+            assert deliveries(sessions)[0].attempts == attempt
+        for delay, expected in zip(delays, [1, 2, 4, 8, 8, 8]):
+            assert expected <= delay < expected + 2, delays
+    finally:
+        engine.dispose()
+
+
+def test_more_due_reports_than_an_association_has_contexts_are_all_tried(tmp_path: Path) -> None:
+    # After a long outage more reports may be due for one destination than an
+    # association has presentation contexts (128); the round must still try each.
+    engine, sessions, spool = _queue(tmp_path, 130, free_port())
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
+    try:
+        assert dispatcher.run_once() == 0
+        rows = deliveries(sessions)
+        assert len(rows) == 130
+        assert all(r.attempts == 1 and "cannot connect" in r.last_error for r in rows)
+    finally:
+        engine.dispose()
+
+
+# -- where reports go -------------------------------------------------------------------
+def test_reports_return_to_the_sender(nodes: Nodes, recorder) -> None:
+    scanner = recorder("CT_SCANNER")
+    series = phantom(36)
+    node = nodes.start(
+        access={"allow": [{"ae_title": "CT_SCANNER", "host": "127.0.0.1", "port": scanner.port}]},
+        reports={"return_to_sender": True, "destinations": []},
+    )
+    assert store_files(node.port, series.datasets, calling_ae="CT_SCANNER") == [0x0000] * len(series.datasets)
+    rows = wait_deliveries(node.sessions, _all_sent(2), message="reports returned to the sender")
+    assert {(r.ae_title, r.host, r.port) for r in rows} == {("CT_SCANNER", "127.0.0.1", scanner.port)}
+    assert scanner.stored_counts() == {r.sop_instance_uid: 1 for r in rows}
+    assert all(r.dataset.StudyInstanceUID == series.datasets[0].StudyInstanceUID for r in scanner.stored())
+
+
+# -- kill -9 between scoring and delivery -------------------------------------------------
+def test_kill_9_between_scoring_and_delivery_delivers_each_report_exactly_once(
+    tmp_path: Path, nodes: Nodes, recorder
+) -> None:
+    shared_model()  # loaded here, before the clock of the subprocess start runs
+    pacs_port = free_port()
+    studies = [phantom(37), phantom(38, hemorrhage=())]
+    process = IchnodeProcess(
+        tmp_path / "node",
+        stable_seconds=1.0,
+        start_timeout=180,
+        config={
+            "storage": {"min_free_mb": 0},
+            "series": {"check_interval_seconds": 0.1},
+            "reports": {
+                "destinations": [{"ae_title": "TEST_PACS", "host": "127.0.0.1", "port": pacs_port}],
+                "retry": FAST_RETRY,
+            },
+        },
+    )
+    process.start()
+    engine = db.make_engine(f"sqlite:///{process.db_path}")
+    try:
+        for series in studies:
+            assert store_files(process.port, series.datasets) == [0x0000] * len(series.datasets)
+        # Scored, reports written and queued, the destination still down.
+        wait_deliveries(
+            db.session_factory(engine),
+            lambda rows: len(rows) == 4 and all(r.attempts >= 1 and r.state == db.QUEUED for r in rows),
+            message="four queued deliveries",
+        )
+        assert process.kill() == -signal.SIGKILL
+    finally:
+        engine.dispose()
+        process.stop()
+
+    pacs = recorder(port=pacs_port)
+    config = parse_config(process.config, base=process.workdir)
+    node = nodes.start(config)
+    rows = wait_deliveries(node.sessions, _all_sent(4), message="every report delivered after the restart")
+    assert pacs.stored_counts() == {r.sop_instance_uid: 1 for r in rows}
+    for series in studies:
+        (result,) = results_of(node.sessions, _series_uid(series))  # scored once, not again
+        assert (result.status, result.version) == (db.SCORED, 1)

@@ -1,0 +1,168 @@
+"""``ichnode results``: what an administrator reads, from a database a real node filled.
+
+One node (in this process, every component, the shared model) receives the
+real GE series, a phantom series and a phantom too short to score, and
+delivers its reports to a recording SCP; then it stops and the CLI runs as a
+subprocess against its configuration file.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ichnode import db
+from ichnode.config import LABELS
+from tests.conftest import require_data, run_cli, store_files
+from tests.pipeline_support import (
+    PIPELINE_WARNINGS,
+    Nodes,
+    Recorder,
+    phantom,
+    wait_deliveries,
+    wait_result,
+)
+
+pytestmark = PIPELINE_WARNINGS
+
+KEYS = {"study_uid", "series_uid", "status", "skip_reason", "scores", "flags", "delivery"}
+
+
+@dataclass
+class Filled:
+    config: Path
+    ge_study: str
+    ge_series: str
+    scored: str  # the phantom scored
+    skipped: str  # the phantom with too few slices
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
+    ge_files = sorted(require_data("ge-head-ct").glob("*.dcm"))
+    ge = pydicom.dcmread(ge_files[0], stop_before_pixels=True)
+    scored, short = phantom(41), phantom(42, n_slices=5)
+    pacs = Recorder().start()
+    nodes = Nodes(tmp_path_factory.mktemp("results"))
+    try:
+        # "any" at threshold 0 flags every scored series, so --positive has
+        # something to keep and something (the skipped series) to drop.
+        config_path, config = nodes.config(
+            reports={"destinations": [pacs.destination]}, model={"thresholds": {"any": 0.0}}
+        )
+        node = nodes.start(config)
+        for datasets in (ge_files, scored.datasets, short.datasets):
+            assert set(store_files(node.port, datasets)) == {0x0000}
+        for series_uid, count in (
+            (str(ge.SeriesInstanceUID), 28),
+            (str(scored.datasets[0].SeriesInstanceUID), len(scored.datasets)),
+            (str(short.datasets[0].SeriesInstanceUID), 5),
+        ):
+            wait_result(node.sessions, series_uid, instances=count)
+        wait_deliveries(
+            node.sessions,
+            lambda rows: len(rows) == 4 and all(r.state == db.SENT for r in rows),
+            message="the reports of both scored series delivered",
+        )
+    finally:
+        nodes.close()
+        pacs.stop()
+    yield Filled(
+        config_path,
+        str(ge.StudyInstanceUID),
+        str(ge.SeriesInstanceUID),
+        str(scored.datasets[0].SeriesInstanceUID),
+        str(short.datasets[0].SeriesInstanceUID),
+    )
+
+
+def _results(filled: Filled, *args: str) -> str:
+    out = run_cli(["results", *args, "--config", str(filled.config)])
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _json(filled: Filled, *args: str) -> list[dict]:
+    return json.loads(_results(filled, "list", "--format", "json", *args))
+
+
+def test_list_json_has_one_object_per_series(filled: Filled) -> None:
+    rows = _json(filled)
+    assert isinstance(rows, list) and len(rows) == 3
+    assert all(KEYS <= set(row) for row in rows)
+    by_series = {row["series_uid"]: row for row in rows}
+    assert sorted(by_series) == sorted([filled.ge_series, filled.scored, filled.skipped])
+
+    for uid in (filled.ge_series, filled.scored):
+        row = by_series[uid]
+        assert row["status"] == "scored" and row["skip_reason"] is None
+        assert list(row["scores"]) == list(LABELS)
+        assert all(0.0 <= value <= 1.0 for value in row["scores"].values())
+        assert set(row["flags"]) == set(LABELS) and all(isinstance(v, bool) for v in row["flags"].values())
+        assert row["flags"]["any"] is True  # threshold 0 from the configuration
+        assert sorted(d["kind"] for d in row["delivery"]) == ["sr", "summary"]
+        assert {d["state"] for d in row["delivery"]} == {"sent"}
+        assert all(d["destination"].startswith("TEST_PACS@127.0.0.1:") for d in row["delivery"])
+    assert by_series[filled.ge_series]["study_uid"] == filled.ge_study
+
+    skipped = by_series[filled.skipped]
+    assert skipped["status"] == "skipped"
+    assert skipped["skip_reason"] == "5 slices, fewer than series.min_slices (10)"
+    assert skipped["scores"] == {} and skipped["flags"] == {} and skipped["delivery"] == []
+
+
+def test_list_positive_keeps_only_flagged_series(filled: Filled) -> None:
+    everything = _json(filled)
+    positive = _json(filled, "--positive")
+    assert positive == [row for row in everything if any(row["flags"].values())]
+    assert {row["series_uid"] for row in positive} == {filled.ge_series, filled.scored}
+
+
+def test_list_since(filled: Filled) -> None:
+    assert len(_json(filled, "--since", "1h")) == 3
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(tzinfo=None).isoformat(timespec="seconds")
+    assert _json(filled, "--since", future) == []
+    bad = run_cli(["results", "list", "--since", "yesterday", "--config", str(filled.config)])
+    assert bad.returncode != 0 and "--since" in bad.stderr
+
+
+def test_list_csv_has_a_header_and_a_row_per_series(filled: Filled) -> None:
+    text = _results(filled, "list", "--format", "csv")
+    reader = csv.DictReader(io.StringIO(text))
+    assert {"study_uid", "series_uid", "status", "skip_reason", *LABELS, "delivery"} <= set(reader.fieldnames)
+    rows = {row["series_uid"]: row for row in reader}
+    assert len(text.strip().splitlines()) == 1 + 3
+    assert sorted(rows) == sorted([filled.ge_series, filled.scored, filled.skipped])
+    assert rows[filled.skipped]["status"] == "skipped" and rows[filled.skipped]["any"] == ""
+    assert rows[filled.scored]["status"] == "scored" and 0.0 <= float(rows[filled.scored]["any"]) <= 1.0
+    assert rows[filled.scored]["delivery"] == "sent 2"
+
+
+def test_list_table(filled: Filled) -> None:
+    lines = _results(filled, "list").splitlines()
+    assert lines[0].split()[:3] == ["SERIES_UID", "ACCESSION_NUMBER", "STATUS"]
+    assert len(lines) == 1 + 3
+
+
+def test_show_a_study_and_a_series(filled: Filled) -> None:
+    (study,) = json.loads(_results(filled, "show", filled.ge_study, "--format", "json"))
+    assert study["series_uid"] == filled.ge_series
+    assert [s["position"] for s in study["slices"]] == list(range(28))
+    assert all(list(s["scores"]) == list(LABELS) for s in study["slices"])
+
+    (series,) = json.loads(_results(filled, "show", filled.skipped, "--format", "json"))
+    assert series["status"] == "skipped" and series["slices"] == []
+
+
+def test_show_an_unknown_uid_fails_clearly(filled: Filled) -> None:
+    out = run_cli(["results", "show", "1.2.3.4.5.6.7", "--config", str(filled.config)])
+    assert out.returncode != 0
+    assert "no study or series '1.2.3.4.5.6.7' in the database" in out.stderr

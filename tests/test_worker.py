@@ -1,0 +1,273 @@
+"""The worker inside a whole node: which series are scored, what is stored, versions, recovery.
+
+Each test runs an in-process node (receiver, worker, dispatcher) on free
+localhost ports with the bundled model (loaded once per process), sends real
+series by C-STORE and reads what the worker wrote to the database and spool.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import Comprehensive3DSRStorage
+
+from ichnode import db
+from ichnode.config import LABELS
+from ichnode.model import aggregate_series
+from ichnode.spool import safe_name
+from ichnode.worker import Worker, requeue_interrupted
+from tests.conftest import require_data, store_files, wait_series_state
+from tests.pipeline_support import (
+    PIPELINE_WARNINGS,
+    Nodes,
+    Recorder,
+    instances_of,
+    node_factory,
+    phantom,
+    recorder_factory,
+    results_of,
+    shared_model,
+    wait_deliveries,
+    wait_result,
+    z_order,
+)
+
+pytestmark = PIPELINE_WARNINGS
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    yield from node_factory(tmp_path)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Callable[..., Recorder]]:
+    yield from recorder_factory()
+
+
+def _uid(ds: pydicom.Dataset, keyword: str = "SeriesInstanceUID") -> str:
+    return str(ds[keyword].value)
+
+
+def _spooled_reports(node, study_uid: str) -> dict[str, pydicom.Dataset]:
+    """The report objects the worker spooled for a study, by SOP Instance UID."""
+    folder = node.spool.reports_dir / safe_name(study_uid)
+    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm")))}
+
+
+def test_a_whole_philips_exam_is_triaged_series_by_series(nodes: Nodes) -> None:
+    exam = require_data("philips-phantom")
+    # Every image of the exam as a scanner sends it; DIRFILE is a directory record.
+    files = sorted(p for p in exam.rglob("I*") if p.is_file())
+    by_folder: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for path in files:
+        by_folder.setdefault(path.parent.name, _uid(pydicom.dcmread(path, stop_before_pixels=True)))
+        counts[path.parent.name] = counts.get(path.parent.name, 0) + 1
+    assert counts == {"S1000": 1, "S2010": 54, "S3010": 58, "S4010": 5}
+
+    node = nodes.start()
+    assert store_files(node.port, files, calling_ae="PHILIPS_CT") == [0x0000] * len(files)
+    results = {name: wait_result(node.sessions, uid, instances=counts[name]) for name, uid in by_folder.items()}
+
+    scout = results["S1000"]
+    assert scout.status == db.SKIPPED
+    assert "localizer" in scout.skip_reason.lower()
+    captures = results["S4010"]
+    assert captures.status == db.SKIPPED
+    assert "Secondary Capture" in captures.skip_reason and "not CT Image Storage" in captures.skip_reason
+    # Both axial series are tilted (-18.5 and +16.5 degrees) and still scored whole.
+    for name, count in (("S2010", 54), ("S3010", 58)):
+        result = results[name]
+        assert result.status == db.SCORED, (name, result.skip_reason)
+        assert result.slice_count == count and result.quarantined_count == 0
+        assert len(result.slices) == count
+    for result in (scout, captures):
+        assert result.scores is None and result.slice_count == 0
+
+
+def test_ge_series_is_scored_slice_by_slice_with_thresholds_from_card_and_config(nodes: Nodes) -> None:
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    assert len(files) == 28
+    series_uid = _uid(headers[0])
+    card = shared_model().card
+    override = {"any": 0.0, "subdural": 1.0}
+
+    node = nodes.start(model={"thresholds": override})
+    assert store_files(node.port, files) == [0x0000] * 28
+    result = wait_result(node.sessions, series_uid, instances=28)
+
+    assert result.status == db.SCORED and result.version == 1 and not result.superseded
+    assert result.slice_count == 28 and result.quarantined_count == 0
+    assert (result.model_name, result.model_version) == (card.name, card.version)
+
+    # One SliceResult per slice, positions 0..27 in z order, six scores each.
+    slices = sorted(result.slices, key=lambda s: s.position)
+    assert [s.position for s in slices] == list(range(28))
+    assert [s.sop_instance_uid for s in slices] == z_order(headers)
+    probs = np.array([[s.scores[label] for label in LABELS] for s in slices])
+    assert probs.shape == (28, 6) and ((probs >= 0) & (probs <= 1)).all()
+
+    # The series scores come from the slice scores as the card says; the key
+    # slice is the one most likely to show a hemorrhage.
+    expected_scores = aggregate_series(probs, card.series_aggregation)
+    assert list(result.scores) == list(LABELS)
+    assert [result.scores[label] for label in LABELS] == pytest.approx(expected_scores.tolist(), abs=1e-6)
+    assert result.key_sop_instance_uid == slices[int(np.argmax(probs[:, 0]))].sop_instance_uid
+
+    # Flags: the card's thresholds, overridden label by label by model.thresholds.
+    thresholds = {**card.thresholds, **override}
+    assert result.thresholds == thresholds
+    assert result.flags == {label: result.scores[label] >= thresholds[label] for label in LABELS}
+    assert result.flags["any"] is True  # threshold 0 from the configuration
+    assert result.flags["subdural"] is (result.scores["subdural"] >= 1.0)
+
+    # The reports were written for this version and carry the same algorithm.
+    reports = _spooled_reports(node, _uid(headers[0], "StudyInstanceUID"))
+    assert len(reports) == 2
+    assert {str(ds.SeriesDescription) for ds in reports.values()} == {"ICH AI results v1", "ICH AI summary v1"}
+
+
+def test_too_few_slices_are_skipped_with_the_reason(nodes: Nodes) -> None:
+    series = phantom(21, n_slices=6)
+    node = nodes.start()
+    assert store_files(node.port, series.datasets) == [0x0000] * 6
+    result = wait_result(node.sessions, _uid(series.datasets[0]), instances=6)
+    assert result.status == db.SKIPPED
+    assert result.skip_reason == "6 slices, fewer than series.min_slices (10)"
+    assert result.slices == [] and result.deliveries == [] and result.scores is None
+    assert _spooled_reports(node, _uid(series.datasets[0], "StudyInstanceUID")) == {}
+
+
+def test_a_chest_series_is_not_scored(nodes: Nodes) -> None:
+    # The phantom's study is described "CT HEAD WO CONTRAST"; BodyPartExamined
+    # says what this series shows.
+    series = phantom(22)
+    for ds in series.datasets:
+        ds.BodyPartExamined = "CHEST"
+    node = nodes.start()
+    assert store_files(node.port, series.datasets) == [0x0000] * len(series.datasets)
+    result = wait_result(node.sessions, _uid(series.datasets[0]), instances=len(series.datasets))
+    assert result.status == db.SKIPPED
+    assert "not a head series" in result.skip_reason and "CHEST" in result.skip_reason
+    assert result.slices == []
+
+
+def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> None:
+    series = phantom(23, n_slices=14)
+    datasets = [copy.deepcopy(ds) for ds in series.datasets]
+    bad = datasets[5]
+    # A valid header whose pixel data stops halfway (a truncated transfer).
+    half = len(bad.PixelData) // 2
+    bad.PixelData = bad.PixelData[: half - half % 2]
+    bad_uid = _uid(bad, "SOPInstanceUID")
+    series_uid = _uid(bad)
+
+    node = nodes.start()
+    # The receiver does not decode pixels: every image is acknowledged.
+    assert store_files(node.port, datasets) == [0x0000] * 14
+    result = wait_result(node.sessions, series_uid, instances=14)
+
+    assert result.status == db.SCORED
+    assert (result.slice_count, result.quarantined_count) == (13, 1)
+    assert bad_uid not in {s.sop_instance_uid for s in result.slices}
+    reasons = {row.sop_instance_uid: row.quarantine_reason for row in instances_of(node.sessions, series_uid)}
+    assert reasons.pop(bad_uid).startswith("cannot decode pixels")
+    assert set(reasons.values()) == {None}
+
+    reports = _spooled_reports(node, _uid(bad, "StudyInstanceUID"))
+    (sr,) = [ds for ds in reports.values() if ds.SOPClassUID == Comprehensive3DSRStorage]
+    assert sr.CompletionFlag == "PARTIAL"
+    assert sr.CompletionFlagDescription == "1 slice could not be decoded and was not scored"
+
+
+def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, recorder) -> None:
+    pacs = recorder()
+    series = phantom(24, n_slices=14)
+    series_uid = _uid(series.datasets[0])
+    first, late = series.datasets[:12], series.datasets[12:]
+
+    node = nodes.start(reports={"destinations": [pacs.destination]})
+    assert store_files(node.port, first) == [0x0000] * 12
+    v1 = wait_result(node.sessions, series_uid, instances=12)
+    assert v1.version == 1
+    assert v1.status == db.SCORED and v1.slice_count == 12
+    wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="v1 delivered")
+
+    assert store_files(node.port, late) == [0x0000] * 2
+    v2 = wait_result(node.sessions, series_uid, instances=14)
+    assert v2.version == 2
+    assert v2.status == db.SCORED and v2.slice_count == 14
+    rows = wait_deliveries(
+        node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 4, message="v1 and v2 delivered"
+    )
+
+    old, new = results_of(node.sessions, series_uid)
+    assert (old.version, old.superseded) == (1, True)
+    assert (new.version, new.superseded) == (2, False)
+    v1_uids = {d.sop_instance_uid for d in rows if d.result_id == old.id}
+    v2_uids = {d.sop_instance_uid for d in rows if d.result_id == new.id}
+    assert len(v1_uids) == len(v2_uids) == 2 and not v1_uids & v2_uids
+    assert pacs.stored_counts() == {uid: 1 for uid in v1_uids | v2_uids}
+
+    received = {r.sop_instance_uid: r.dataset for r in pacs.stored()}
+    (sr1,) = [received[u] for u in v1_uids if received[u].SOPClassUID == Comprehensive3DSRStorage]
+    (sr2,) = [received[u] for u in v2_uids if received[u].SOPClassUID == Comprehensive3DSRStorage]
+    assert sr1.SeriesDescription == "ICH AI results v1" and sr2.SeriesDescription == "ICH AI results v2"
+    assert sr2.SeriesInstanceUID != sr1.SeriesInstanceUID
+    # Version 2 names version 1 as its predecessor.
+    predecessors = {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in sr2.PredecessorDocumentsSequence
+        for series_item in study.ReferencedSeriesSequence
+        for sop in series_item.ReferencedSOPSequence
+    }
+    assert predecessors == {str(sr1.SOPInstanceUID)}
+
+
+def test_scoring_interrupted_by_a_crash_is_redone_at_start(nodes: Nodes) -> None:
+    series = phantom(25)
+    series_uid = _uid(series.datasets[0])
+    _, config = nodes.config()
+
+    receiver = nodes.start(config, components=("receiver",))
+    assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
+    wait_series_state(receiver, series_uid, db.COMPLETE)
+    # A worker claims the series, then its process dies before storing a result.
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert [item.series_uid for item in worker.claim()] == [series_uid]
+    finally:
+        worker.close()
+    receiver.stop(grace_seconds=2)
+    node = nodes.start(config)  # start-up requeues what was left processing
+    result = wait_result(node.sessions, series_uid, instances=len(series.datasets))
+    assert result.version == 1  # the same version, scored again from the start
+    assert result.status == db.SCORED and result.slice_count == len(series.datasets)
+    assert len(results_of(node.sessions, series_uid)) == 1
+    # Nothing is left to requeue once it is scored.
+    assert requeue_interrupted(node.sessions) == 0
+
+
+def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nodes) -> None:
+    series = phantom(26, n_slices=4)
+    _, config = nodes.config()
+    receiver = nodes.start(config, components=("receiver",))
+    store_files(receiver.port, series.datasets)
+    wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert len(worker.claim()) == 1
+        assert worker.claim() == []  # a processing series is not claimed twice
+        assert requeue_interrupted(receiver.sessions) == 1
+        row = wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE, version=1)
+        assert row.claimed_at is None
+        assert len(worker.claim()) == 1
+    finally:
+        worker.close()
