@@ -6,7 +6,6 @@ waits with a fixed sleep: :func:`wait_for` polls a condition until a deadline.
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import struct
@@ -30,7 +29,7 @@ T = TypeVar("T")
 # -- availability ------------------------------------------------------------
 # Peers (DCMTK, Orthanc, dicom3tools) must be there in CI: require_tool fails
 # when CI=true and one is missing, and skips elsewhere.
-from .peers import free_port, require_tool  # noqa: E402,F401  (used by the tests through conftest)
+from .peers import deep_merge, free_port, require_tool  # noqa: E402,F401  (used by the tests through conftest)
 
 
 def require_data(name: str) -> Path:
@@ -74,16 +73,6 @@ def wait_for(
 
 
 # -- configuration -----------------------------------------------------------
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def config_data(root: Path, port: int = 0, **sections: dict[str, Any]) -> dict[str, Any]:
     """A test configuration mapping: its own spool and SQLite file under ``root``."""
     data: dict[str, Any] = {
@@ -94,7 +83,7 @@ def config_data(root: Path, port: int = 0, **sections: dict[str, Any]) -> dict[s
         "series": {"stable_seconds": 0.5, "check_interval_seconds": 0.1},
         "logging": {"level": "INFO"},
     }
-    return _merge(data, sections)
+    return deep_merge(data, sections)
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -324,3 +313,18 @@ def open_db(url: str) -> Any:
 
     engine = db.make_engine(url)
     return engine, db.session_factory(engine)
+
+
+# -- full nodes (receiver, worker, dispatcher) and a recording destination ----
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Any]:
+    from .pipeline_support import node_factory
+
+    yield from node_factory(tmp_path)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Callable[..., Any]]:
+    from .pipeline_support import recorder_factory
+
+    yield from recorder_factory()

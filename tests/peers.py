@@ -450,11 +450,11 @@ class StoreSCP(_Process):
 
 
 # -- ichnode -----------------------------------------------------------------
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -526,7 +526,7 @@ class IchnodeProcess(_Process):
             "series": {"stable_seconds": stable_seconds},
             "logging": {"level": log_level},
         }
-        self.config = _deep_merge(base, config or {})
+        self.config = deep_merge(base, config or {})
 
     def start(self) -> IchnodeProcess:
         import yaml

@@ -12,11 +12,9 @@ import datetime as dt
 import json
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -35,27 +33,14 @@ from tests.peers import require_tool as require_program
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
-    Recorder,
     deliveries,
-    node_factory,
     phantom,
-    recorder_factory,
     results_of,
     shared_model,
     wait_deliveries,
 )
 
 pytestmark = PIPELINE_WARNINGS
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Nodes]:
-    yield from node_factory(tmp_path)
-
-
-@pytest.fixture
-def recorder() -> Iterator[Callable[..., Recorder]]:
-    yield from recorder_factory()
 
 
 # Short delays so that a test sees several retries in about a second.

@@ -10,7 +10,6 @@ back into Orthanc, where the test reads them through REST.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -28,7 +27,6 @@ from tests.pipeline_support import (
     Nodes,
     evidence_series,
     model_is_untrained,
-    node_factory,
     phantom,
     shared_model,
     sr_findings,
@@ -37,11 +35,6 @@ from tests.pipeline_support import (
 )
 
 pytestmark = [*PIPELINE_WARNINGS, pytest.mark.slow]
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Nodes]:
-    yield from node_factory(tmp_path)
 
 
 # The phantom with hemorrhages; the same case as the demo's positive study.

@@ -8,8 +8,6 @@ series by C-STORE and reads what the worker wrote to the database and spool.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -25,11 +23,8 @@ from tests.conftest import require_data, store_files, wait_series_state
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
-    Recorder,
     instances_of,
-    node_factory,
     phantom,
-    recorder_factory,
     results_of,
     shared_model,
     wait_deliveries,
@@ -38,16 +33,6 @@ from tests.pipeline_support import (
 )
 
 pytestmark = PIPELINE_WARNINGS
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Nodes]:
-    yield from node_factory(tmp_path)
-
-
-@pytest.fixture
-def recorder() -> Iterator[Callable[..., Recorder]]:
-    yield from recorder_factory()
 
 
 def _uid(ds: pydicom.Dataset, keyword: str = "SeriesInstanceUID") -> str:

@@ -1,0 +1,410 @@
+"""training/: metrics, RSNA reader, split, pipeline, and a tiny end-to-end run.
+
+The end-to-end run generates a handful of phantom series in the RSNA layout
+(one unreadable file, one slice whose pixels cannot be decoded, duplicated
+CSV rows), trains a tiny model for a few steps, evaluates, exports, and
+reloads the export with ``ichnode.model.load_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("sklearn")
+
+# Keras' TensorFlow backend calls np.array(variable) on save; numpy 2 warns about it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+from click.testing import CliRunner  # noqa: E402
+
+from ichnode import imaging  # noqa: E402
+from ichnode.config import LABELS  # noqa: E402
+from ichnode.model import card_path_for, load_model  # noqa: E402
+from training import metrics as M  # noqa: E402
+from training import rsna  # noqa: E402
+
+TINY_CONFIG = """
+seed: 3
+data: {split: {train: 0.6, val: 0.4}, workers: 2}
+input: {size: [32, 32], context_slices: 1}
+architecture: {filters: [4, 8], embedding_dim: 8, sequence: gru, sequence_units: 4}
+slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}
+sequence_stage: {epochs: 2, batch_size: 2, crop: 8}
+export: {name: tiny, trained_on: "6 synthetic phantom series"}
+"""
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def _random_labels(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 6)) < 0.3).astype(float)
+    y[:, 0] = y[:, 1:].max(axis=1)
+    p = np.clip(0.6 * y + 0.4 * rng.random((n, 6)), 0, 1)
+    p[0, 1] = 0.0  # exercise the clipping
+    return y, p
+
+
+def test_weighted_log_loss_against_direct_numpy():
+    y, p = _random_labels(200)
+    weights = [2, 1, 1, 1, 1, 1]
+    total = 0.0
+    for i in range(len(y)):
+        row = 0.0
+        for j in range(6):
+            q = min(max(p[i, j], 1e-15), 1 - 1e-15)
+            row += weights[j] * -(y[i, j] * math.log(q) + (1 - y[i, j]) * math.log(1 - q))
+        total += row / sum(weights)
+    assert M.weighted_log_loss(y, p) == pytest.approx(total / len(y), rel=1e-12)
+    # perfect and uninformative predictions
+    assert M.weighted_log_loss(y, y) == pytest.approx(0.0, abs=1e-12)
+    assert M.weighted_log_loss(y, np.full_like(p, 0.5)) == pytest.approx(math.log(2))
+
+
+def test_keras_training_loss_is_the_metric():
+    from training.models import WeightedBinaryCrossentropy
+
+    y, p = _random_labels(64, seed=1)
+    p = np.clip(p, 0.01, 0.99)
+    loss = float(WeightedBinaryCrossentropy()(y.astype("float32"), p.astype("float32")))
+    assert loss == pytest.approx(M.weighted_log_loss(y, p), rel=1e-4)
+    config = WeightedBinaryCrossentropy().get_config()
+    assert WeightedBinaryCrossentropy.from_config(config).label_weights == (2, 1, 1, 1, 1, 1)
+
+
+def test_auc_sensitivity_specificity_and_series_level():
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _random_labels(300, seed=2)
+    aucs = M.roc_auc(y, p)
+    for j, label in enumerate(LABELS):
+        assert aucs[label] == pytest.approx(roc_auc_score(y[:, j], p[:, j]))
+    y_const = y.copy()
+    y_const[:, 1] = 0
+    assert math.isnan(M.roc_auc(y_const, p)["epidural"])
+
+    thresholds = {label: 0.5 for label in LABELS}
+    ss = M.sensitivity_specificity(y, p, thresholds)["any"]
+    truth, called = y[:, 0] > 0.5, p[:, 0] >= 0.5
+    assert ss["sensitivity"] == pytest.approx((truth & called).sum() / truth.sum())
+    assert ss["specificity"] == pytest.approx((~truth & ~called).sum() / (~truth).sum())
+
+    ids = ["a", "a", "b", "b", "b"]
+    yt = np.zeros((5, 6))
+    yt[1, [0, 5]] = 1
+    yp = np.tile(np.linspace(0.1, 0.5, 5)[:, None], (1, 6))
+    series, s_true, s_prob = M.series_level(ids, yt, yp)
+    assert series == ["a", "b"]
+    np.testing.assert_array_equal(s_true[:, 0], [1, 0])
+    np.testing.assert_allclose(s_prob[:, 0], [0.2, 0.5])
+
+
+def test_threshold_choice():
+    rng = np.random.default_rng(3)
+    y = (rng.random(500) < 0.4).astype(float)
+    s = np.clip(0.3 * y + 0.7 * rng.random(500), 0, 1)
+    t = M.threshold_at_sensitivity(y, s, 0.95)
+    assert ((s >= t) & (y > 0.5)).sum() / (y > 0.5).sum() >= 0.95
+    assert ((s >= t + 1e-9) & (y > 0.5)).sum() / (y > 0.5).sum() < 0.95
+    assert 0 <= M.threshold_youden(y, s) <= 1
+    ys = np.stack([y] * 6, axis=1)
+    chosen = M.choose_thresholds(ys, np.stack([s] * 6, axis=1))
+    assert list(chosen) == list(LABELS) and chosen["any"] == pytest.approx(t)
+
+
+# -- labels and split -----------------------------------------------------------------
+
+
+def test_read_labels_pivots_and_drops_duplicates(tmp_path):
+    rows = ["ID,Label"]
+    for sop, positive in (("ID_aaa", {"subdural"}), ("ID_bbb", set())):
+        for label in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"):
+            value = int(label in positive or (label == "any" and bool(positive)))
+            rows.append(f"{sop}_{label},{value}")
+    rows += rows[1:4]  # duplicated rows, as in the real file
+    (tmp_path / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    table = rsna.read_labels(tmp_path / "stage_2_train.csv")
+    assert list(table.columns) == list(LABELS)
+    assert table.loc["ID_aaa"].tolist() == [1, 0, 0, 0, 0, 1]
+    assert table.loc["ID_bbb"].tolist() == [0] * 6
+
+
+def test_split_by_patient_keeps_patients_whole():
+    rng = np.random.default_rng(4)
+    patients = [f"P{int(i)}" for i in rng.integers(0, 150, 3000)]
+    index = pd.DataFrame({"patient_id": patients, "series_uid": [f"S{p}_{i % 2}" for i, p in enumerate(patients)]})
+    split = rsna.split_by_patient(index, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=9)
+    assert split.notna().all()
+    per_patient = split.groupby(index["patient_id"]).nunique()
+    assert per_patient.max() == 1, "a patient is in two splits"
+    counts = split.groupby(index["patient_id"]).first().value_counts()
+    assert set(counts.index) == {"train", "val", "test"}
+    assert counts["train"] == pytest.approx(0.7 * index["patient_id"].nunique(), abs=2)
+    again = rsna.split_by_patient(index, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=9)
+    pd.testing.assert_series_equal(split, again)
+    other = rsna.split_by_patient(index, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=10)
+    assert not split.equals(other)
+
+
+# -- end to end -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory) -> Path:
+    """Six phantom series in the RSNA layout, plus two broken files."""
+    import pydicom
+
+    from training import phantoms
+
+    data = tmp_path_factory.mktemp("rsna")
+    phantoms.write_dataset(data, 6, seed=11, layout="rsna", matrix=128, progress=False)
+    images = data / "stage_2_train"
+    (images / "ID_0000garbage.dcm").write_bytes(b"not a DICOM file at all")
+    # a slice whose header is fine but whose pixels are truncated
+    source = sorted(images.glob("ID_*.dcm"))[5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = "ID_badpixels"
+        ds.file_meta.MediaStorageSOPInstanceUID = "ID_badpixels"
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+        ds.save_as(images / "ID_badpixels.dcm")
+    with (data / "stage_2_train.csv").open("a") as fh:
+        for label in LABELS:
+            fh.write(f"ID_badpixels_{label},0\n")
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_data, tmp_path_factory) -> dict:
+    from training import train
+
+    work = tmp_path_factory.mktemp("run")
+    config = work / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    out = work / "run"
+    result = CliRunner().invoke(
+        train.main, ["--data", str(phantom_data), "--config", str(config), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return {"data": phantom_data, "config": config, "out": out, "model": out / "export" / "tiny.keras"}
+
+
+def test_index_groups_orders_and_reports(trained):
+    out, data = trained["out"], trained["data"]
+    index = pd.read_csv(out / "cache" / rsna.INDEX_FILE)
+    labels = rsna.read_labels(data / rsna.TRAIN_CSV)
+    assert index["image_id"].is_unique
+    assert len(index) == len(labels)  # every labelled readable file, duplicates dropped
+    assert index["series_uid"].nunique() == 6
+    skipped = pd.read_csv(out / "cache" / rsna.SKIPPED_FILE)
+    assert skipped["path"].str.contains("ID_0000garbage").any()
+    # z order is the node's order
+    import pydicom
+
+    for series_uid, group in index.groupby("series_uid"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datasets = [pydicom.dcmread(data / p, stop_before_pixels=True) for p in group["path"]]
+        order = imaging.order_slices(datasets)
+        assert group["slice_index"].to_numpy()[order].tolist() == list(range(len(group)))
+        assert (group["n_slices"] == len(group)).all()
+    # labels follow the CSV
+    joined = index.set_index("image_id")[list(LABELS)]
+    pd.testing.assert_frame_equal(joined.sort_index(), labels.loc[joined.index].sort_index(), check_dtype=False)
+    # the split is by patient
+    split = pd.read_csv(out / "split.csv")
+    assert split.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_cache_and_loader_match_node_preprocessing(trained):
+    import pydicom
+
+    out, data = trained["out"], trained["data"]
+    index = rsna.build_index(data, out / "cache", progress=False)
+    windows, size, k = imaging.DEFAULT_WINDOWS, (32, 32), 1
+    cache = rsna.build_slice_cache(index, data, out / "cache", windows, size, progress=False)
+    ok = cache.ok()
+    bad = index["image_id"] == "ID_badpixels"
+    assert bad.sum() == 1 and not ok[bad.to_numpy()].any() and ok[~bad.to_numpy()].all()
+    assert (cache.directory / "failures.csv").exists()
+    neighbours = rsna.neighbour_rows(index, k, ok)
+    cached = rsna.SliceLoader(index, neighbours, k, windows, size, cache=cache)
+    direct = rsna.SliceLoader(index, neighbours, k, windows, size, data_dir=data)
+    series_uid, rows = next(
+        (s, r) for s, r in rsna.iter_series(index, ok) if not bad.to_numpy()[index["series_uid"] == s].any()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        datasets = [pydicom.dcmread(data / index["path"].iat[r]) for r in rows]
+    expected, order = imaging.preprocess_series(datasets, windows, size, k)
+    assert order == list(range(len(rows)))  # rows are already in the node's z order
+    np.testing.assert_array_equal(direct.load(rows), expected)
+    np.testing.assert_allclose(cached.load(rows), expected, atol=2e-3)  # float16 cache
+
+    ds = rsna.slice_dataset(cached, rows, rsna.label_matrix(index), batch_size=4, shuffle=True, seed=1,
+                            repeat=False, augment=True)
+    shapes = [(x.shape, y.shape) for x, y in ds]
+    assert sum(s[0][0] for s in shapes) == len(rows)
+    assert shapes[0] == ((4, 32, 32, 9), (4, 6))
+
+
+def test_run_outputs_curves_checkpoints_and_card(trained):
+    out = trained["out"]
+    for name in ("slice_model.keras", "sequence_head.keras", "embeddings.npz", "history_slice.csv",
+                 "history_sequence.csv", "history.json", "checkpoints/slice_best.keras", "config.yaml"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["slice"]] == [0, 1]
+    assert "val_loss" in history["sequence"][-1]
+    card = json.loads(card_path_for(trained["model"]).read_text())
+    assert card["command"] == (
+        f"python -m training.train --data {trained['data']} --config {trained['config']} --out {out}"
+    )
+    assert card["seed"] == 3 and card["sequence_stage"] is True
+    assert set(card["thresholds"]) == set(LABELS)
+    assert "series_auc" in card["metrics"]["validation"]
+    assert card["architecture"]["config"]["filters"] == [4, 8]
+
+
+def test_export_reloads_with_identical_predictions(trained, tmp_path):
+    import keras
+
+    from training import export
+
+    out = trained["out"]
+    model = load_model(trained["model"])
+    assert model.card.input_shape == (32, 32, 9)
+    x = np.random.default_rng(5).random((23, 32, 32, 9), dtype=np.float32)
+    probs = model.predict_series(x)
+    # the stage models as trained, composed by hand
+    slice_model = keras.saving.load_model(out / "slice_model.keras", compile=False)
+    sequence = keras.saving.load_model(out / "sequence_head.keras", compile=False)
+    emb = slice_model.get_layer("slice_encoder").predict_on_batch(x)
+    np.testing.assert_allclose(probs, sequence.predict_on_batch(emb[None])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict_slices(x), slice_model.predict_on_batch(x), rtol=1e-5, atol=1e-6)
+    # installed elsewhere by the export command: same numbers
+    result = CliRunner().invoke(export.main, ["--run", str(out), "--out", str(tmp_path), "--name", "copy"])
+    assert result.exit_code == 0, result.output
+    again = load_model(tmp_path / "copy.keras")
+    np.testing.assert_array_equal(again.predict_series(x), probs)
+    assert again.card == model.card
+
+
+def test_rerun_resumes_without_retraining(trained):
+    from training import train
+
+    out = trained["out"]
+    stamp = (out / "slice_model.keras").stat().st_mtime_ns
+    (out / "sequence_head.keras").unlink()
+    result = CliRunner().invoke(
+        train.main, ["--data", str(trained["data"]), "--config", str(trained["config"]), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "slice_model.keras").stat().st_mtime_ns == stamp
+    assert (out / "sequence_head.keras").exists()
+    load_model(trained["model"])
+
+
+def test_interrupted_stage_resumes_from_backup(phantom_data, tmp_path):
+    import keras
+
+    from training import train
+
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace("epochs: 2, steps_per_epoch: 3", "epochs: 3, steps_per_epoch: 2"))
+    config = train.TrainConfig.load(tmp_path / "c.yaml")
+    out = tmp_path / "run"
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    class InterruptedRun(train.Run):
+        def _callbacks(self, stage, best):
+            return super()._callbacks(stage, best) + [Interrupt()]
+
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(phantom_data, config, out, "test", progress=False).run()
+    assert not (out / "slice_model.keras").exists()
+    train.Run(phantom_data, config, out, "test", progress=False).run()
+    epochs = [e["epoch"] for e in json.loads((out / "history.json").read_text())["slice"]]
+    assert epochs == [0, 1, 2]  # epoch 2 only was trained after the restart
+    logged = pd.read_csv(out / "history_slice.csv")["epoch"].tolist()
+    assert logged == [0, 1, 2]
+
+
+def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
+    from training import evaluate
+
+    report = tmp_path / "report.json"
+    submission = tmp_path / "submission.csv"
+    result = CliRunner().invoke(
+        evaluate.main,
+        ["--model", str(trained["model"]), "--data", str(trained["data"]), "--out", str(report),
+         "--submission", str(submission), "--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--quiet"],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = json.loads(report.read_text())
+    assert math.isfinite(data["weighted_log_loss"])
+    for key in ("slice_auc", "series_auc"):
+        assert set(data[key]) == set(LABELS)
+    assert data["series_sens_spec"]["any"]["threshold"] == load_model(trained["model"]).card.thresholds["any"]
+    assert "sensitivity" in data["slice_sens_spec"]["subdural"]
+    assert report.with_suffix(".roc.png").stat().st_size > 1000
+    assert any("ID_badpixels" in s["path"] for s in data["skipped"])
+    sub = pd.read_csv(submission)
+    assert list(sub.columns) == ["ID", "Label"]
+    assert len(sub) == 6 * (data["n_slices"])
+    assert sub["ID"].str.match(r"^ID_[0-9a-f]+_(any|epidural|intraparenchymal|intraventricular|subarachnoid|subdural)$").all()
+    assert sub["Label"].between(0, 1).all()
+
+
+def test_architecture_config_round_trip_and_checks():
+    from training.models import ArchitectureConfig
+
+    config = ArchitectureConfig(filters=(8, 16), sequence="conv", sequence_kernel=3)
+    assert ArchitectureConfig.from_config(config.get_config()) == config
+    with pytest.raises(ValueError, match="backbone"):
+        ArchitectureConfig(backbone="NoSuchNet")
+    with pytest.raises(ValueError, match="sequence_kernel"):
+        ArchitectureConfig(sequence_kernel=4)
+    with pytest.raises(ValueError, match="unknown architecture keys"):
+        ArchitectureConfig.from_config({"filterz": [8]})
+
+
+def test_conv_sequence_head_and_single_stage_model_load(tmp_path):
+    """The 1-D convolution sequence stage, and a model without a sequence stage."""
+    import keras
+
+    from training import models
+
+    config = models.ArchitectureConfig(filters=(4,), embedding_dim=4, sequence="conv", sequence_units=4)
+    encoder = models.build_slice_encoder((16, 16, 3), config)
+    head = models.build_slice_head()
+    x = np.random.default_rng(0).random((5, 16, 16, 3), dtype=np.float32)
+    for sequence, stage in ((models.build_sequence_head(4, config), True), (None, False)):
+        path = tmp_path / f"m{stage}.keras"
+        models.assemble(encoder, head, sequence).save(path)
+        card = {
+            "name": "t", "version": "0", "labels": list(LABELS), "input_size": [16, 16],
+            "windows": [[40, 80]], "context_slices": 1, "channels": 3, "sequence_stage": stage,
+            "thresholds": {label: 0.5 for label in LABELS}, "trained_on": "-", "intended_use": "-",
+            "disclaimer": "Not for clinical use.", "command": "-", "seed": 0,
+        }
+        card_path_for(path).write_text(json.dumps(card))
+        model = load_model(path)
+        assert model.has_sequence_stage is stage
+        assert model.predict_series(x).shape == (5, 6)
+    keras.backend.clear_session()
