@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -13,6 +15,10 @@ from . import __version__
 from .config import Config, ConfigError, load_config
 
 logger = logging.getLogger(__name__)
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise in an
+# administrator's terminal and in the journal; its errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CONFIG_HELP = "YAML configuration (default: $ICHNODE_CONFIG, else ./config.yaml, else the embedded defaults)."
 
@@ -33,6 +39,12 @@ def _setup_logging(level: str) -> None:
     # These log every PDU / every copied module at INFO; their warnings are what matter here.
     for noisy in ("pynetdicom", "highdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Real-world UIDs such as "ID_1f6d1e8aeb" are accepted by design; pydicom
+    # would warn on every one of them. highdicom's warning about an odd
+    # patient name would put that name in the log. Other warnings go to the log.
+    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
+    logging.captureWarnings(True)
     # A job still running at its next tick is skipped by design, not a problem.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 

@@ -132,6 +132,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         "study_uid": row["study_uid"],
         "series_uid": row["series_uid"],
         "accession_number": row["accession_number"] or "",
+        "series_description": row["series_description"] or "",
         "status": row["status"],
         "version": row["version"] or "",
         "skip_reason": row["skip_reason"] or "",
@@ -159,7 +160,7 @@ def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
         raise ValueError(f"format must be table, json or csv, got {fmt!r}")
     if not flat:
         return "no series"
-    columns = ["series_uid", "accession_number", "status", "any", "positive", "delivery", "skip_reason"]
+    columns = ["series_uid", "series_description", "status", "any", "positive", "delivery", "skip_reason"]
     shown = [{c: str(r[c]) for c in columns} for r in flat]
     for r in shown:
         # Long UIDs and reasons would push the scores off the screen.
@@ -174,6 +175,7 @@ _EMPTY: dict[str, Any] = {
     "study_uid": "",
     "series_uid": "",
     "accession_number": None,
+    "series_description": None,
     "status": "",
     "version": None,
     "skip_reason": None,
