@@ -34,7 +34,7 @@ def test_demo_scores_and_reports_every_study() -> None:
     assert len(header) == 1, out.stdout
     assert lines[header[0]].split() == [
         "SERIES_UID",
-        "ACCESSION_NUMBER",
+        "SERIES_DESCRIPTION",
         "STATUS",
         "ANY",
         "POSITIVE",
