@@ -59,7 +59,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ichnode.config import LABELS
 
@@ -239,8 +246,9 @@ class HemorrhageModel:
     """A loaded model with its card; see the module docstring for the contract.
 
     Build it with :func:`load_model`.  Prediction runs Keras' compiled predict
-    step (``predict_on_batch``) on fixed-size chunks, so repeated calls do not
-    retrace.
+    step (``predict_on_batch``, traced with ``reduce_retracing``) on chunks of
+    ``batch_size`` slices; after the first few calls new batch sizes or series
+    lengths do not recompile.
     """
 
     def __init__(self, keras_model: Any, card: ModelCard, path: Path | None = None) -> None:
@@ -322,12 +330,10 @@ class HemorrhageModel:
         out = np.empty((len(x), width), dtype=np.float32)
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size]
-            n = len(chunk)
-            if n < batch_size and len(x) > batch_size:
-                # Pad the last chunk to the full batch: one compiled shape.
-                pad = np.zeros((batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out[start : start + n] = np.asarray(fn(chunk), dtype=np.float32)[:n]
+            # Keras' predict step is traced with reduce_retracing: after a
+            # couple of batch sizes it runs one shape-generic graph, so the
+            # last, smaller chunk is not padded (no wasted compute).
+            out[start : start + len(chunk)] = np.asarray(fn(chunk), dtype=np.float32)
         return out
 
     def predict_slices(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

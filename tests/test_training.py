@@ -25,13 +25,13 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from ichnode import imaging  # noqa: E402
-from ichnode.config import LABELS  # noqa: E402
-from ichnode.model import card_path_for, load_model  # noqa: E402
-from training import metrics as M  # noqa: E402
-from training import rsna  # noqa: E402
+from ichnode import imaging
+from ichnode.config import LABELS
+from ichnode.model import card_path_for, load_model
+from training import metrics as M
+from training import rsna
 
 TINY_CONFIG = """
 seed: 3
@@ -242,9 +242,7 @@ def test_cache_and_loader_match_node_preprocessing(trained):
     neighbours = rsna.neighbour_rows(index, k, ok)
     cached = rsna.SliceLoader(index, neighbours, k, windows, size, cache=cache)
     direct = rsna.SliceLoader(index, neighbours, k, windows, size, data_dir=data)
-    series_uid, rows = next(
-        (s, r) for s, r in rsna.iter_series(index, ok) if not bad.to_numpy()[index["series_uid"] == s].any()
-    )
+    rows = next(r for s, r in rsna.iter_series(index, ok) if not bad.to_numpy()[index["series_uid"] == s].any())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         datasets = [pydicom.dcmread(data / index["path"].iat[r]) for r in rows]

@@ -1,0 +1,265 @@
+"""Evaluate a model on data in the RSNA layout, through the node's own path.
+
+Usage::
+
+    python -m training.evaluate --model PATH|default --data DIR --out REPORT.json \
+        [--submission SUB.csv] [--predictions SLICES.csv] [--workers N] [--batch-size 32]
+
+Each series is read, ordered and preprocessed by
+``ichnode.imaging.preprocess_series`` with the card's windows, size and
+context, and scored by ``ichnode.model.HemorrhageModel.predict_series``:
+exactly what the node runs.  Series are decoded in parallel worker processes
+(a bounded queue ahead of the model).
+
+``REPORT.json`` holds ``weighted_log_loss``, ``slice_auc`` and ``series_auc``
+(label -> AUC), sensitivity/specificity at the card thresholds at slice and
+series level, counts and throughput; ``REPORT.roc.png`` the ROC curves.
+``--submission`` writes a Kaggle submission (``ID,Label`` with
+``ID_<sop>_<label>``), which also works for data without labels.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+
+from ichnode import imaging
+from ichnode.config import LABELS
+from ichnode.model import HemorrhageModel, load_model
+from training import metrics as M
+from training import rsna
+
+logger = logging.getLogger(__name__)
+
+
+def _load_series(job: tuple[list[str], tuple, tuple, int]) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+    """Preprocess one series; returns (volume, positions of the used files in z order, failures)."""
+    import pydicom
+
+    rsna._quiet_pydicom()
+    paths, windows, size, context = job
+    datasets, kept, failures = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            datasets.append(pydicom.dcmread(path))
+            kept.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported, slice skipped
+            failures.append((i, f"{type(exc).__name__}: {exc}"))
+    try:
+        volume, order = imaging.preprocess_series(datasets, windows, size, context) if datasets else (None, [])
+    except Exception:  # noqa: BLE001 - find the slices that cannot be decoded, then retry without them
+        good = []
+        for ds, i in zip(datasets, kept):
+            try:
+                imaging.to_hu(ds)
+                good.append((ds, i))
+            except Exception as exc:  # noqa: BLE001
+                failures.append((i, f"{type(exc).__name__}: {exc}"))
+        datasets, kept = [g[0] for g in good], [g[1] for g in good]
+        volume, order = imaging.preprocess_series(datasets, windows, size, context) if datasets else (None, [])
+    return volume, [kept[i] for i in order], failures
+
+
+def _bounded_map(fn: Any, jobs: list, workers: int, ahead: int) -> Iterator[Any]:
+    """Ordered results of ``fn`` over ``jobs``, at most ``ahead`` pending (bounded memory)."""
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    with rsna._executor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(jobs)
+        for job in it:
+            pending.append(pool.submit(fn, job))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for job in it:
+                pending.append(pool.submit(fn, job))
+                break
+            yield result
+
+
+def predict_dataset(
+    model: HemorrhageModel,
+    index: pd.DataFrame,
+    data_dir: Path,
+    *,
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[dict[str, str]], dict[str, float]]:
+    """Probabilities ``(N, 6)`` for every index row (``nan`` for skipped rows)."""
+    from tqdm import tqdm
+
+    card = model.card
+    probs = np.full((len(index), len(LABELS)), np.nan, dtype=np.float32)
+    skipped: list[dict[str, str]] = []
+    series = list(rsna.iter_series(index))
+    jobs = [
+        ([os.path.join(data_dir, index["path"].iat[r]) for r in rows], card.windows, card.input_size, card.context_slices)
+        for _, rows in series
+    ]
+    t_model = 0.0
+    started = time.perf_counter()
+    bar = tqdm(total=len(index), desc="evaluate", unit="slice", disable=not progress)
+    for (series_uid, rows), (volume, used, failures) in zip(series, _bounded_map(_load_series, jobs, workers, 2 * workers)):
+        for i, error in failures:
+            skipped.append({"path": index["path"].iat[rows[i]], "error": error})
+        if volume is not None:
+            t0 = time.perf_counter()
+            probs[rows[used]] = model.predict_series(volume, batch_size=batch_size)
+            t_model += time.perf_counter() - t0
+        bar.update(len(rows))
+    bar.close()
+    wall = time.perf_counter() - started
+    n = int(np.isfinite(probs[:, 0]).sum())
+    timing = {
+        "wall_s": wall,
+        "model_s": t_model,
+        "slices_per_s_end_to_end": n / wall if wall else math.nan,
+        "slices_per_s_model": n / t_model if t_model else math.nan,
+    }
+    return probs, skipped, timing
+
+
+def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """ROC curves, slice and series level, one line per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 5.5))
+    axes = np.atleast_1d(axes)
+    for ax, (level, (y_true, y_prob)) in zip(axes, curves.items()):
+        for i, label in enumerate(LABELS):
+            truth = y_true[:, i] > 0.5
+            if truth.all() or not truth.any():
+                continue
+            fpr, tpr, _ = roc_curve(truth, y_prob[:, i])
+            ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(truth, y_prob[:, i]):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{level} level", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_submission(path: Path, index: pd.DataFrame, probs: np.ndarray) -> None:
+    """Kaggle format: ``ID,Label`` rows ``ID_<sop>_<label>,<probability>``."""
+    keep = np.isfinite(probs).all(axis=1)
+    ids = index["image_id"].to_numpy()[keep]
+    p = probs[keep]
+    frame = pd.DataFrame(
+        {
+            "ID": [f"{i}_{label}" for i in ids for label in LABELS],
+            "Label": p.reshape(-1),
+        }
+    )
+    frame.to_csv(path, index=False, float_format="%.6f")
+
+
+def evaluate(
+    model: HemorrhageModel,
+    data_dir: Path,
+    out: Path,
+    *,
+    submission: Path | None = None,
+    predictions: Path | None = None,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every slice of ``data_dir``; write ``out`` (JSON), the ROC plot and the submission."""
+    data_dir, out = Path(data_dir), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workers = workers or rsna.default_workers()
+    index = rsna.build_index(
+        data_dir, cache_dir or rsna.default_cache_dir(data_dir), workers=workers, progress=progress
+    )
+    probs, skipped, timing = predict_dataset(
+        model, index, data_dir, batch_size=batch_size, workers=workers, progress=progress
+    )
+    card = model.card
+    result: dict[str, Any] = {
+        "model": {"name": card.name, "version": card.version, "path": str(model.path)},
+        "data": str(data_dir),
+        "skipped": skipped,
+        "timing": timing,
+    }
+    if rsna.has_labels(index):
+        keep = np.isfinite(probs).all(axis=1)
+        y_true = rsna.label_matrix(index)[keep]
+        y_prob = probs[keep]
+        series_ids = index["series_uid"].to_numpy()[keep]
+        result.update(M.report(series_ids, y_true, y_prob, card.thresholds, card.series_aggregation))
+        _, s_true, s_prob = M.series_level(series_ids, y_true, y_prob, card.series_aggregation)
+        roc_path = out.with_suffix(".roc.png")
+        plot_roc(roc_path, {"slice": (y_true, y_prob), "series": (s_true, s_prob)},
+                 f"{card.name} {card.version} on {data_dir.name}")
+        result["roc_plot"] = str(roc_path)
+    else:
+        logger.info("%s has no labels: writing predictions only", data_dir)
+    if submission is not None:
+        write_submission(submission, index, probs)
+        result["submission"] = str(submission)
+    if predictions is not None:
+        columns = ["image_id", "patient_id", "series_uid", "slice_index"]
+        table = index[columns + [c for c in LABELS if c in index.columns]].copy()
+        for j, label in enumerate(LABELS):
+            table[f"p_{label}"] = probs[:, j]
+        table.to_csv(predictions, index=False, float_format="%.6f")
+        result["predictions"] = str(predictions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+@click.command()
+@click.option("--model", "model_arg", default="default", show_default=True,
+              help="Path to a .keras model (card beside it), or 'default' for the bundled one.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Data folder in the RSNA layout (stage_2_train.csv optional).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON.")
+@click.option("--submission", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a Kaggle submission CSV here.")
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every slice's probabilities (and labels) to this CSV.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the header index is cached (default DIR/.ichnode-cache).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(1), help="Decoding processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(model_arg: str, data_dir: Path, out: Path, submission: Path | None, predictions: Path | None,
+         cache_dir: Path | None,
+         batch_size: int, workers: int | None, quiet: bool) -> None:
+    """Evaluate a model on an RSNA-layout data folder."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = load_model(None if model_arg == "default" else Path(model_arg))
+    result = evaluate(model, data_dir, out, submission=submission, predictions=predictions, cache_dir=cache_dir,
+                      batch_size=batch_size, workers=workers, progress=not quiet)
+    if "series_auc" in result:
+        click.echo(f"weighted log loss {result['weighted_log_loss']:.4f}")
+        for label in LABELS:
+            click.echo(f"{label:>17}: slice AUC {result['slice_auc'][label]:.4f}  series AUC {result['series_auc'][label]:.4f}")
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

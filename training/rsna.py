@@ -1,0 +1,699 @@
+"""Reading the RSNA 2019 Intracranial Hemorrhage Detection layout.
+
+Layout (the Kaggle download, or ``python -m training.phantoms --layout rsna``)::
+
+    DIR/stage_2_train.csv            ID,Label  rows ID_<sop>_<label>,<0|1>
+    DIR/stage_2_train/ID_<sop>.dcm   one slice per file, all series mixed
+
+Steps, each usable on its own and each scaling to the full data set (~750k
+slices, ~120 GB):
+
+1. :func:`read_labels` parses the CSV (dropping duplicated rows) into one row
+   per image with the six labels in :data:`LABELS` order.
+2. :func:`build_index` reads every header once (parallel, progress bar) and
+   caches a table (``index.csv``) grouping slices by patient, study and
+   series, in z order (``ichnode.imaging.order_slices``); unreadable files
+   are skipped and listed in ``index_skipped.csv``.
+3. :func:`split_by_patient` assigns whole patients to splits (seeded).
+4. :func:`build_slice_cache` writes each slice once, preprocessed by
+   ``ichnode.imaging`` (HU, windows, resize; no context), into an on-disk
+   ``.npy`` memory map (optional; parallel; resumable).  Slices whose pixels
+   cannot be decoded are dropped and reported.
+5. :func:`slice_dataset` streams ``(x, y)`` batches with ``tf.data``:
+   shuffled rows, parallel loading (from the cache, or decoding DICOM), 2.5D
+   context via ``ichnode.imaging.stack_context``, prefetch.  Only the rows of
+   one batch are in memory.
+
+Nothing here copies preprocessing: pixels always go through
+``ichnode.imaging``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichnode import imaging
+from ichnode.config import LABELS
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CSV = "stage_2_train.csv"
+TRAIN_DIR = "stage_2_train"
+INDEX_FILE = "index.csv"
+SKIPPED_FILE = "index_skipped.csv"
+HEADER_TAGS = (
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "Rows",
+    "Columns",
+)
+
+
+# --------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------
+
+
+def read_labels(csv_path: Path) -> pd.DataFrame:
+    """Parse ``stage_2_train.csv`` into one row per image.
+
+    Returns a frame indexed by ``image_id`` (``ID_<sop>``) with one uint8
+    column per label in :data:`LABELS` order.  Exact duplicated rows are
+    dropped; an image listed twice for one label with different values keeps
+    the maximum (and is logged).  Images lacking a label are dropped (logged).
+    """
+    frame = pd.read_csv(csv_path, dtype={"ID": str, "Label": "int8"})
+    if list(frame.columns[:2]) != ["ID", "Label"]:
+        raise ValueError(f"{csv_path}: expected header ID,Label, got {list(frame.columns)}")
+    n = len(frame)
+    frame = frame.drop_duplicates()
+    if len(frame) < n:
+        logger.info("%s: dropped %d duplicated rows", csv_path, n - len(frame))
+    parts = frame["ID"].str.rsplit("_", n=1, expand=True)
+    frame = pd.DataFrame({"image_id": parts[0], "label": parts[1], "value": frame["Label"]})
+    unknown = set(frame["label"].unique()) - set(LABELS)
+    if unknown:
+        raise ValueError(f"{csv_path}: unknown labels {sorted(unknown)}, expected {list(LABELS)}")
+    conflicts = frame.duplicated(["image_id", "label"]).sum()
+    if conflicts:
+        logger.warning("%s: %d image/label pairs listed with different values; keeping the max", csv_path, conflicts)
+    table = frame.pivot_table(index="image_id", columns="label", values="value", aggfunc="max")
+    incomplete = table.isna().any(axis=1)
+    if incomplete.any():
+        logger.warning("%s: %d images lack some labels; dropped", csv_path, int(incomplete.sum()))
+        table = table[~incomplete]
+    table = table[list(LABELS)].astype(np.uint8)
+    table.columns.name = None
+    return table
+
+
+# --------------------------------------------------------------------------
+# Header index
+# --------------------------------------------------------------------------
+
+
+def _quiet_pydicom() -> None:
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
+def _read_header(path: str) -> dict[str, Any]:
+    """A few header fields of one file, or ``{"path", "error"}``."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        record: dict[str, Any] = {"path": path, "error": ""}
+        for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = ds.get(keyword)
+            if value in (None, ""):
+                raise ValueError(f"missing {keyword}")
+            record[keyword] = str(value)
+        record["InstanceNumber"] = _float_or_nan(ds.get("InstanceNumber"))
+        for keyword, length in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6)):
+            value = ds.get(keyword)
+            values = [float(v) for v in value] if value is not None and len(value) == length else []
+            record[keyword] = "\\".join(repr(v) for v in values)
+        record["Rows"] = int(ds.get("Rows") or 0)
+        record["Columns"] = int(ds.get("Columns") or 0)
+        return record
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and reported
+        return {"path": path, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _read_headers(paths: list[str]) -> list[dict[str, Any]]:
+    _quiet_pydicom()
+    return [_read_header(p) for p in paths]
+
+
+def _minimal_dataset(row: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    if row.ImagePositionPatient:
+        ds.ImagePositionPatient = [float(v) for v in row.ImagePositionPatient.split("\\")]
+    if row.ImageOrientationPatient:
+        ds.ImageOrientationPatient = [float(v) for v in row.ImageOrientationPatient.split("\\")]
+    if not np.isnan(row.InstanceNumber):
+        ds.InstanceNumber = int(row.InstanceNumber)
+    return ds
+
+
+def _executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # spawn: never fork a process that may hold TensorFlow's threads.
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def build_index(
+    data_dir: Path,
+    cache_dir: Path,
+    *,
+    image_dir: str = TRAIN_DIR,
+    labels_csv: str | None = TRAIN_CSV,
+    workers: int | None = None,
+    progress: bool = True,
+    rebuild: bool = False,
+) -> pd.DataFrame:
+    """Index every slice of ``data_dir`` once; later calls read ``cache_dir/index.csv``.
+
+    Columns: ``image_id`` (file stem), ``path`` (relative to ``data_dir``),
+    ``patient_id``, ``study_uid``, ``series_uid``, ``slice_index`` (z order
+    within the series, by ``ichnode.imaging.order_slices``), ``n_slices``,
+    ``rows``, ``cols``, and the six labels when ``labels_csv`` exists (images
+    without labels are then dropped).  Rows are sorted by series then z.
+    Files whose header cannot be read are skipped and written, with the
+    reason, to ``cache_dir/index_skipped.csv``.
+    """
+    from tqdm import tqdm
+
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / INDEX_FILE
+    if index_path.exists() and not rebuild:
+        index = pd.read_csv(index_path, dtype={"patient_id": str, "study_uid": str, "series_uid": str})
+        logger.info("read index of %d slices from %s", len(index), index_path)
+        return index
+
+    root = data_dir / image_dir
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    paths = sorted(str(p) for p in root.iterdir() if p.suffix.lower() == ".dcm")
+    if not paths:
+        raise ValueError(f"no .dcm files in {root}")
+    workers = workers or default_workers()
+    chunk = 256
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(paths), desc="index headers", unit="file", disable=not progress)
+    if workers > 1 and len(chunks) > 1:
+        with _executor(workers) as pool:
+            for part in pool.map(_read_headers, chunks):
+                records.extend(part)
+                bar.update(len(part))
+    else:
+        for part in map(_read_headers, chunks):
+            records.extend(part)
+            bar.update(len(part))
+    bar.close()
+
+    table = pd.DataFrame.from_records(records)
+    skipped = table[table["error"] != ""][["path", "error"]].copy()
+    table = table[table["error"] == ""].drop(columns="error")
+    table["image_id"] = [Path(p).stem for p in table["path"]]
+    table["path"] = [os.path.relpath(p, data_dir) for p in table["path"]]
+    table = table.rename(
+        columns={
+            "PatientID": "patient_id",
+            "StudyInstanceUID": "study_uid",
+            "SeriesInstanceUID": "series_uid",
+            "Rows": "rows",
+            "Columns": "cols",
+        }
+    )
+
+    # z order per series, by the node's own rule.
+    table = table.reset_index(drop=True)
+    slice_index = np.zeros(len(table), dtype=np.int32)
+    unordered: list[str] = []
+    for series_uid, group in table.groupby("series_uid", sort=False):
+        try:
+            order = imaging.order_slices([_minimal_dataset(r) for r in group.itertuples()])
+        except ValueError as exc:
+            unordered.append(series_uid)
+            logger.warning("series %s cannot be ordered (%s); skipped", series_uid, exc)
+            continue
+        positions = group.index.to_numpy()[order]
+        slice_index[positions] = np.arange(len(order))
+    if unordered:
+        bad = table["series_uid"].isin(unordered)
+        skipped = pd.concat(
+            [skipped, pd.DataFrame({"path": table.loc[bad, "path"], "error": "series cannot be ordered"})]
+        )
+        table = table[~bad]
+        slice_index = slice_index[~bad.to_numpy()]
+    table["slice_index"] = slice_index
+
+    csv = data_dir / labels_csv if labels_csv else None
+    if csv is not None and csv.exists():
+        labels = read_labels(csv)
+        missing = ~table["image_id"].isin(labels.index)
+        if missing.any():
+            logger.warning("%d images have no labels in %s; skipped", int(missing.sum()), csv)
+            skipped = pd.concat(
+                [skipped, pd.DataFrame({"path": table.loc[missing, "path"], "error": "no labels"})]
+            )
+            table = table[~missing]
+        table = table.join(labels, on="image_id")
+        absent = len(labels) - len(table)
+        if absent > 0:
+            logger.info("%d labelled images have no readable file", absent)
+
+    table = finalize_index(table)
+    table.to_csv(index_path, index=False)
+    skipped.to_csv(cache_dir / SKIPPED_FILE, index=False)
+    if len(skipped):
+        logger.warning("skipped %d files, listed in %s", len(skipped), cache_dir / SKIPPED_FILE)
+    logger.info("indexed %d slices of %d series into %s", len(table), table["series_uid"].nunique(), index_path)
+    return table
+
+
+def finalize_index(table: pd.DataFrame) -> pd.DataFrame:
+    """Sort by series then z, renumber ``slice_index`` 0..n-1 and set ``n_slices``."""
+    table = table.sort_values(["patient_id", "study_uid", "series_uid", "slice_index"]).reset_index(drop=True)
+    table["slice_index"] = table.groupby("series_uid", sort=False).cumcount().astype(np.int32)
+    table["n_slices"] = table.groupby("series_uid", sort=False)["slice_index"].transform("size").astype(np.int32)
+    return table
+
+
+def has_labels(index: pd.DataFrame) -> bool:
+    return all(label in index.columns for label in LABELS)
+
+
+def label_matrix(index: pd.DataFrame) -> np.ndarray:
+    """``(N, 6)`` float32 labels in :data:`LABELS` order."""
+    return index[list(LABELS)].to_numpy(dtype=np.float32)
+
+
+# --------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------
+
+
+def split_by_patient(
+    index: pd.DataFrame, fractions: dict[str, float], seed: int
+) -> pd.Series:
+    """Assign each row a split name so that no patient is in two splits.
+
+    Patients are shuffled with ``seed`` and cut by the cumulative
+    ``fractions`` (normalised); every split with a positive fraction gets at
+    least one patient when there are enough patients.
+    """
+    if not fractions or min(fractions.values()) < 0 or sum(fractions.values()) <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+    patients = np.array(sorted(index["patient_id"].unique()))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(patients)
+    names = list(fractions)
+    weights = np.array([fractions[n] for n in names], dtype=np.float64)
+    counts = np.floor(weights / weights.sum() * len(patients)).astype(int)
+    for i in np.argsort(-weights):  # hand out the remainder, then ensure non-empty splits
+        if counts.sum() >= len(patients):
+            break
+        counts[i] += 1
+    for i, w in enumerate(weights):
+        if w > 0 and counts[i] == 0 and counts.max() > 1:
+            counts[i] += 1
+            counts[int(np.argmax(counts))] -= 1
+    assignment: dict[str, str] = {}
+    start = 0
+    for name, count in zip(names, counts):
+        for patient in patients[start : start + count]:
+            assignment[patient] = name
+        start += count
+    return index["patient_id"].map(assignment).rename("split")
+
+
+# --------------------------------------------------------------------------
+# Preprocessed slice cache
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceCache:
+    """Preprocessed slices (no context) of an index, one row per index row.
+
+    ``images`` is an ``.npy`` file of shape ``(N, H, W, len(windows))``,
+    opened as a read-only memory map; ``ok[i]`` is False where the slice could
+    not be decoded (those rows must not be used).
+    """
+
+    directory: Path
+    windows: tuple[tuple[float, float], ...]
+    size: tuple[int, int]
+    dtype: str
+
+    @property
+    def images_path(self) -> Path:
+        return self.directory / "images.npy"
+
+    @property
+    def ok_path(self) -> Path:
+        return self.directory / "ok.npy"
+
+    def images(self) -> np.ndarray:
+        return np.load(self.images_path, mmap_mode="r")
+
+    def ok(self) -> np.ndarray:
+        return np.load(self.ok_path)
+
+
+def cache_key(index: pd.DataFrame, windows: Sequence[Sequence[float]], size: Sequence[int], dtype: str) -> str:
+    """A short hash of what the cache holds (the index rows and the preprocessing)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([[list(map(float, w)) for w in windows], list(size), dtype]).encode())
+    h.update("\n".join(index["path"]).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_series(job: tuple[str, str, list[int], list[str], list, tuple[int, int], str]) -> list[tuple[int, str]]:
+    """Preprocess one series into the memory map; return ``(row, error)`` failures."""
+    import pydicom
+
+    _quiet_pydicom()
+    images_path, data_dir, rows, paths, windows, size, _ = job
+    images = np.load(images_path, mmap_mode="r+")
+    failures: list[tuple[int, str]] = []
+    datasets, kept = [], []
+    for row, path in zip(rows, paths):
+        try:
+            datasets.append(pydicom.dcmread(os.path.join(data_dir, path)))
+            kept.append(row)
+        except Exception as exc:  # noqa: BLE001 - reported, slice dropped
+            failures.append((row, f"{type(exc).__name__}: {exc}"))
+    if datasets:
+        try:
+            volume, order = imaging.preprocess_series(datasets, windows, size, 0)
+            for j, i in enumerate(order):
+                images[kept[i]] = volume[j]
+        except Exception:  # noqa: BLE001 - fall back slice by slice to find the bad ones
+            for ds, row in zip(datasets, kept):
+                try:
+                    images[row] = imaging.preprocess_slice(ds, windows, size)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append((row, f"{type(exc).__name__}: {exc}"))
+    images.flush()
+    return failures
+
+
+def build_slice_cache(
+    index: pd.DataFrame,
+    data_dir: Path,
+    cache_root: Path,
+    windows: Sequence[Sequence[float]],
+    size: Sequence[int],
+    *,
+    dtype: str = "float16",
+    workers: int | None = None,
+    progress: bool = True,
+) -> SliceCache:
+    """Preprocess every slice of ``index`` once into ``cache_root/<key>/``.
+
+    Resumable: series already written (``done.npy``) are skipped, so an
+    interrupted build continues where it stopped.  Decoding failures are
+    written to ``failures.csv`` and their rows marked not ok.
+    """
+    from tqdm import tqdm
+
+    windows = tuple((float(c), float(w)) for c, w in windows)
+    size = (int(size[0]), int(size[1]))
+    key = cache_key(index, windows, size, dtype)
+    directory = Path(cache_root) / key
+    directory.mkdir(parents=True, exist_ok=True)
+    cache = SliceCache(directory, windows, size, dtype)
+    meta = {"windows": windows, "size": size, "dtype": dtype, "rows": len(index)}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    if (directory / "complete").exists():
+        return cache
+
+    shape = (len(index), *size, len(windows))
+    if not cache.images_path.exists():
+        np.lib.format.open_memmap(cache.images_path, mode="w+", dtype=dtype, shape=shape).flush()
+    done_path = directory / "done.npy"
+    series = index.groupby("series_uid", sort=False).indices
+    series_ids = list(series)
+    done = np.load(done_path) if done_path.exists() else np.zeros(len(series_ids), dtype=bool)
+    ok = np.load(cache.ok_path) if cache.ok_path.exists() else np.ones(len(index), dtype=bool)
+    failures: list[tuple[int, str]] = []
+    todo = [i for i in range(len(series_ids)) if not done[i]]
+    jobs = (
+        (
+            str(cache.images_path),
+            str(data_dir),
+            [int(r) for r in series[series_ids[i]]],
+            [index["path"].iat[r] for r in series[series_ids[i]]],
+            windows,
+            size,
+            dtype,
+        )
+        for i in todo
+    )
+    workers = workers or default_workers()
+    bar = tqdm(total=len(index), initial=int(sum(len(series[series_ids[i]]) for i in range(len(series_ids)) if done[i])),
+               desc="cache slices", unit="slice", disable=not progress)
+
+    def record(i: int, result: list[tuple[int, str]]) -> None:
+        for row, error in result:
+            ok[row] = False
+            failures.append((row, error))
+        done[i] = True
+        bar.update(len(series[series_ids[i]]))
+
+    try:
+        if workers > 1 and len(todo) > 1:
+            with _executor(workers) as pool:
+                for i, result in zip(todo, pool.map(_cache_series, jobs, chunksize=4)):
+                    record(i, result)
+                    if bar.n % 2000 < len(series[series_ids[i]]):
+                        np.save(done_path, done)
+                        np.save(cache.ok_path, ok)
+        else:
+            for i, job in zip(todo, jobs):
+                record(i, _cache_series(job))
+    finally:
+        bar.close()
+        np.save(done_path, done)
+        np.save(cache.ok_path, ok)
+        if failures:
+            pd.DataFrame(
+                {"path": [index["path"].iat[r] for r, _ in failures], "error": [e for _, e in failures]}
+            ).to_csv(directory / "failures.csv", mode="a", index=False,
+                     header=not (directory / "failures.csv").exists())
+            logger.warning("%d slices could not be decoded; listed in %s", len(failures), directory / "failures.csv")
+    (directory / "complete").touch()
+    return cache
+
+
+# --------------------------------------------------------------------------
+# Streaming with tf.data
+# --------------------------------------------------------------------------
+
+
+def neighbour_rows(index: pd.DataFrame, context: int, ok: np.ndarray | None = None) -> np.ndarray:
+    """``(N, 2k+1)`` row numbers of each row's z-neighbours (edges repeated).
+
+    Rows that are not ``ok`` are left out of their series (their neighbours
+    skip them); their own entry is ``-1``.  Requires ``index`` sorted by
+    series then z (as :func:`build_index` returns it).
+    """
+    n = len(index)
+    ok = np.ones(n, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+    out = np.full((n, 2 * context + 1), -1, dtype=np.int64)
+    for rows in index.groupby("series_uid", sort=False).indices.values():
+        rows = rows[np.argsort(index["slice_index"].to_numpy()[rows])]
+        rows = rows[ok[rows]]
+        m = len(rows)
+        if m == 0:
+            continue
+        positions = np.arange(m)
+        for j, offset in enumerate(range(-context, context + 1)):
+            out[rows, j] = rows[np.clip(positions + offset, 0, m - 1)]
+    return out
+
+
+class SliceLoader:
+    """Loads model inputs ``(B, H, W, C*(2k+1))`` for index rows.
+
+    From a :class:`SliceCache` when given, else by decoding the DICOM files
+    (``ichnode.imaging.preprocess_slice``).  The context is stacked with
+    ``ichnode.imaging.stack_context`` on the slice and its neighbours.
+    """
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        neighbours: np.ndarray,
+        context: int,
+        windows: Sequence[Sequence[float]],
+        size: Sequence[int],
+        *,
+        cache: SliceCache | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
+        if cache is None and data_dir is None:
+            raise ValueError("SliceLoader needs a cache or a data_dir")
+        self.neighbours = neighbours
+        self.context = context
+        self.windows = tuple((float(c), float(w)) for c, w in windows)
+        self.size = (int(size[0]), int(size[1]))
+        self.cache = cache
+        self._images = cache.images() if cache is not None else None
+        self.paths = None if data_dir is None else [os.path.join(data_dir, p) for p in index["path"]]
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows) * (2 * self.context + 1)
+
+    def _slices(self, rows: np.ndarray) -> np.ndarray:
+        if self._images is not None:
+            return self._images[rows]  # cache dtype; converted once after stacking
+        import pydicom
+
+        _quiet_pydicom()
+        return np.stack(
+            [imaging.preprocess_slice(pydicom.dcmread(self.paths[r]), self.windows, self.size) for r in rows]
+        )
+
+    def load(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        span = 2 * self.context + 1
+        nbrs = self.neighbours[rows]
+        if (nbrs < 0).any():
+            raise ValueError(f"rows {rows[(nbrs < 0).any(axis=1)].tolist()} are not usable (decoding failed)")
+        unique, inverse = np.unique(nbrs.reshape(-1), return_inverse=True)
+        slices = self._slices(unique)[inverse].reshape(len(rows), span, *self.size, len(self.windows))
+        return _centre_context(slices)
+
+
+def _centre_context(slices: np.ndarray) -> np.ndarray:
+    """``(B, 2k+1, H, W, C)`` neighbour stacks -> ``(B, H, W, (2k+1)*C)`` model inputs.
+
+    The channel layout is ``ichnode.imaging.stack_context``'s (neighbour-major,
+    window-minor); :func:`_check_context_layout` asserts that on import, so the
+    two cannot drift apart.  Vectorised over the batch: stack_context itself
+    would build all 2k+1 outputs of each stack to keep one.
+    """
+    b, span, h, w, c = slices.shape
+    out = np.empty((b, h, w, span, c), dtype=np.float32)
+    out[...] = slices.transpose(0, 2, 3, 1, 4)
+    return out.reshape(b, h, w, span * c)
+
+
+def _check_context_layout() -> None:
+    rng = np.random.default_rng(0)
+    for n, k in ((5, 1), (4, 2), (1, 1), (3, 0)):
+        volume = rng.random((n, 3, 2, 3), dtype=np.float32)
+        expected = imaging.stack_context(volume, k)
+        index = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
+        if not np.array_equal(_centre_context(volume[index]), expected):
+            raise RuntimeError("training.rsna disagrees with ichnode.imaging.stack_context on channel layout")
+
+
+_check_context_layout()
+
+
+def slice_dataset(
+    loader: SliceLoader,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    repeat: bool,
+    augment: bool = False,
+    oversample: float = 0.0,
+    parallel_calls: int | None = None,
+    prefetch: int | None = None,
+) -> Any:
+    """A ``tf.data.Dataset`` of ``(x (B,H,W,C) float32, y (B,6) float32)``.
+
+    Rows (ints) are shuffled with ``seed`` (reshuffled each epoch), batched,
+    then each batch is loaded by ``loader`` in parallel (``numpy_function``,
+    ``num_parallel_calls``), optionally augmented (random left-right flip)
+    and prefetched.  With ``oversample`` > 0 (shuffled, repeated datasets
+    only) that fraction of the rows is drawn from the positive slices of each
+    subtype in equal parts, so rare subtypes are seen more often.
+    """
+    import tensorflow as tf
+
+    rows = np.asarray(rows, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.float32)
+    autotune = tf.data.AUTOTUNE
+
+    def rows_dataset(part: np.ndarray, part_seed: int) -> Any:
+        ds = tf.data.Dataset.from_tensor_slices(part)
+        if shuffle:
+            ds = ds.shuffle(len(part), seed=part_seed, reshuffle_each_iteration=True)
+        return ds.repeat() if repeat else ds
+
+    ds = rows_dataset(rows, seed)
+    if oversample > 0:
+        if not (shuffle and repeat) or not 0 < oversample < 1:
+            raise ValueError(f"oversample needs a shuffled, repeated dataset and a value in (0, 1), got {oversample}")
+        pools = [rows[labels[rows, j] > 0.5] for j in range(1, len(LABELS))]
+        pools = [pool for pool in pools if len(pool)]
+        if pools:
+            ds = tf.data.Dataset.sample_from_datasets(
+                [ds] + [rows_dataset(pool, seed + 1 + j) for j, pool in enumerate(pools)],
+                weights=[1.0 - oversample] + [oversample / len(pools)] * len(pools),
+                seed=seed,
+            )
+    ds = ds.batch(batch_size, drop_remainder=False)
+    h, w = loader.size
+    c = loader.channels
+    label_table = tf.constant(labels)
+
+    def load(batch_rows: Any) -> tuple[Any, Any]:
+        x = tf.numpy_function(loader.load, [batch_rows], tf.float32, stateful=False)
+        x = tf.ensure_shape(x, [None, h, w, c])
+        return x, tf.gather(label_table, batch_rows)
+
+    ds = ds.map(load, num_parallel_calls=parallel_calls or autotune, deterministic=not shuffle)
+    if augment:
+        def flip(x: Any, y: Any) -> tuple[Any, Any]:
+            flip_mask = tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5
+            return tf.where(flip_mask, tf.reverse(x, axis=[2]), x), y
+
+        ds = ds.map(flip, num_parallel_calls=autotune)
+    return ds.prefetch(prefetch or autotune)
+
+
+def iter_series(index: pd.DataFrame, ok: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(series_uid, rows in z order)`` for every series (rows not ``ok`` left out)."""
+    ok = np.ones(len(index), dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+    z = index["slice_index"].to_numpy()
+    for series_uid, rows in index.groupby("series_uid", sort=False).indices.items():
+        rows = rows[np.argsort(z[rows])]
+        rows = rows[ok[rows]]
+        if len(rows):
+            yield str(series_uid), rows
+
+
+def default_cache_dir(data_dir: Path) -> Path:
+    """``DIR/.ichnode-cache`` when ``DIR`` is writable, else under ``~/.cache/ichnode``."""
+    data_dir = Path(data_dir).resolve()
+    if os.access(data_dir, os.W_OK):
+        return data_dir / ".ichnode-cache"
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "ichnode" / digest

@@ -1,0 +1,460 @@
+"""Train the two-stage hemorrhage model on data in the RSNA layout.
+
+Usage::
+
+    python -m training.train --data DIR --config CFG.yaml --out RUNDIR
+
+Stages, each skipped when its output is already in ``RUNDIR`` (so running the
+same command again resumes an interrupted run; inside a stage Keras'
+``BackupAndRestore`` resumes from the last finished epoch):
+
+1. index, patient split, preprocessed slice cache (:mod:`training.rsna`);
+2. slice stage: the 2.5D CNN + slice head on single slices
+   (``slice_model.keras``);
+3. embeddings of every usable slice (``embeddings.npy``);
+4. sequence stage over the slice embeddings of each series
+   (``sequence_head.keras``);
+5. export: the assembled model with thresholds chosen on the validation split
+   and its card (``RUNDIR/export/NAME.keras`` + ``NAME.card.json``).
+
+Curves go to ``history_<stage>.csv`` (CSVLogger) and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ichnode.config import LABELS
+from ichnode.imaging import DEFAULT_WINDOWS
+from training import metrics as M
+from training import rsna
+
+# Keras (training.models) is imported inside functions: the decoding worker
+# processes (spawned) import this module and must stay light.
+
+logger = logging.getLogger(__name__)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(_Section):
+    split: dict[str, float] = {"train": 0.85, "val": 0.15}
+    cache: bool = True  # preprocess every slice once into an on-disk memory map
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_dir: Path | None = None  # None: RUNDIR/cache
+    workers: int | None = Field(None, ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, value: dict[str, float]) -> dict[str, float]:
+        if "train" not in value or "val" not in value:
+            raise ValueError(f"split must name 'train' and 'val', got {sorted(value)}")
+        return value
+
+
+class InputSection(_Section):
+    size: tuple[int, int] = (128, 128)
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
+    context_slices: int = Field(1, ge=0)
+
+
+class SliceStage(_Section):
+    epochs: int = Field(6, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the training slices
+    validation_steps: int | None = Field(None, ge=1)  # None: all validation slices
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = True
+    oversample: float = Field(0.0, ge=0, lt=1)  # fraction of samples drawn from subtype-positive slices
+
+
+class SequenceStage(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    crop: int = Field(32, ge=2)  # slices per training crop
+    learning_rate: float = Field(3e-3, gt=0)
+
+
+class ExportSection(_Section):
+    name: str = "ich-model"
+    version: str = "0.1.0"
+    trained_on: str = "unspecified"
+    intended_use: str = "Research and software testing of ichnode."
+    disclaimer: str = "Not for clinical use."
+    series_aggregation: Literal["max", "mean", "top3_mean"] = "max"
+    any_sensitivity: float = Field(0.95, gt=0, le=1)
+    subtype_thresholds: Literal["youden", "sensitivity"] = "youden"
+
+
+class TrainConfig(_Section):
+    seed: int = 1234
+    data: DataSection = DataSection()
+    input: InputSection = InputSection()
+    architecture: dict[str, Any] = {}
+    slice_stage: SliceStage = SliceStage()
+    sequence_stage: SequenceStage = SequenceStage()
+    export: ExportSection = ExportSection()
+
+    @field_validator("architecture")
+    @classmethod
+    def _arch(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from training.models import ArchitectureConfig
+
+        ArchitectureConfig.from_config(value)  # raises naming the bad key/value
+        return value
+
+    @property
+    def arch(self) -> Any:
+        """The :class:`training.models.ArchitectureConfig`."""
+        from training.models import ArchitectureConfig
+
+        return ArchitectureConfig.from_config(self.architecture)
+
+    @property
+    def channels(self) -> int:
+        return len(self.input.windows) * (2 * self.input.context_slices + 1)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            return cls.model_validate(data)
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.ClickException(f"config {path}: {exc}") from exc
+        except (ValidationError, ValueError) as exc:
+            raise click.ClickException(f"config {path} is invalid: {exc}") from exc
+
+
+def _verbose() -> int | str:
+    return 1 if sys.stdout.isatty() else 2
+
+
+class JsonHistory:
+    """Appends each epoch's logs of a stage to ``history.json``."""
+
+    def __init__(self, path: Path, stage: str) -> None:
+        import keras
+
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                outer.append(epoch, logs or {})
+
+        self.path, self.stage, self.callback = path, stage, _Callback()
+
+    def append(self, epoch: int, logs: dict) -> None:
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        entries = [e for e in data.get(self.stage, []) if e["epoch"] != epoch]
+        entries.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        data[self.stage] = entries
+        self.path.write_text(json.dumps(data, indent=1))
+
+
+class Run:
+    """One training run in ``out``; every step writes its result there."""
+
+    def __init__(self, data_dir: Path, config: TrainConfig, out: Path, command: str, progress: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.out = Path(out)
+        self.command = command
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = config.data.cache_dir or self.out / "cache"
+
+    # ---------------------------------------------------------------- data
+    def prepare_data(self) -> None:
+        cfg = self.config
+        self.index = rsna.build_index(
+            self.data_dir, self.cache_dir, workers=cfg.data.workers, progress=self.progress
+        )
+        if not rsna.has_labels(self.index):
+            raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
+        self.index["split"] = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
+        self.index[["patient_id", "study_uid", "series_uid", "image_id", "split"]].to_csv(
+            self.out / "split.csv", index=False
+        )
+        self.cache = None
+        if cfg.data.cache:
+            self.cache = rsna.build_slice_cache(
+                self.index, self.data_dir, self.cache_dir, cfg.input.windows, cfg.input.size,
+                dtype=cfg.data.cache_dtype, workers=cfg.data.workers, progress=self.progress,
+            )
+            self.ok = self.cache.ok()
+        else:
+            self.ok = np.ones(len(self.index), dtype=bool)
+        k = cfg.input.context_slices
+        self.neighbours = rsna.neighbour_rows(self.index, k, self.ok)
+        self.loader = rsna.SliceLoader(
+            self.index, self.neighbours, k, cfg.input.windows, cfg.input.size,
+            cache=self.cache, data_dir=None if self.cache else self.data_dir,
+        )
+        self.labels = rsna.label_matrix(self.index)
+        split = self.index["split"].to_numpy()
+        self.rows = {name: np.flatnonzero((split == name) & self.ok) for name in cfg.data.split}
+        logger.info(
+            "slices: %s", {name: len(rows) for name, rows in self.rows.items()}
+        )
+
+    def dataset(self, split: str, *, training: bool, repeat: bool, batch_size: int) -> Any:
+        stage = self.config.slice_stage
+        return rsna.slice_dataset(
+            self.loader, self.rows[split], self.labels, batch_size=batch_size,
+            shuffle=training, seed=self.config.seed, repeat=repeat,
+            augment=training and stage.augment,
+            oversample=stage.oversample if training and repeat else 0.0,
+        )
+
+    # ------------------------------------------------------------- stage 1
+    def train_slice_stage(self) -> Any:
+        import keras
+
+        from training import models
+
+        path = self.out / "slice_model.keras"
+        if path.exists():
+            logger.info("slice stage done: %s", path)
+            return keras.saving.load_model(path, compile=False)
+        cfg, stage = self.config, self.config.slice_stage
+        n_train = len(self.rows["train"])
+        steps = stage.steps_per_epoch or math.ceil(n_train / stage.batch_size)
+        val_steps = stage.validation_steps or math.ceil(len(self.rows["val"]) / stage.batch_size)
+        strategy = models.distribution_strategy()
+        with strategy.scope():
+            encoder = models.build_slice_encoder((*cfg.input.size, cfg.channels), cfg.arch)
+            model = models.build_slice_model(encoder, models.build_slice_head())
+            schedule = keras.optimizers.schedules.CosineDecay(
+                stage.learning_rate, decay_steps=steps * stage.epochs, alpha=0.05,
+                warmup_target=None,
+            )
+            model.compile(
+                optimizer=keras.optimizers.AdamW(schedule, weight_decay=stage.weight_decay),
+                loss=models.WeightedBinaryCrossentropy(),
+                metrics=[keras.metrics.AUC(multi_label=True, num_labels=len(LABELS), name="auc")],
+            )
+        best = self.out / "checkpoints" / "slice_best.keras"
+        best.parent.mkdir(exist_ok=True)
+        model.fit(
+            self.dataset("train", training=True, repeat=True, batch_size=stage.batch_size),
+            steps_per_epoch=steps,
+            epochs=stage.epochs,
+            validation_data=self.dataset("val", training=False, repeat=True, batch_size=stage.batch_size),
+            validation_steps=val_steps,
+            callbacks=self._callbacks("slice", best),
+            shuffle=False,  # the dataset shuffles
+            verbose=_verbose(),
+        )
+        model = keras.saving.load_model(best, compile=False)
+        model.save(path)
+        return model
+
+    def _callbacks(self, stage: str, best: Path) -> list:
+        import keras
+
+        return [
+            keras.callbacks.BackupAndRestore(str(self.out / "backup" / stage)),
+            keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True),
+            keras.callbacks.CSVLogger(str(self.out / f"history_{stage}.csv"), append=True),
+            JsonHistory(self.out / "history.json", stage).callback,
+            keras.callbacks.TerminateOnNaN(),
+        ]
+
+    # ---------------------------------------------------------- embeddings
+    def embeddings(self, slice_model: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and slice probabilities of every usable slice (``np.nan`` elsewhere)."""
+        path = self.out / "embeddings.npz"
+        if path.exists():
+            data = np.load(path)
+            return data["embeddings"], data["slice_probs"]
+        encoder = slice_model.get_layer("slice_encoder")
+        head = slice_model.get_layer("slice_head")
+        dim = int(encoder.outputs[0].shape[-1])
+        emb = np.full((len(self.index), dim), np.nan, dtype=np.float32)
+        probs = np.full((len(self.index), len(LABELS)), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(self.ok)
+        batch = max(32, self.config.slice_stage.batch_size)
+        ds = rsna.slice_dataset(self.loader, rows, self.labels, batch_size=batch, shuffle=False,
+                                seed=0, repeat=False)
+        from tqdm import tqdm
+
+        start = 0
+        for x, _ in tqdm(ds, total=math.ceil(len(rows) / batch), desc="embed slices", disable=not self.progress):
+            e = np.asarray(encoder.predict_on_batch(x))
+            idx = rows[start : start + len(e)]
+            emb[idx] = e
+            probs[idx] = np.asarray(head(e))
+            start += len(e)
+        np.savez(path, embeddings=emb, slice_probs=probs)
+        return emb, probs
+
+    # ------------------------------------------------------------- stage 2
+    def series_rows(self, split: str) -> list[np.ndarray]:
+        keep = (self.index["split"].to_numpy() == split) & self.ok
+        return [rows for _, rows in rsna.iter_series(self.index, keep)]
+
+    def train_sequence_stage(self, embeddings: np.ndarray) -> Any:
+        import keras
+        import tensorflow as tf
+
+        from training import models
+
+        path = self.out / "sequence_head.keras"
+        if path.exists():
+            logger.info("sequence stage done: %s", path)
+            return keras.saving.load_model(path, compile=False)
+        cfg, stage = self.config, self.config.sequence_stage
+        train, val = self.series_rows("train"), self.series_rows("val")
+        dim = embeddings.shape[1]
+        rng = np.random.default_rng(cfg.seed)
+
+        def crops() -> Any:
+            while True:
+                items = []
+                for i in rng.permutation(len(train)):
+                    rows = train[i]
+                    length = min(stage.crop, len(rows))
+                    start = int(rng.integers(0, len(rows) - length + 1))
+                    items.append(rows[start : start + length])
+                by_length: dict[int, list[np.ndarray]] = {}
+                for rows in items:
+                    by_length.setdefault(len(rows), []).append(rows)
+                batches = [
+                    group[i : i + stage.batch_size]
+                    for group in by_length.values()
+                    for i in range(0, len(group), stage.batch_size)
+                ]
+                for b in rng.permutation(len(batches)):
+                    rows = np.stack(batches[b])
+                    yield embeddings[rows], self.labels[rows]
+
+        def whole(series: list[np.ndarray]) -> Any:
+            while True:
+                for rows in series:
+                    yield embeddings[rows][None], self.labels[rows][None]
+
+        signature = (
+            tf.TensorSpec((None, None, dim), tf.float32),
+            tf.TensorSpec((None, None, len(LABELS)), tf.float32),
+        )
+        train_ds = tf.data.Dataset.from_generator(crops, output_signature=signature).prefetch(2)
+        val_ds = tf.data.Dataset.from_generator(lambda: whole(val), output_signature=signature).prefetch(2)
+        steps = max(1, math.ceil(len(train) / stage.batch_size))
+        strategy = models.distribution_strategy()
+        with strategy.scope():
+            sequence = models.build_sequence_head(dim, cfg.arch)
+            sequence.compile(
+                optimizer=keras.optimizers.Adam(
+                    keras.optimizers.schedules.CosineDecay(stage.learning_rate, steps * stage.epochs, alpha=0.05)
+                ),
+                loss=models.WeightedBinaryCrossentropy(),
+            )
+        best = self.out / "checkpoints" / "sequence_best.keras"
+        best.parent.mkdir(exist_ok=True)
+        sequence.fit(
+            train_ds, steps_per_epoch=steps, epochs=stage.epochs,
+            validation_data=val_ds, validation_steps=max(1, len(val)),
+            callbacks=self._callbacks("sequence", best), verbose=_verbose(), shuffle=False,
+        )
+        sequence = keras.saving.load_model(best, compile=False)
+        sequence.save(path)
+        return sequence
+
+    # -------------------------------------------------------------- export
+    def export(self, slice_model: Any, sequence: Any | None, embeddings: np.ndarray, slice_probs: np.ndarray) -> Path:
+        from training import export, models
+
+        cfg = self.config
+        encoder = slice_model.get_layer("slice_encoder")
+        head = slice_model.get_layer("slice_head")
+        val = self.series_rows("val")
+        ids, y_true, y_prob, y_prob_slice = [], [], [], []
+        for n, rows in enumerate(val):
+            if sequence is not None:
+                y_prob.append(np.asarray(sequence.predict_on_batch(embeddings[rows][None]))[0])
+            else:
+                y_prob.append(slice_probs[rows])
+            y_prob_slice.append(slice_probs[rows])
+            y_true.append(self.labels[rows])
+            ids += [n] * len(rows)
+        y_true_a, y_prob_a = np.concatenate(y_true), np.concatenate(y_prob)
+        _, s_true, s_prob = M.series_level(ids, y_true_a, y_prob_a, cfg.export.series_aggregation)
+        thresholds = M.choose_thresholds(
+            s_true, s_prob, cfg.export.any_sensitivity, cfg.export.subtype_thresholds
+        )
+        validation = M.report(ids, y_true_a, y_prob_a, thresholds, cfg.export.series_aggregation)
+        slice_only = M.report(ids, y_true_a, np.concatenate(y_prob_slice), thresholds, cfg.export.series_aggregation)
+        validation["slice_stage_only"] = {
+            k: slice_only[k] for k in ("weighted_log_loss", "slice_auc", "series_auc")
+        }
+        full = models.assemble(encoder, head, sequence)
+        card = export.make_card(
+            cfg,
+            thresholds=thresholds,
+            metrics={"validation": validation, "threshold_rule": (
+                f"series-level on the validation split: any at {cfg.export.any_sensitivity:.0%} "
+                f"sensitivity, subtypes by {cfg.export.subtype_thresholds}"
+            )},
+            command=self.command,
+            sequence_stage=sequence is not None,
+        )
+        return export.save(full, card, self.out / "export", cfg.export.name)
+
+    def run(self) -> Path:
+        import keras
+
+        keras.utils.set_random_seed(self.config.seed)
+        started = time.monotonic()
+        self.prepare_data()
+        slice_model = self.train_slice_stage()
+        embeddings, slice_probs = self.embeddings(slice_model)
+        sequence = None
+        if self.config.arch.sequence != "none":
+            sequence = self.train_sequence_stage(embeddings)
+        path = self.export(slice_model, sequence, embeddings, slice_probs)
+        logger.info("run finished in %.0f s: %s", time.monotonic() - started, path)
+        return path
+
+
+def command_line(data_dir: Path, config_path: Path, out: Path) -> str:
+    """The command that makes this run, as recorded in the model card."""
+    return "python -m training.train " + shlex.join(
+        ["--data", str(data_dir), "--config", str(config_path), "--out", str(out)]
+    )
+
+
+@click.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Data folder in the RSNA layout.")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training configuration (YAML).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder; running again with the same folder resumes.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(data_dir: Path, config_path: Path, out: Path, quiet: bool) -> None:
+    """Train the slice and sequence stages and export the model with its card."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = TrainConfig.load(config_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    path = Run(data_dir, config, out, command_line(data_dir, config_path, out), progress=not quiet).run()
+    click.echo(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()
