@@ -687,7 +687,13 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.copy() if np.shares_memory(out, image) else out
 
 
-def stack_context(volume: np.ndarray, context: int) -> np.ndarray:
+def stack_context(
+    volume: np.ndarray,
+    context: int,
+    *,
+    rows: Sequence[int] | np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Stack each slice with its neighbours along the channel axis (2.5D).
 
     For slice ``i`` the channels are slices ``i - context`` ... ``i +
@@ -700,27 +706,39 @@ def stack_context(volume: np.ndarray, context: int) -> np.ndarray:
     volume : numpy.ndarray
         ``(N, H, W, C)`` array, slices in order.
     context : int
-        Neighbours on each side; 0 returns ``volume`` itself.
+        Neighbours on each side; 0 returns ``volume`` (or its ``rows``) itself.
+    rows : sequence of int, optional
+        Only these slices (default: all), so a caller can stack one batch at
+        a time instead of the whole series (300 slices at 256x256 with 9
+        channels would be ~700 MB).
+    out : numpy.ndarray, optional
+        C-contiguous ``(len(rows), H, W, C * (2 * context + 1))`` array to
+        write into, e.g. a batch buffer reused from call to call.
 
     Returns
     -------
     numpy.ndarray
-        ``(N, H, W, C * (2 * context + 1))`` array of ``volume``'s dtype.
+        ``(len(rows), H, W, C * (2 * context + 1))`` array of ``volume``'s dtype.
     """
     context = _check_context(context)
     volume = np.asarray(volume)
     if volume.ndim != 4:
         raise ValueError(f"Argument 'volume' must be (N, H, W, C), got shape {volume.shape}")
-    if context == 0:
-        return volume
     n, height, width, channels = volume.shape
+    index = np.arange(n) if rows is None else np.asarray(rows, dtype=np.intp)
+    if context == 0 and out is None:
+        return volume if rows is None else volume[index]
     span = 2 * context + 1
-    out = np.empty((n, height, width, span, channels), dtype=volume.dtype)
+    shape = (len(index), height, width, span * channels)
+    if out is None:
+        out = np.empty(shape, dtype=volume.dtype)
+    elif out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"Argument 'out' must be a C-contiguous array of shape {shape}, got {out.shape}")
+    planes = out.reshape(len(index), height, width, span, channels)
     if n:
         for j, offset in enumerate(range(-context, context + 1)):
-            neighbour = np.clip(np.arange(n) + offset, 0, n - 1)
-            out[:, :, :, j, :] = volume[neighbour]
-    return out.reshape(n, height, width, span * channels)
+            planes[:, :, :, j, :] = volume[np.clip(index + offset, 0, n - 1)]
+    return out
 
 
 # --------------------------------------------------------------------------

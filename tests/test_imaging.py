@@ -537,3 +537,14 @@ def test_module_does_not_import_tensorflow() -> None:
     # Backend neutrality: the module must not need tf (numpy only).
     source = Path(imaging.__file__).read_text()
     assert "import tensorflow" not in source and "from tensorflow" not in source
+
+
+def test_stack_context_rows_into_a_buffer_equal_the_whole_stack() -> None:
+    volume = np.arange(5 * 2 * 2 * 3, dtype=np.float32).reshape(5, 2, 2, 3)
+    whole = stack_context(volume, 1)
+    buffer = np.full((2, 2, 2, 9), -1.0, dtype=np.float32)
+    part = stack_context(volume, 1, rows=range(3, 5), out=buffer)
+    assert part is buffer
+    np.testing.assert_array_equal(buffer, whole[3:5])
+    with pytest.raises(ValueError, match="out"):
+        stack_context(volume, 1, rows=[0], out=buffer)
