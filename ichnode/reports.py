@@ -390,6 +390,17 @@ def _source_headers(
 # SR
 
 
+def _check_content_and_uids(content: ReportContent, uids: ReportUids) -> None:
+    if not isinstance(content, ReportContent):
+        raise TypeError(f"content must be a ReportContent, got {type(content).__name__}")
+    if not isinstance(uids, ReportUids):
+        raise TypeError(f"uids must be a ReportUids, got {type(uids).__name__}")
+    if uids.version != content.version:
+        raise ValueError(
+            f"uids are for version {uids.version} but content is version {content.version}"
+        )
+
+
 def build_sr(
     source_images: Sequence[Dataset],
     content: ReportContent,
@@ -427,14 +438,7 @@ def build_sr(
     highdicom.sr.Comprehensive3DSR
         The SR document, in a new series of the source's study.
     """
-    if not isinstance(content, ReportContent):
-        raise TypeError(f"content must be a ReportContent, got {type(content).__name__}")
-    if not isinstance(uids, ReportUids):
-        raise TypeError(f"uids must be a ReportUids, got {type(uids).__name__}")
-    if uids.version != content.version:
-        raise ValueError(
-            f"uids are for version {uids.version} but content is version {content.version}"
-        )
+    _check_content_and_uids(content, uids)
     headers, key = _source_headers(source_images, content.key_sop_instance_uid)
     if str(key.SeriesInstanceUID) != uids.series_uid:
         raise ValueError(
@@ -618,14 +622,7 @@ def build_summary_image(
     highdicom.sc.SCImage
         An 8-bit RGB Secondary Capture in a new series of the source's study.
     """
-    if not isinstance(content, ReportContent):
-        raise TypeError(f"content must be a ReportContent, got {type(content).__name__}")
-    if not isinstance(uids, ReportUids):
-        raise TypeError(f"uids must be a ReportUids, got {type(uids).__name__}")
-    if uids.version != content.version:
-        raise ValueError(
-            f"uids are for version {uids.version} but content is version {content.version}"
-        )
+    _check_content_and_uids(content, uids)
     if not isinstance(key_image, Dataset):
         raise TypeError(f"key_image must be a pydicom Dataset, got {type(key_image).__name__}")
     if str(key_image.get("SOPInstanceUID", "")) != content.key_sop_instance_uid:
