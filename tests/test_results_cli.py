@@ -148,7 +148,7 @@ def test_list_csv_has_a_header_and_a_row_per_series(filled: Filled) -> None:
 
 def test_list_table(filled: Filled) -> None:
     lines = _results(filled, "list").splitlines()
-    assert lines[0].split()[:3] == ["SERIES_UID", "ACCESSION_NUMBER", "STATUS"]
+    assert lines[0].split()[:3] == ["SERIES_UID", "SERIES_DESCRIPTION", "STATUS"]
     assert len(lines) == 1 + 3
 
 
