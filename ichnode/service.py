@@ -110,10 +110,13 @@ class Node:
             if reindexed:
                 logger.warning("re-indexed %d spooled files that had no database row", reindexed)
         if primary:
-            # Completion only reads and updates rows; any process may run it.
+            # Once per node (its first process). Completion is a conditional
+            # row update, so a second node on the same database is harmless.
             self._add_job(COMPLETION_JOB, self.complete_series, interval)
             self._add_job(RETENTION_JOB, self.purge_expired, RETENTION_CHECK_SECONDS)
         if self.worker is not None:
+            # Assumes one worker process per database: a series another live
+            # worker is scoring would be scored twice (harmless, versioned).
             requeued = requeue_interrupted(self.sessions)
             if requeued:
                 logger.warning("scoring of %d series was interrupted; scoring them again", requeued)
@@ -226,9 +229,10 @@ def _die_with_parent() -> None:
 def reindex_spool(node: Node) -> int:
     """Record spooled instance files that have no row.
 
-    A file renamed into the spool whose row was lost (a crash between the two
-    steps, or a power loss with SQLite's synchronous=NORMAL) was never
-    acknowledged, but it is a whole image: keep it rather than wait for a resend.
+    A file is renamed into the spool before its row is written. A crash
+    between the two leaves a whole image that was never acknowledged; a power
+    loss may also take SQLite's last commits (synchronous=NORMAL) of images
+    that were. Either way the file is whole: index it again.
     """
     with node.sessions() as session:
         known = set(session.scalars(select(db.Instance.path)))

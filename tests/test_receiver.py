@@ -35,6 +35,7 @@ from tests.conftest import (
     run_dcmtk,
     series_by_uid,
     store_files,
+    wait_for,
     wait_series_state,
 )
 
@@ -466,12 +467,21 @@ def test_restart_completes_a_series_left_receiving(start_node: Any, tmp_path: Pa
     assert echo_ok(restarted.port)
 
 
-def test_concurrent_associations_store_one_series(start_node: Any) -> None:
-    """Several senders at once (a PACS with parallel associations) still make one series."""
+def _listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (several with node.receiver_processes)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_concurrent_associations_store_one_series(start_node: Any, processes: int) -> None:
+    """Several senders at once (a PACS with parallel associations) still make one
+    series, also when several receiver processes share the port."""
     import threading
 
     files = ge_files()
-    node = start_node()
+    node = start_node(node={"receiver_processes": processes})
+    wait_for(lambda: _listening_sockets(node.port) == processes, timeout=60, message="receiver processes listening")
     results: dict[int, list[int | None]] = {}
 
     def send(index: int) -> None:
@@ -486,6 +496,9 @@ def test_concurrent_associations_store_one_series(start_node: Any) -> None:
     wait_series_state(node, ge_series_uid(), db.COMPLETE, instance_count=28)
     assert len(all_series(node)) == 1
     assert len(all_instances(node)) == 28
+    node.stop()
+    assert not any(process.is_alive() for process in node._extra_receivers)
+    assert _listening_sockets(node.port) == 0
 
 
 def test_new_uid_for_each_store_is_a_new_instance(start_node: Any, tmp_path: Path) -> None:
