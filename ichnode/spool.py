@@ -56,9 +56,6 @@ class Spool:
     def has_room(self) -> bool:
         return self.free_mb() >= self.min_free_mb
 
-    def size_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.instances_dir.rglob("*.dcm"))
-
     # -- paths -----------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """Path of an instance relative to the spool root."""
@@ -95,13 +92,6 @@ class Spool:
         if self.fsync:
             _fsync_path(target.parent)
         return target
-
-    def write_bytes(self, data: bytes, relative: str) -> Path:
-        """Write ``data`` durably at ``relative`` (temp file, fsync, rename)."""
-        staged = self.tmp_dir / f"{os.getpid()}-{safe_name(Path(relative).name)}.part"
-        with open(staged, "wb") as handle:
-            handle.write(data)
-        return self.commit_file(staged, relative)
 
     def _make_parents(self, folder: Path) -> None:
         if folder.is_dir():

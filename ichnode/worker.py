@@ -7,9 +7,9 @@ slice and series results and the deliveries of the report objects it wrote
 to the spool. A slice that cannot be read or decoded is quarantined with the
 reason; the series is scored from the rest and its result says so.
 
-Reading and preprocessing the next series overlaps inference on the current
-one (a thread pool), and the slice stage is batched across all series
-claimed together, which keeps a GPU busy.
+Reading and preprocessing overlap inference (a thread pool), the series
+prepared at the same moment share prediction batches, which keeps a GPU
+busy, and results and reports are stored on their own thread.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class PreparedSeries:
 
 
 class Worker:
+    """Scores complete series with one loaded model; run :meth:`run_once` on a schedule."""
+
     def __init__(self, config: Config, sessions: sessionmaker[Session], spool: Spool, model: HemorrhageModel) -> None:
         self.config = config
         self.sessions = sessions
