@@ -406,3 +406,34 @@ def test_conv_sequence_head_and_single_stage_model_load(tmp_path):
         assert model.has_sequence_stage is stage
         assert model.predict_series(x).shape == (5, 6)
     keras.backend.clear_session()
+
+
+def test_fine_tune_from_a_slice_model_keeps_the_previous_split(trained, tmp_path):
+    import keras
+
+    from training import train
+
+    previous = trained["out"]
+    config = TINY_CONFIG.replace("seed: 3", "seed: 4").replace(
+        "data: {split: {train: 0.6, val: 0.4}, workers: 2}",
+        f"data: {{split: {{train: 0.6, val: 0.4}}, workers: 2, split_from: '{previous / 'split.csv'}'}}",
+    ).replace(
+        "slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}",
+        f"slice_stage: {{epochs: 1, steps_per_epoch: 1, batch_size: 8, learning_rate: 1.0e-9, weight_decay: 0,"
+        f" init_from: '{previous / 'slice_model.keras'}'}}",
+    )
+    (tmp_path / "ft.yaml").write_text(config)
+    out = tmp_path / "run"
+    train.Run(trained["data"], train.TrainConfig.load(tmp_path / "ft.yaml"), out, "test", progress=False).run()
+    old = pd.read_csv(previous / "split.csv")
+    new = pd.read_csv(out / "split.csv")
+    assert new.set_index("image_id")["split"].to_dict() == old.set_index("image_id")["split"].to_dict()
+
+    def first_kernel(path):
+        model = keras.saving.load_model(path, compile=False)
+        conv = next(w for w in model.weights if len(w.shape) == 4)
+        return np.asarray(conv)
+
+    np.testing.assert_allclose(
+        first_kernel(out / "slice_model.keras"), first_kernel(previous / "slice_model.keras"), atol=1e-6
+    )

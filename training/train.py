@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import click
 import numpy as np
+import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,6 +58,9 @@ class DataSection(_Section):
     cache_dtype: Literal["float16", "float32"] = "float16"
     cache_dir: Path | None = None  # None: RUNDIR/cache
     workers: int | None = Field(None, ge=1)
+    # A previous run's split.csv: its patients keep their split (so a fine-tuned
+    # model is validated on the same patients); new patients are split by `split`.
+    split_from: Path | None = None
 
     @field_validator("split")
     @classmethod
@@ -81,6 +85,7 @@ class SliceStage(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
     oversample: float = Field(0.0, ge=0, lt=1)  # fraction of samples drawn from subtype-positive slices
+    init_from: Path | None = None  # a slice model (.keras, e.g. RUNDIR/slice_model.keras) to fine-tune from
 
 
 class SequenceStage(_Section):
@@ -187,6 +192,14 @@ class Run:
         if not rsna.has_labels(self.index):
             raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
         self.index["split"] = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
+        if cfg.data.split_from is not None:
+            previous = pd.read_csv(cfg.data.split_from, usecols=["patient_id", "split"]).drop_duplicates()
+            keep = dict(zip(previous["patient_id"], previous["split"]))
+            new = ~self.index["patient_id"].isin(keep)
+            split = self.index["patient_id"].map(keep)
+            if new.any():
+                split[new] = rsna.split_by_patient(self.index[new], cfg.data.split, cfg.seed)
+            self.index["split"] = split
         self.index[["patient_id", "study_uid", "series_uid", "image_id", "split"]].to_csv(
             self.out / "split.csv", index=False
         )
@@ -237,8 +250,12 @@ class Run:
         val_steps = stage.validation_steps or math.ceil(len(self.rows["val"]) / stage.batch_size)
         strategy = models.distribution_strategy()
         with strategy.scope():
-            encoder = models.build_slice_encoder((*cfg.input.size, cfg.channels), cfg.arch)
-            model = models.build_slice_model(encoder, models.build_slice_head())
+            if stage.init_from is not None:
+                logger.info("slice stage: fine-tuning %s", stage.init_from)
+                model = keras.saving.load_model(stage.init_from, compile=False)
+            else:
+                encoder = models.build_slice_encoder((*cfg.input.size, cfg.channels), cfg.arch)
+                model = models.build_slice_model(encoder, models.build_slice_head())
             schedule = keras.optimizers.schedules.CosineDecay(
                 stage.learning_rate, decay_steps=steps * stage.epochs, alpha=0.05,
                 warmup_target=None,
