@@ -298,7 +298,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum: int, _frame: Any) -> None:
+def exit_on_sigterm(signum: int, _frame: Any) -> None:
     # SystemExit unwinds through the finally blocks that stop and clean up.
     raise SystemExit(128 + signum)
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 10 or args.repeat < 1:
         parser.error("--sizes must list slice counts >= 10 (series.min_slices) and --repeat must be >= 1")
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # "skipped: maximum number of running instances reached": a job that
     # outlasts a tick (the first, compiling run) -- expected, not news.

@@ -55,7 +55,7 @@ for _path in (REPO_ROOT, BENCH_DIR):
 import numpy as np  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from latency import phantom_series, renew_uids  # noqa: E402  (numpy + pydicom only)
+from latency import exit_on_sigterm, log, phantom_series, renew_uids  # noqa: E402  (numpy + pydicom only)
 
 
 def spool_series(spool: Any, sessions: Any, datasets: list[Dataset], count: int) -> list[str]:
@@ -131,15 +131,6 @@ def bare_rate(model: Any, x: np.ndarray, n_series: int, claim: int, batch_size: 
     return n * n_series / (time.perf_counter() - start)
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _on_sigterm(signum: int, _frame: Any) -> None:
-    # SystemExit unwinds through the finally blocks that stop and clean up.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=8, help="complete series scored in one run_once (default 8)")
@@ -153,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.series < 1 or args.slices < 10 or args.batch_size < 1 or args.repeat < 1:
         parser.error("need --series >= 1, --slices >= 10 (series.min_slices), --batch-size >= 1, --repeat >= 1")
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ichnode.worker import describe_device
 
