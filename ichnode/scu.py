@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -95,6 +95,15 @@ def _connect_error(host: str, port: int, timeout: float = 5) -> str | None:
         return exc.strerror or str(exc)
 
 
+class _File(NamedTuple):
+    """A file found for sending, from its header."""
+
+    path: Path
+    sop_class: str
+    syntax: str
+    sop_class_in_meta_only: bool
+
+
 @dataclass
 class SendSummary:
     """What happened to each file of a send."""
@@ -141,7 +150,7 @@ def send_files(
     not sent, with the reason.
     """
     summary = SendSummary()
-    found: list[tuple[Path, str, str]] = []
+    found: list[_File] = []
     for path in iter_files(paths):
         try:
             ds = dcmread(path, stop_before_pixels=True)
@@ -153,14 +162,14 @@ def send_files(
         if sop_class == "1.2.840.10008.1.3.10":  # Media Storage Directory (DICOMDIR)
             summary.skipped.append(f"{path}: a DICOMDIR, not an image")
             continue
-        found.append((path, sop_class, syntax))
+        found.append(_File(path, sop_class, syntax, "SOPClassUID" not in ds))
 
     # Propose exactly the (SOP class, transfer syntax) pairs present, in
     # batches of at most 128 contexts, one association per batch.
-    batches: list[list[tuple[Path, str, str]]] = []
+    batches: list[list[_File]] = []
     contexts: list[set[tuple[str, str]]] = []
     for item in found:
-        pair = (item[1], item[2])
+        pair = (item.sop_class, item.syntax)
         for batch, pairs in zip(batches, contexts):
             if pair in pairs or len(pairs) < MAX_CONTEXTS:
                 batch.append(item)
@@ -185,13 +194,13 @@ def send_files(
             continue
         disable_nagle(assoc)
         try:
-            for path, _, _ in batch:
-                status = store_file(assoc, path)
+            for item in batch:
+                status = store_file(assoc, item.path, sop_class_in_meta_only=item.sop_class_in_meta_only)
                 category = status_category(status)
                 summary.statuses[category] += 1
                 if category in ("Failure", "No response"):
                     shown = "no response" if status is None else f"0x{status:04X}"
-                    summary.failures.append(f"{path}: {shown}")
+                    summary.failures.append(f"{item.path}: {shown}")
                 bar.update(1)
                 if not assoc.is_established:
                     break
@@ -202,13 +211,15 @@ def send_files(
     return summary
 
 
-def store_file(assoc, path: Path) -> int | None:
-    """C-STORE one file on an open association; the response status, None if none came."""
+def store_file(assoc, path: Path, *, sop_class_in_meta_only: bool = False) -> int | None:
+    """C-STORE one file on an open association; the response status, None if none came.
+
+    ``sop_class_in_meta_only``: the file keeps its SOP Class UID only in the
+    file meta (the RSNA files); C-STORE needs it in the dataset, so the file
+    is read and completed rather than sent as it is.
+    """
     dataset: Path | Dataset = path
-    header = dcmread(path, stop_before_pixels=True)
-    if "SOPClassUID" not in header:
-        # Some archives (the RSNA files) keep the SOP Class UID only in the
-        # file meta; C-STORE needs it in the dataset.
+    if sop_class_in_meta_only:
         dataset = dcmread(path)
         dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
     response = assoc.send_c_store(dataset)
