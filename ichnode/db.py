@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -230,7 +231,5 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def count_by_state(session: Session, column: Any) -> dict[str, int]:
-    from sqlalchemy import func
-
     rows = session.execute(select(column, func.count()).group_by(column)).all()
     return {state: count for state, count in rows}

@@ -29,7 +29,6 @@ from ichnode.dispatch import Dispatcher, backoff_seconds
 from ichnode.spool import Spool
 from tests.conftest import free_port, require_data, require_tool, run_cli, store_files
 from tests.peers import IchnodeProcess
-from tests.peers import require_tool as require_program
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
@@ -57,7 +56,7 @@ def _series_uid(series) -> str:
 
 # -- reports reach the destination and are valid DICOM ---------------------------------
 def _dciodvfy(path: Path) -> list[str]:
-    out = subprocess.run([require_program("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
     return (out.stdout + out.stderr).splitlines()
 
 
