@@ -29,10 +29,6 @@ from sqlalchemy.orm import selectinload
 from ichnode import db
 from tests.conftest import config_data, wait_for, write_config
 
-# The name in the card of the untrained placeholder model bundled until the
-# phantom-trained one lands; finding assertions are xfailed only for it.
-UNTRAINED_CARD_NAME = "dev-untrained"
-
 # Generous: the test machine has 2 cores shared with other jobs.
 SCORE_TIMEOUT = 120.0
 
@@ -52,10 +48,6 @@ def shared_model() -> Any:
     from ichnode.model import load_model
 
     return load_model(None)
-
-
-def model_is_untrained() -> bool:
-    return shared_model().card.name == UNTRAINED_CARD_NAME
 
 
 # -- nodes ---------------------------------------------------------------------

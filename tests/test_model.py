@@ -21,7 +21,6 @@ from ichnode.model import (
     series_scores,
 )
 
-pytest.importorskip("keras")
 
 # Keras' TensorFlow backend calls np.array(variable) on save; numpy 2 warns about it.
 pytestmark = pytest.mark.filterwarnings(

@@ -17,8 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("sklearn")
 
 # Keras' TensorFlow backend calls np.array(variable) on save; numpy 2 warns about it.
 pytestmark = pytest.mark.filterwarnings(
