@@ -222,10 +222,20 @@ def test_blood_in_lesion_mask(ich):
     mask = ich.masks["intraparenchymal"]
     lab = ich.labels[:, LABELS.index("intraparenchymal")].astype(bool)
     assert lab.any()
-    # a slice is labelled when the lesion covers at least min_lesion_voxels of it
-    assert np.array_equal(lab, mask.sum(axis=(1, 2)) >= ich.meta["min_lesion_voxels"])
-    k = int(np.argmax(mask.sum(axis=(1, 2))))
+    # a slice is labelled where the lesion covers at least min_lesion_voxels and is visible in the noise
+    (lesion,) = ich.meta["lesions"]
+    snr = np.array(lesion["snr"])
+    area = mask.sum(axis=(1, 2))
+    assert np.array_equal(lab, (area >= ich.meta["min_lesion_voxels"]) & (snr >= ich.meta["min_lesion_snr"]))
+    k = int(np.argmax(area))
     assert lab[k]
+    # the SNR is what the image shows: blood against the oedema rim around it, over the white noise
+    rim = ich.hu[k][ich.tissue[k] == TISSUE["oedema"]].astype(np.float64)
+    contrast = np.median(ich.hu[k][mask[k]]) - np.median(rim)
+    measured = contrast * np.sqrt(area[k]) / (ich.meta["noise_sd"] / 0.375)
+    assert 0.7 < snr[k] / measured < 1.4
+    # a slice that barely touches the lesion is not labelled
+    assert (snr[area == 0] < 1).all()
     blood = ich.hu[k][mask[k]].astype(np.float64)
     assert 50 <= np.median(blood) <= 90
     # oedema rim darker than brain around the clot

@@ -24,8 +24,11 @@ Hemorrhage (acute blood 50-90 HU): epidural biconvex lens, subdural
 crescent (convexity or parafalcine), subarachnoid blood in sulci, fissures
 and / or basal cisterns, intraventricular layering or cast, and
 intraparenchymal focus with an oedema rim. Large lesions shift the midline
-structures. A subtype is labelled on a slice when the lesion covers at
-least about 3 mm^2 of that slice.
+structures. A subtype is labelled on a slice where a reader could see it:
+the lesion covers at least about 3 mm^2 of that slice and its blood stands
+out of the noise by the Rose criterion (ideal-observer SNR, the root of the
+summed squared HU contrast over the noise sd, at least 5). A lesion visible
+on no slice is drawn again, larger.
 
 Modules: :mod:`~training.phantoms.constants` (label orders, tissue codes,
 encodings), :mod:`~training.phantoms.numeric` (float32 helpers),

@@ -31,7 +31,11 @@ from training.phantoms.numeric import _F32, _ellipsoid_d, _lerp, _paint, _ramp, 
 
 def _render(A: _Anatomy, lesions: list[_Lesion], G: _Geometry, noise_sd: float,
             rng_noise: np.random.Generator, want_tissue: bool):
-    """Returns clean-plus-noise HU (float32), tissue, lesion slice counts and masks."""
+    """Returns clean-plus-noise HU (float32), tissue, per lesion and slice the
+    area in pixels and the detectability SNR, and the masks.
+
+    The SNR is the ideal observer's, sqrt(sum of squared HU contrast) / sd of
+    the white noise, for the blood of one lesion on one slice."""
     n = len(G.s)
     k = _F32(1.0 / G.ps)
     i0, i1, j0, j1 = G.box
@@ -45,6 +49,7 @@ def _render(A: _Anatomy, lesions: list[_Lesion], G: _Geometry, noise_sd: float,
     out = np.empty((n, G.rows, G.cols), dtype=_F32)
     tissue = np.zeros((n, G.rows, G.cols), dtype=np.uint8) if want_tissue else None
     counts = np.zeros((len(lesions), n), dtype=np.int64)
+    signal2 = np.zeros((len(lesions), n), dtype=np.float64)
     masks = [np.zeros((n, G.rows, G.cols), dtype=bool) for _ in lesions] if want_tissue else None
     shifts = [s for s in (_lesion_shift(les, A) for les in lesions) if s is not None]
 
@@ -59,11 +64,13 @@ def _render(A: _Anatomy, lesions: list[_Lesion], G: _Geometry, noise_sd: float,
         hu = np.full(x.shape, -1000.0, dtype=_F32)
         tis = np.zeros(x.shape, dtype=np.uint8) if want_tissue else None
         lesion_alpha = _render_head(A, lesions, shifts, x, y, z, k, gravity, hu, tis)
-        for li, (idx, alpha) in enumerate(lesion_alpha):
+        for li, (idx, alpha, contrast) in enumerate(lesion_alpha):
             if idx is None:
                 continue
             hit = idx[alpha >= 0.5]
             counts[li, k0:k1] += np.bincount(hit // (ni * nj), minlength=k1 - k0)
+            signal2[li, k0:k1] += np.bincount(idx // (ni * nj), weights=contrast.astype(np.float64) ** 2,
+                                              minlength=k1 - k0)
             if masks is not None:
                 flat = np.zeros(x.shape, dtype=bool)
                 flat[hit] = True
@@ -76,7 +83,7 @@ def _render(A: _Anatomy, lesions: list[_Lesion], G: _Geometry, noise_sd: float,
             tissue[k0:k1, i0:i1, j0:j1] = tis.reshape(k1 - k0, ni, nj)
         vol += rng_noise.standard_normal(vol.shape, dtype=_F32) * _F32(sd_raw)
         out[k0:k1] = _smooth(vol)
-    return out, tissue, counts, masks
+    return out, tissue, counts, np.sqrt(signal2) / sd_raw, masks
 
 
 def _smooth(v: np.ndarray) -> np.ndarray:
@@ -116,9 +123,9 @@ def _paint_sub(hu, tis, m, val, a, code):
 
 def _render_head(A: _Anatomy, lesions, shifts, x, y, z, k, gravity, hu_out, tis_out):
     """Paint the head into ``hu_out`` (flat, air already); returns per lesion
-    (indices into the flat arrays, blood fraction)."""
+    (indices into the flat arrays, blood fraction, HU contrast of the blood)."""
     d_cav, qx, qy, qz = _cavity(A, x, y, z)
-    res: list[tuple[Any, Any]] = [(None, None)] * len(lesions)
+    res: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(lesions)
     # the head: within skull + scalp (at most ~ 50 mm) of the cavity outline
     hsel = np.nonzero(d_cav > -(A.t_skull * 1.3 + 9.0 * A.frontal_sinus + A.t_scalp * 1.3 + 24.0))[0]
     if hsel.size == 0:
@@ -180,7 +187,10 @@ def _render_head(A: _Anatomy, lesions, shifts, x, y, z, k, gravity, hu_out, tis_
             m = a_cav >= 0.5
             t[m] = tis_c[m]
             tis[csel] = t
-        res = [(None, None) if idx is None else (hsel[csel[idx]], al) for idx, al in les_c]
+        res = [
+            (None, None, None) if idx is None else (hsel[csel[idx]], al, dhu * a_cav[idx])
+            for idx, al, dhu in les_c
+        ]
     hu_out[hsel] = hu
     if tis_out is not None:
         tis_out[hsel] = tis
@@ -440,7 +450,7 @@ def _render_brain(A: _Anatomy, lesions, shifts, x, y, z, qx, qy, qz, cav, d_cav,
     # --- hemorrhage, each evaluated on the voxels it can reach
     parts = {"left": a_vl, "right": a_vr, "third": a_v3, "fourth": a_v4}
     order = {"subarachnoid": 0, "intraventricular": 1, "intraparenchymal": 2, "subdural": 3, "epidural": 4}
-    res: list[tuple[Any, Any]] = [(None, None)] * len(lesions)
+    res: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(lesions)
 
     def box(c, r):
         return (np.abs(x - _F32(c[0])) < r[0]) & (np.abs(y - _F32(c[1])) < r[1]) & (np.abs(z - _F32(c[2])) < r[2])
@@ -531,10 +541,11 @@ def _render_brain(A: _Anatomy, lesions, shifts, x, y, z, qx, qy, qz, cav, d_cav,
         t_ = tis[idx] if tis is not None else None
         if rim is not None:
             _paint(h, t_, _F32(p["rim_hu"]), rim, T["oedema"])
+        contrast = a * (_F32(les.hu) - h)  # what the blood changes, against what surrounds it
         _paint(h, t_, _F32(les.hu), a, T["blood"])
         hu[idx] = h
         if tis is not None:
             tis[idx] = t_
         nz = np.nonzero(a > 0.02)[0]
-        res[li] = (idx[nz], a[nz])
+        res[li] = (idx[nz], a[nz], contrast[nz])
     return hu, tis, res

@@ -18,7 +18,11 @@ from training.phantoms.geometry import _geometry
 from training.phantoms.lesions import _SIZES, _parse_request, _sample_lesion
 from training.phantoms.render import _render
 
-_MIN_AREA_MM2 = 3.0  # lesion area on a slice needed for a positive slice label
+# A slice is labelled with a lesion's subtype when a reader could see it there:
+# it covers at least _MIN_AREA_MM2 and its blood stands out of the noise by the
+# Rose criterion (ideal-observer SNR >= 5), as radiologists label what they see.
+_MIN_AREA_MM2 = 3.0
+_MIN_SNR = 5.0
 
 
 # ---------------------------------------------------------------------------
@@ -156,17 +160,18 @@ def make_series(
 
     min_vox = max(3, int(math.ceil(_MIN_AREA_MM2 / G.ps**2)))
     for attempt in range(4):
-        vol, tissue, counts, lmasks = _render(A, lesions, G, noise_sd, np.random.default_rng([seed, 4]),
-                                              return_volume)
-        missing = [i for i in range(len(lesions)) if counts[i].max() < min_vox]
+        vol, tissue, counts, snr, lmasks = _render(A, lesions, G, noise_sd, np.random.default_rng([seed, 4]),
+                                                   return_volume)
+        visible = (counts >= min_vox) & (snr >= _MIN_SNR)
+        missing = [i for i in range(len(lesions)) if not visible[i].any()]
         if not missing:
             break
-        # a lesion fell between slices or outside the brain: draw it again, larger
+        # a lesion fell between slices, outside the brain or under the noise: draw it again, larger
         for i in missing:
             lesions[i] = _sample_lesion(lesions[i].kind, "large" if attempt else "medium", rng_les, A, G.spacing)
     labels_bottom_up = np.zeros((len(G.s), len(LABELS)), dtype=np.uint8)
     for i, les in enumerate(lesions):
-        labels_bottom_up[:, LABELS.index(les.kind)] |= (counts[i] >= min_vox).astype(np.uint8)
+        labels_bottom_up[:, LABELS.index(les.kind)] |= visible[i].astype(np.uint8)
     labels_bottom_up[:, 0] = labels_bottom_up[:, 1:].max(axis=1)
 
     r = rng_hdr.random()
@@ -194,12 +199,14 @@ def make_series(
         "tilt_degrees": float(math.degrees(math.atan2(-G.col[2], G.col[1]))),
         "noise_sd": noise_sd,
         "min_lesion_voxels": min_vox,
+        "min_lesion_snr": _MIN_SNR,
         "age": A.age,
         "atrophy": A.atrophy,
         "lesions": [
             {"kind": les.kind, "size": les.size, "hu": les.hu,
+             "snr": [round(float(v), 2) for v in snr[i][order]],  # per slice, in the datasets' order
              **{kk: (v.tolist() if isinstance(v, np.ndarray) else v) for kk, v in les.p.items()}}
-            for les in lesions
+            for i, les in enumerate(lesions)
         ],
         "order": "bottom-up" if order[0] == 0 else "top-down",
     }
