@@ -107,6 +107,7 @@ class SeriesConfig(_Section):
 class ModelConfig(_Section):
     path: Path | None = None  # None: the bundled default model
     batch_size: int = Field(32, ge=1)
+    worker_processes: int | None = Field(None, ge=1)  # None: CPU cores - 1, at least 2
     thresholds: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("thresholds")

@@ -7,58 +7,74 @@ slice and series results and the deliveries of the report objects it wrote
 to the spool. A slice that cannot be read or decoded is quarantined with the
 reason; the series is scored from the rest and its result says so.
 
-Reading and preprocessing overlap inference (a thread pool), the series
-prepared at the same moment share prediction batches, which keeps a GPU
-busy, and results and reports are stored on their own thread.
+Reading and preprocessing overlap inference, and so does building the
+reports; both run in helper processes (:mod:`ichnode.preparation`) so they
+use every core. The series prepared at the same moment share prediction
+batches, which keeps a GPU busy, and results are recorded on their own thread.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
 from .config import LABELS, Config, Peer
 from .model import HemorrhageModel, flags, series_scores
-from .reports import Finding, ReportContent, build_sr, build_summary_image, report_uids
-from .selection import skip_reason
+from .preparation import (
+    InstanceRow,
+    PreparedVolume,
+    default_processes,
+    prepare_series,
+    process_pool,
+    write_reports,
+)
+from .reports import Finding, ReportContent, report_uids
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
 # Series claimed per round: those prepared at the same time share prediction batches.
 CLAIM_BATCH = 4
-# Threads reading and preprocessing series (decoding releases the GIL in part).
-PREPARE_THREADS = min(4, os.cpu_count() or 2)
 
 
 @dataclass
-class PreparedSeries:
-    """A claimed series, read and preprocessed, ready for the model."""
+class ClaimedSeries:
+    """A series this worker claimed; ``prepared`` once it is read and preprocessed."""
 
     series_id: int
     series_uid: str
     study_uid: str
     version: int
     calling_ae: str | None
-    headers: list[Dataset] = field(default_factory=list)  # scored slices, z order
-    sop_uids: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)  # spool paths, same order
-    volume: np.ndarray | None = None  # (N, H, W, windows), z order
-    quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
-    skip: str | None = None
-    prepare_seconds: float = 0.0
+    prepared: PreparedVolume = field(default_factory=PreparedVolume)
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return self.prepared.sop_uids
+
+    @property
+    def quarantined(self) -> dict[int, str]:
+        return self.prepared.quarantined
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the model found in a series, and the report objects being written for it."""
+
+    probs: np.ndarray  # (N, 6) per slice, z order
+    scores: dict[str, float]
+    flags: dict[str, bool]
+    key: int  # index of the key slice
+    reports: Future[tuple[list[tuple[str, str, str]], float]] | None
 
 
 class Worker:
@@ -72,7 +88,8 @@ class Worker:
         card = model.card
         # Config thresholds override the card's, label by label.
         self.thresholds = {**card.thresholds, **config.model.thresholds}
-        self._pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="ichnode-prepare")
+        self._process_count = config.model.worker_processes or default_processes()
+        self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
         self._warm_up()
 
@@ -84,11 +101,11 @@ class Worker:
         self.model.predict_series(zeros, batch_size=2)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
+        self._processes.shutdown(wait=True)
 
     # -- claiming --------------------------------------------------------
-    def claim(self, limit: int = CLAIM_BATCH) -> list[PreparedSeries]:
+    def claim(self, limit: int = CLAIM_BATCH) -> list[ClaimedSeries]:
         """Move up to ``limit`` complete series to processing; safe with several workers."""
         claimed = []
         with db.transaction(self.sessions) as session:
@@ -107,85 +124,76 @@ class Worker:
                 if won:
                     series = session.get(db.Series, series_id)
                     claimed.append(
-                        PreparedSeries(series_id, series.series_uid, series.study_uid, version, series.calling_ae)
+                        ClaimedSeries(series_id, series.series_uid, series.study_uid, version, series.calling_ae)
                     )
         return claimed
 
     def run_once(self) -> int:
         """Claim and process what is complete; returns the number of series handled.
 
-        Series are read and preprocessed in a pool while the model scores
-        those already prepared; whatever is ready at the same moment shares
-        prediction batches (which keeps a GPU busy); results and reports are
-        stored by another thread while the model moves on.
+        Series are read and preprocessed by the helper processes while the
+        model scores those already prepared; whatever is ready at the same
+        moment shares prediction batches (which keeps a GPU busy); reports
+        are built by the helper processes and results recorded by another
+        thread while the model moves on.
         """
         handled = 0
-        pending = {self._pool.submit(self.prepare, item) for item in self.claim()}
+        pending: dict[Future[PreparedVolume], ClaimedSeries] = {}
         stores: list[Future[None]] = []
+
+        def prepare(claimed: list[ClaimedSeries]) -> None:
+            for item in claimed:
+                pending[self._submit(prepare_series, *self._prepare_arguments(item))] = item
+
+        prepare(self.claim())
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             items = []
             for future in done:
+                item = pending.pop(future)
+                handled += 1
                 try:
-                    items.append(future.result())
-                except Exception:
-                    logger.exception("preparing a series failed")
-            # Claim more while the model works, so the pool never idles.
-            pending |= {self._pool.submit(self.prepare, item) for item in self.claim()}
-            scorable = [item for item in items if item.volume is not None]
+                    item.prepared = future.result()
+                except Exception as exc:
+                    logger.exception("preparing series %s failed", item.series_uid)
+                    stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
+                    continue
+                items.append(item)
+            # Claim more while the model works, so the processes never idle.
+            prepare(self.claim())
+            scorable = [item for item in items if item.prepared.volume is not None]
             probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
             for item in items:
-                stores.append(self._store_pool.submit(self._store_or_fail, item, probabilities.get(id(item))))
-            handled += len(items)
+                probs = probabilities.get(id(item))
+                scored = None if probs is None else self._score(item, probs)
+                stores.append(self._store_pool.submit(self._store_or_fail, item, scored))
         for future in stores:
             future.result()
         return handled
 
+    def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Hand work to the helper processes, replacing them if one died."""
+        try:
+            return self._processes.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            logger.error("a helper process died (its series failed); starting new helper processes")
+            self._processes.shutdown(wait=False)
+            self._processes = process_pool(self._process_count)
+            return self._processes.submit(fn, *args, **kwargs)
+
     # -- preparing -------------------------------------------------------
-    def prepare(self, item: PreparedSeries) -> PreparedSeries:
-        """Read the files, check eligibility, decode and preprocess (runs in the pool)."""
-        started = time.perf_counter()
+    def _prepare_arguments(self, item: ClaimedSeries) -> tuple:
         with self.sessions() as session:
             rows = session.execute(
                 select(db.Instance.id, db.Instance.path, db.Instance.sop_class_uid, db.Instance.sop_instance_uid)
                 .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_(None))
             ).all()
-        readable = []
-        for row in rows:
-            try:
-                # Each file is read once; its pixels are decoded only if scored.
-                readable.append((row, dcmread(self.spool.absolute(row.path))))
-            except Exception as exc:
-                item.quarantined[row.id] = f"unreadable file: {exc}"
-        item.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], self.config.series)
-        if item.skip is None:
-            self._preprocess(item, readable)
-        item.prepare_seconds = time.perf_counter() - started
-        return item
-
-    def _preprocess(self, item: PreparedSeries, readable: list[tuple[Any, Dataset]]) -> None:
         card = self.model.card
-        order = imaging.order_slices([ds for _, ds in readable])
-        slices = []
-        for index in order:
-            row, ds = readable[index]
-            try:
-                slices.append(imaging.preprocess_slice(ds, card.windows, tuple(card.input_size)))
-            except Exception as exc:
-                item.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
-                continue
-            # Keep the header only: the pixel data is not needed any more.
-            del ds.PixelData
-            item.headers.append(ds)
-            item.sop_uids.append(row.sop_instance_uid)
-            item.paths.append(row.path)
-        if not slices:
-            item.skip = "no slice could be decoded"
-            return
-        item.volume = np.stack(slices)
+        instances = [InstanceRow(*row) for row in rows]
+        return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size)
 
     # -- scoring ---------------------------------------------------------
-    def _batches(self, items: Sequence[PreparedSeries]) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
+    def _batches(self, items: Sequence[ClaimedSeries]) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
         """Model batches over the slices of ``items``, in order.
 
         Yields the 2.5D inputs and who they belong to, as (item index, slice
@@ -199,7 +207,8 @@ class Worker:
         owners: list[tuple[int, int]] = []
         filled = 0
         for index, item in enumerate(items):
-            volume = item.volume
+            volume = item.prepared.volume
+            assert volume is not None
             start = 0
             while start < len(volume):
                 take = min(size - filled, len(volume) - start)
@@ -218,7 +227,7 @@ class Worker:
         if filled:
             yield buffer[:filled], owners
 
-    def _predict(self, items: Sequence[PreparedSeries]) -> list[np.ndarray]:
+    def _predict(self, items: Sequence[ClaimedSeries]) -> list[np.ndarray]:
         """Per-slice probabilities (N_i, 6) of each series, in its z order."""
         if not items:
             return []
@@ -238,20 +247,9 @@ class Worker:
             return [self.model.score_sequence(embeddings) for embeddings in per_series]
         return per_series
 
-    def _store_or_fail(self, item: PreparedSeries, probs: np.ndarray | None) -> None:
-        try:
-            self._store(item, probs)
-        except Exception as exc:
-            logger.exception("storing the result of series %s failed", item.series_uid)
-            self._fail(item, f"{type(exc).__name__}: {exc}")
-
-    def _store(self, item: PreparedSeries, probs: np.ndarray | None) -> None:
+    def _score(self, item: ClaimedSeries, probs: np.ndarray) -> Scored:
+        """Series scores and flags, and the report objects handed to the helper processes."""
         card = self.model.card
-        if item.skip is not None:
-            self._finish(item, status=db.SKIPPED, skip_reason=item.skip)
-            logger.info("series %s skipped: %s", item.series_uid, item.skip)
-            return
-        assert probs is not None
         scores = series_scores(probs, card)
         found = flags(scores, self.thresholds)
         key = int(np.argmax(probs[:, LABELS.index("any")]))
@@ -264,17 +262,46 @@ class Worker:
             quarantined_count=len(item.quarantined),
             disclaimer=card.disclaimer,
         )
-        reports = self._write_reports(item, content, key)
+        wanted = self.config.reports
+        reports = None
+        if wanted.sr or wanted.summary_image:
+            reports = self._submit(
+                write_reports,
+                self.spool,
+                item.study_uid,
+                item.prepared.paths,
+                key,
+                content,
+                report_uids(item.series_uid, item.version),
+                sr=wanted.sr,
+                summary_image=wanted.summary_image,
+            )
+        return Scored(probs, scores, found, key, reports)
+
+    def _store_or_fail(self, item: ClaimedSeries, scored: Scored | None) -> None:
+        try:
+            self._store(item, scored)
+        except Exception as exc:
+            logger.exception("storing the result of series %s failed", item.series_uid)
+            self._fail(item, f"{type(exc).__name__}: {exc}")
+
+    def _store(self, item: ClaimedSeries, scored: Scored | None) -> None:
+        if scored is None:
+            skip = item.prepared.skip
+            self._finish(item, status=db.SKIPPED, skip_reason=skip)
+            logger.info("series %s skipped: %s", item.series_uid, skip)
+            return
+        reports = scored.reports.result()[0] if scored.reports is not None else []
         self._finish(
             item,
             status=db.SCORED,
-            scores=scores,
-            flags=found,
-            key_sop_instance_uid=item.sop_uids[key],
-            slice_probs=probs,
+            scores=scored.scores,
+            flags=scored.flags,
+            key_sop_instance_uid=item.sop_uids[scored.key],
+            slice_probs=scored.probs,
             reports=reports,
         )
-        positive = [label for label in LABELS if found[label]]
+        positive = [label for label in LABELS if scored.flags[label]]
         logger.info(
             "series %s scored (version %d, %d slices, %d quarantined): %s",
             item.series_uid,
@@ -283,27 +310,6 @@ class Worker:
             len(item.quarantined),
             ", ".join(positive) or "no hemorrhage flagged",
         )
-
-    def _write_reports(self, item: PreparedSeries, content: ReportContent, key: int) -> list[tuple[str, str, str]]:
-        """Build the report objects and spool them; (kind, SOP Instance UID, spool path) each."""
-        reports_config = self.config.reports
-        uids = report_uids(item.series_uid, item.version)
-        written = []
-        if reports_config.sr:
-            sr = build_sr(item.headers, content, uids=uids)
-            written.append(("sr", sr))
-        if reports_config.summary_image:
-            key_ds = dcmread(self.spool.absolute(item.paths[key]))
-            summary = build_summary_image(key_ds, imaging.to_hu(key_ds), content, uids=uids)
-            written.append(("summary", summary))
-        out = []
-        for kind, dataset in written:
-            relative = self.spool.report_path(item.study_uid, dataset.SOPInstanceUID)
-            staged = self.spool.tmp_dir / f"{dataset.SOPInstanceUID}.part"
-            dataset.save_as(staged, enforce_file_format=True)
-            self.spool.commit_file(staged, relative)
-            out.append((kind, str(dataset.SOPInstanceUID), relative))
-        return out
 
     # -- recording -------------------------------------------------------
     def destinations(self, calling_ae: str | None) -> list[tuple[str, str, int]]:
@@ -321,7 +327,7 @@ class Worker:
 
     def _finish(
         self,
-        item: PreparedSeries,
+        item: ClaimedSeries,
         *,
         status: str,
         skip_reason: str | None = None,
@@ -408,7 +414,7 @@ class Worker:
                             )
                         )
 
-    def _fail(self, item: PreparedSeries, reason: str) -> None:
+    def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:
             session.execute(
                 update(db.Series)

@@ -8,6 +8,8 @@ series by C-STORE and reads what the worker wrote to the database and spool.
 from __future__ import annotations
 
 import copy
+import os
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pydicom
@@ -256,3 +258,22 @@ def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nod
         assert len(worker.claim()) == 1
     finally:
         worker.close()
+
+
+def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
+    series = phantom(27, n_slices=12)
+    series_uid = _uid(series.datasets[0])
+    _, config = nodes.config()
+    receiver = nodes.start(config, components=("receiver",))
+    assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
+    wait_series_state(receiver, series_uid, db.COMPLETE)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        # A helper process dies abruptly (as if a decoder crashed or it ran out of memory).
+        died = worker._processes.submit(os._exit, 1)
+        assert isinstance(died.exception(timeout=60), BrokenProcessPool)
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert result.status == db.SCORED and result.slice_count == len(series.datasets)

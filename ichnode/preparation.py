@@ -1,0 +1,132 @@
+"""The inference worker's CPU work, run in helper processes: reading and
+preprocessing a series, and building and spooling its report objects.
+
+Both are CPU-bound Python (DICOM parsing, numpy, highdicom). In threads they
+contend for one interpreter lock with each other and with the model's
+dispatch, which on a many-core GPU host left the GPU idle; in processes they
+use every core. Nothing here imports Keras, so the processes start light.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+
+from . import imaging
+from .config import SeriesConfig
+from .reports import ReportContent, ReportUids, build_sr, build_summary_image
+from .selection import skip_reason
+from .spool import Spool
+
+
+def default_processes() -> int:
+    """All cores but one for the model's own dispatch, and at least two."""
+    return max(2, (os.cpu_count() or 2) - 1)
+
+
+def process_pool(processes: int) -> ProcessPoolExecutor:
+    # spawn: children start from a clean interpreter, never from a fork of a
+    # process that holds the model's threads and GPU context.
+    return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """What the worker knows of one stored instance."""
+
+    id: int
+    path: str  # relative to the spool root
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass
+class PreparedVolume:
+    """A series read and preprocessed: the model input, or why there is none."""
+
+    volume: np.ndarray | None = None  # (N, H, W, windows), z order
+    sop_uids: list[str] = field(default_factory=list)  # scored slices, same order
+    paths: list[str] = field(default_factory=list)
+    quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
+    skip: str | None = None
+    seconds: float = 0.0
+
+
+def prepare_series(
+    spool_root: Path,
+    rows: Sequence[InstanceRow],
+    rules: SeriesConfig,
+    windows: Sequence[tuple[float, float]],
+    size: tuple[int, int],
+) -> PreparedVolume:
+    """Read the files, check eligibility, decode and preprocess in z order."""
+    started = time.perf_counter()
+    prepared = PreparedVolume()
+    readable = []
+    for row in rows:
+        try:
+            # Each file is read once; its pixels are decoded only if scored.
+            readable.append((row, dcmread(Path(spool_root) / row.path)))
+        except Exception as exc:
+            prepared.quarantined[row.id] = f"unreadable file: {exc}"
+    prepared.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], rules)
+    if prepared.skip is None:
+        slices = []
+        for index in imaging.order_slices([ds for _, ds in readable]):
+            row, ds = readable[index]
+            try:
+                slices.append(imaging.preprocess_slice(ds, windows, size))
+            except Exception as exc:
+                prepared.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
+                continue
+            prepared.sop_uids.append(row.sop_instance_uid)
+            prepared.paths.append(row.path)
+        if slices:
+            prepared.volume = np.stack(slices)
+        else:
+            prepared.skip = "no slice could be decoded"
+    prepared.seconds = time.perf_counter() - started
+    return prepared
+
+
+def write_reports(
+    spool: Spool,
+    study_uid: str,
+    paths: Sequence[str],
+    key: int,
+    content: ReportContent,
+    uids: ReportUids,
+    *,
+    sr: bool,
+    summary_image: bool,
+) -> tuple[list[tuple[str, str, str]], float]:
+    """Build the report objects of a scored series and spool them.
+
+    ``paths`` are the scored slices in z order, ``key`` the index of the key
+    slice. Returns (kind, SOP Instance UID, spool path) of each object, and
+    the seconds it took.
+    """
+    started = time.perf_counter()
+    built = []
+    if sr:
+        headers = [dcmread(spool.absolute(path), stop_before_pixels=True) for path in paths]
+        built.append(("sr", build_sr(headers, content, uids=uids)))
+    if summary_image:
+        key_ds = dcmread(spool.absolute(paths[key]))
+        built.append(("summary", build_summary_image(key_ds, imaging.to_hu(key_ds), content, uids=uids)))
+    written = []
+    for kind, dataset in built:
+        relative = spool.report_path(study_uid, dataset.SOPInstanceUID)
+        staged = spool.tmp_dir / f"{dataset.SOPInstanceUID}.part"
+        dataset.save_as(staged, enforce_file_format=True)
+        spool.commit_file(staged, relative)
+        written.append((kind, str(dataset.SOPInstanceUID), relative))
+    return written, time.perf_counter() - started
