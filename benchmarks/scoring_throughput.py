@@ -5,7 +5,8 @@ Run from the repository root (any Keras backend; TensorFlow is not needed
 with ``KERAS_BACKEND=torch`` or ``jax``)::
 
     .venv/bin/python benchmarks/scoring_throughput.py [--series 8] [--slices 32]
-        [--batch-size 32] [--matrix 512] [--repeat 1]
+        [--batch-size 32] [--matrix 512] [--repeat 1] [--processes N]
+        [--backbone EfficientNetB0]
 
 No network: it spools ``--series`` copies (fresh UIDs, same pixels) of one
 synthetic 512x512 head-CT series from :mod:`training.phantoms` (numpy and
@@ -13,8 +14,9 @@ pydicom only; cached under the temp folder) into a fresh spool and SQLite
 database with :func:`ichnode.series.register_instance`, marks them complete
 with :func:`ichnode.series.complete_stable_series`, and times one
 ``Worker.run_once`` -- spooled files to stored results: header reads,
-selection, decode, preprocessing (in the worker's pool, overlapping
-inference), the model, SR + summary image built and spooled (fsync on, as
+selection, decode, preprocessing (in the worker's helper processes,
+overlapping inference), the model, SR + summary image built and spooled
+(helper processes too) (fsync on, as
 shipped), results in the database.  Each repeat spools a fresh set.  A warm-up
 round (one claim's worth of series, same sizes) runs first, untimed, so every
 shape is compiled.
@@ -26,6 +28,12 @@ for a one-stage model), measured before and after the end-to-end runs (the
 faster counts).  Prints slices/s of both, their ratio (target: end-to-end >=
 0.90 of bare when decode and preprocessing overlap inference) and where the
 worker's main thread spent its time.
+
+``--backbone`` scores with an untrained model whose slice CNN is that
+``keras.applications`` network (same input and card as the bundled model):
+the bundled CNN is so small that decoding 512x512 files, not the model,
+bounds the rate; a heavier CNN shows whether preprocessing hides behind
+inference.  ``--processes`` sets ``model.worker_processes``.
 """
 
 from __future__ import annotations
@@ -87,26 +95,28 @@ def complete_all(sessions: Any) -> int:
 
 
 class Probe:
-    """Seconds spent in the worker's steps: main thread, and the prepare pool."""
+    """Seconds spent in the worker's steps: main thread, store thread, helper processes."""
 
     def __init__(self, worker: Any) -> None:
         self.totals: dict[str, float] = {}
         self._lock = threading.Lock()
-        for name, attr in (
-            ("run_once", "run_once"),
-            ("model", "_predict"),
-            ("reports", "_write_reports"),
-            ("db", "_finish"),
-            ("prepare (pool thread-s)", "prepare"),
-        ):
+        for name, attr in (("run_once", "run_once"), ("model", "_predict"), ("db", "_finish"), ("store", "_store")):
             setattr(worker, attr, self._timed(name, getattr(worker, attr)))
+
+    def _add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.totals[name] = self.totals.get(name, 0.0) + seconds
 
     def _timed(self, name: str, func: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             result = func(*args, **kwargs)
-            with self._lock:
-                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            self._add(name, time.perf_counter() - start)
+            if name == "store":  # (item, scored): what the helper processes spent on it
+                item, scored = args
+                self._add("prepare (process-s)", item.prepared.seconds)
+                if scored is not None and scored.reports is not None:
+                    self._add("reports (process-s)", scored.reports.result()[1])
             return result
 
         return wrapper
@@ -131,6 +141,21 @@ def bare_rate(model: Any, x: np.ndarray, n_series: int, claim: int, batch_size: 
     return n * n_series / (time.perf_counter() - start)
 
 
+def untrained_model(backbone: str, workdir: Path) -> Path:
+    """An untrained two-stage model with ``backbone`` as its slice CNN and the default card's input."""
+    from ichnode.model import ModelCard, card_path_for, default_model_path
+    from training.models import ArchitectureConfig, assemble, build_sequence_head, build_slice_encoder, build_slice_head
+
+    card = ModelCard.from_json(card_path_for(default_model_path()))
+    arch = ArchitectureConfig(backbone=backbone)
+    encoder = build_slice_encoder((*card.input_size, card.channels), arch)
+    path = workdir / f"untrained-{backbone}.keras"
+    assemble(encoder, build_slice_head(), build_sequence_head(arch.embedding_dim, arch)).save(path)
+    untrained = {"name": f"untrained-{backbone}", "version": "0", "architecture": {"config": arch.get_config()}}
+    ModelCard.model_validate({**card.model_dump(mode="json"), **untrained}).to_json(card_path_for(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=8, help="complete series scored in one run_once (default 8)")
@@ -139,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=512, help="rows and columns of the phantom (default 512)")
     parser.add_argument("--repeat", type=int, default=1, help="timed run_once rounds, each on fresh series (default 1)")
     parser.add_argument("--seed", type=int, default=3, help="phantom seed (default 3)")
+    parser.add_argument(
+        "--processes", type=int, help="model.worker_processes: helper processes (default: CPU cores - 1, at least 2)"
+    )
+    parser.add_argument(
+        "--backbone",
+        help="score with an UNTRAINED model of the default card's input and this keras.applications slice CNN "
+        "(e.g. EfficientNetB0) instead of the bundled model: shows the overlap when the model, not decoding, "
+        "is the bottleneck",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not keep the generated phantom in the temp folder")
     args = parser.parse_args(argv)
     if args.series < 1 or args.slices < 10 or args.batch_size < 1 or args.repeat < 1:
@@ -171,7 +205,7 @@ def run(args: argparse.Namespace, datasets: list[Dataset], workdir: Path, device
         {
             "storage": {"spool_dir": str(workdir / "spool"), "min_free_mb": 0},
             "database": {"url": f"sqlite:///{workdir / 'ichnode.db'}"},
-            "model": {"batch_size": args.batch_size},
+            "model": {"batch_size": args.batch_size, "worker_processes": args.processes},
         },
         base=workdir,
     )
@@ -179,7 +213,7 @@ def run(args: argparse.Namespace, datasets: list[Dataset], workdir: Path, device
     db.init_db(engine)
     sessions = db.session_factory(engine)
     spool = Spool(config.storage.spool_dir, min_free_mb=0, fsync=config.storage.fsync)
-    model = load_model(config.model.path)
+    model = load_model(untrained_model(args.backbone, workdir) if args.backbone else config.model.path)
     worker = Worker(config, sessions, spool, model)
     try:
         return measure(args, datasets, model, worker, sessions, device)
@@ -192,6 +226,7 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
     import keras
 
     from ichnode import db, imaging
+    from ichnode.preparation import default_processes
     from ichnode.worker import CLAIM_BATCH
 
     spool, card = worker.spool, model.card
@@ -235,31 +270,33 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
     end_to_end = statistics.median(rates)
     best_bare = max(bare)
     elapsed, t = min(breakdowns, key=lambda b: b[0])
-    main = t.get("run_once", elapsed)
-    model_s, reports_s, db_s = t.get("model", 0.0), t.get("reports", 0.0), t.get("db", 0.0)
+    main, model_s = t.get("run_once", elapsed), t.get("model", 0.0)
+    processes = args.processes or default_processes()
     print(
         f"\nichnode scoring throughput, keras {keras.__version__}, {device}, {os.cpu_count()} CPUs\n"
         f"model {card.name} {card.version}, input {card.input_shape}, batch {args.batch_size}, "
         f"{args.series} series x {args.slices} slices ({args.matrix}x{args.matrix}) = {total} slices per round, "
-        f"claim {CLAIM_BATCH} series, reports SR + summary, fsync on, {args.repeat} round(s)\n"
+        f"claim {CLAIM_BATCH} series, {processes} helper processes, reports SR + summary, fsync on, "
+        f"{args.repeat} round(s)\n"
     )
     print(f"{'end to end (Worker.run_once, files -> results)':50s} {end_to_end:8.1f} slices/s  (median)")
     print(f"{'bare model (same inputs and batches)':50s} {best_bare:8.1f} slices/s  (best of {bare[0]:.0f}, {bare[1]:.0f})")
     ratio = end_to_end / best_bare
     print(f"{'ratio end to end / bare':50s} {ratio:8.2f}   target >= 0.90: {'MET' if ratio >= 0.9 else 'NOT MET'}")
-    print(f"\nfastest round, {elapsed:.2f} s wall; worker main thread, then the store thread (overlapping):")
+    print(f"\nfastest round, {elapsed:.2f} s wall; worker main thread, store thread (overlapping):")
     parts = {
         "model (_predict, main thread)": model_s,
-        "waiting for read+preprocess, claiming (main thread)": main - model_s,
-        "reports (SR + summary, store thread)": reports_s,
-        "db (results transaction, store thread)": db_s,
+        "waiting for prepared series, claiming (main thread)": main - model_s,
+        "waiting for reports + db (store thread)": t.get("store", 0.0),
+        "  of which db (results transaction)": t.get("db", 0.0),
     }
     for name, seconds in parts.items():
-        print(f"  {name:46s} {seconds:7.2f} s  {100 * seconds / elapsed:5.1f} %")
-    pool = t.get("prepare (pool thread-s)", 0.0)
+        print(f"  {name:52s} {seconds:7.2f} s  {100 * seconds / elapsed:5.1f} %")
+    prepare_s, reports_s = t.get("prepare (process-s)", 0.0), t.get("reports (process-s)", 0.0)
     print(
-        f"  read+preprocess in the pool (overlaps the above): {pool:.2f} thread-s, "
-        f"{total / pool:.0f} slices/s per thread"
+        f"helper processes (overlapping the above): read+preprocess {prepare_s:.2f} process-s "
+        f"({total / max(prepare_s, 1e-9):.0f} slices/s per process), reports {reports_s:.2f} process-s "
+        f"({reports_s / args.series:.3f} s per series)"
     )
     backend = keras.backend.backend()
     if backend != "tensorflow" and "tensorflow" in sys.modules:
