@@ -144,7 +144,13 @@ def bare_rate(model: Any, x: np.ndarray, n_series: int, claim: int, batch_size: 
 def untrained_model(backbone: str, workdir: Path) -> Path:
     """An untrained two-stage model with ``backbone`` as its slice CNN and the default card's input."""
     from ichnode.model import ModelCard, card_path_for, default_model_path
-    from training.models import ArchitectureConfig, assemble, build_sequence_head, build_slice_encoder, build_slice_head
+    from training.models import (
+        ArchitectureConfig,
+        assemble,
+        build_sequence_head,
+        build_slice_encoder,
+        build_slice_head,
+    )
 
     card = ModelCard.from_json(card_path_for(default_model_path()))
     arch = ArchitectureConfig(backbone=backbone)

@@ -35,6 +35,7 @@ from .preparation import (
     default_processes,
     prepare_series,
     process_pool,
+    ready,
     write_reports,
 )
 from .reports import Finding, ReportContent, report_uids
@@ -94,11 +95,14 @@ class Worker:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        # The first prediction traces the model (~1 s); pay it at start, not
-        # on the first patient's series.
+        # The first prediction traces the model (~1 s) and each helper process
+        # imports pydicom and highdicom (~1 s): pay both at start, not on the
+        # first patient's series.
+        started = [self._processes.submit(ready) for _ in range(self._process_count)]
         card = self.model.card
         zeros = np.zeros((2, *card.input_size, card.channels), dtype=np.float32)
         self.model.predict_series(zeros, batch_size=2)
+        wait(started)
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -218,14 +219,19 @@ def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, re
     assert predecessors == {str(sr1.SOPInstanceUID)}
 
 
+def _received_complete(nodes: Nodes, series: Any) -> tuple[Any, Any]:
+    """A receiver-only node holding ``series``, complete; returns (config, node)."""
+    _, config = nodes.config()
+    receiver = nodes.start(config, components=("receiver",))
+    assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
+    wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    return config, receiver
+
+
 def test_scoring_interrupted_by_a_crash_is_redone_at_start(nodes: Nodes) -> None:
     series = phantom(25)
     series_uid = _uid(series.datasets[0])
-    _, config = nodes.config()
-
-    receiver = nodes.start(config, components=("receiver",))
-    assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
-    wait_series_state(receiver, series_uid, db.COMPLETE)
+    config, receiver = _received_complete(nodes, series)
     # A worker claims the series, then its process dies before storing a result.
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     try:
@@ -244,10 +250,7 @@ def test_scoring_interrupted_by_a_crash_is_redone_at_start(nodes: Nodes) -> None
 
 def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nodes) -> None:
     series = phantom(26, n_slices=4)
-    _, config = nodes.config()
-    receiver = nodes.start(config, components=("receiver",))
-    store_files(receiver.port, series.datasets)
-    wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    config, receiver = _received_complete(nodes, series)
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     try:
         assert len(worker.claim()) == 1
@@ -263,10 +266,7 @@ def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nod
 def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
     series = phantom(27, n_slices=12)
     series_uid = _uid(series.datasets[0])
-    _, config = nodes.config()
-    receiver = nodes.start(config, components=("receiver",))
-    assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
-    wait_series_state(receiver, series_uid, db.COMPLETE)
+    config, receiver = _received_complete(nodes, series)
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     try:
         # A helper process dies abruptly (as if a decoder crashed or it ran out of memory).
