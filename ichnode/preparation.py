@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +36,24 @@ def default_processes() -> int:
 def process_pool(processes: int) -> ProcessPoolExecutor:
     # spawn: children start from a clean interpreter, never from a fork of a
     # process that holds the model's threads and GPU context.
-    return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this helper once the node that started it is gone, even killed by SIGKILL
+    (its pipes may stay open in other helpers, so it would otherwise wait forever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ichnode-parent-watch", daemon=True).start()
 
 
 def ready() -> int:

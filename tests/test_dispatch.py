@@ -27,7 +27,7 @@ from ichnode import db
 from ichnode.config import RetryConfig, parse_config
 from ichnode.dispatch import Dispatcher, backoff_seconds
 from ichnode.spool import Spool
-from tests.conftest import free_port, require_data, require_tool, run_cli, store_files
+from tests.conftest import free_port, require_data, require_tool, run_cli, store_files, wait_for
 from tests.peers import IchnodeProcess
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
@@ -55,6 +55,28 @@ def _series_uid(series) -> str:
 
 
 # -- reports reach the destination and are valid DICOM ---------------------------------
+def _children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")"
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _dciodvfy(path: Path) -> list[str]:
     out = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
     return (out.stdout + out.stderr).splitlines()
@@ -313,7 +335,11 @@ def test_kill_9_between_scoring_and_delivery_delivers_each_report_exactly_once(
             lambda rows: len(rows) == 4 and all(r.attempts >= 1 and r.state == db.QUEUED for r in rows),
             message="four queued deliveries",
         )
+        helpers = _children(process.pid)
+        assert helpers, "the worker's helper processes are running"
         assert process.kill() == -signal.SIGKILL
+        # They do not outlive the node.
+        wait_for(lambda: not any(_alive(pid) for pid in helpers), timeout=15, message="the helpers to exit")
     finally:
         engine.dispose()
         process.stop()
