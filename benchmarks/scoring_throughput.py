@@ -282,7 +282,8 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
         f"\nichnode scoring throughput, keras {keras.__version__}, {device}, {os.cpu_count()} CPUs\n"
         f"model {card.name} {card.version}, input {card.input_shape}, batch {args.batch_size}, "
         f"{args.series} series x {args.slices} slices ({args.matrix}x{args.matrix}) = {total} slices per round, "
-        f"claim {CLAIM_BATCH} series, {processes} helper processes, reports SR + summary, fsync on, "
+        f"{processes} helper processes, up to {max(CLAIM_BATCH, processes)} series in preparation, "
+        f"reports SR + summary, fsync on, "
         f"{args.repeat} round(s)\n"
     )
     print(f"{'end to end (Worker.run_once, files -> results)':50s} {end_to_end:8.1f} slices/s  (median)")

@@ -149,7 +149,9 @@ class Worker:
             for item in claimed:
                 pending[self._submit(prepare_series, *self._prepare_arguments(item))] = item
 
-        prepare(self.claim())
+        # Enough series in preparation at once to keep every helper process busy.
+        in_flight = max(CLAIM_BATCH, self._process_count)
+        prepare(self.claim(in_flight))
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             items = []
@@ -164,7 +166,8 @@ class Worker:
                     continue
                 items.append(item)
             # Claim more while the model works, so the processes never idle.
-            prepare(self.claim())
+            if len(pending) < in_flight:
+                prepare(self.claim(in_flight - len(pending)))
             scorable = [item for item in items if item.prepared.volume is not None]
             probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
             for item in items:
