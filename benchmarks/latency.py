@@ -184,36 +184,38 @@ def send_series(port: int, datasets: list[Dataset]) -> tuple[float, float]:
 
 # -- instrumentation ---------------------------------------------------------
 class Probe:
-    """Wall-clock (start, end) of the worker's and dispatcher's steps, per series."""
+    """Seconds of the worker's steps per series (the helper processes report their
+    own), when each result was committed, and when the dispatcher started on it."""
 
     def __init__(self) -> None:
-        self.spans: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+        self.steps: dict[str, dict[str, float]] = defaultdict(dict)  # series UID -> step -> seconds
+        self.committed: dict[str, float] = {}  # series UID -> end of the results transaction
         self.send_start: dict[int, float] = {}  # result id -> dispatcher start
 
     def attach(self, node: Any) -> None:
         # Instance attributes shadow the methods that Worker.run_once /
         # Dispatcher.run_once look up on self; the scheduled jobs stay as they are.
         worker, dispatcher = node.worker, node.dispatcher
-        spans = self.spans
+        predict, finish, store, send_to = worker._predict, worker._finish, worker._store, dispatcher._send_to
 
-        def timed(name: str, func: Any, uid_of: Any) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                start = time.time()
-                result = func(*args, **kwargs)
-                if name == "model":
-                    result = iter(list(result))
-                end = time.time()
-                for uid in uid_of(*args):
-                    spans[uid][name] = (start, end)
-                return result
+        def predict_wrapper(items: Any) -> Any:
+            start = time.time()
+            result = predict(items)
+            for item in items:
+                self.steps[item.series_uid]["model"] = time.time() - start
+            return result
 
-            return wrapper
+        def finish_wrapper(item: Any, **kwargs: Any) -> None:
+            start = time.time()
+            finish(item, **kwargs)
+            self.committed[item.series_uid] = end = time.time()
+            self.steps[item.series_uid]["db"] = end - start
 
-        worker.prepare = timed("prepare", worker.prepare, lambda item: [item.series_uid])
-        worker._predict = timed("model", worker._predict, lambda items: [i.series_uid for i in items])
-        worker._write_reports = timed("reports", worker._write_reports, lambda item, *_: [item.series_uid])
-        worker._finish = timed("db", worker._finish, lambda item: [item.series_uid])
-        send_to = dispatcher._send_to
+        def store_wrapper(item: Any, scored: Any) -> None:
+            store(item, scored)
+            self.steps[item.series_uid]["prepare"] = item.prepared.seconds
+            if scored is not None and scored.reports is not None:
+                self.steps[item.series_uid]["reports"] = scored.reports.result()[1]
 
         def send_wrapper(ae_title: str, host: str, port: int, deliveries: list[Any]) -> int:
             start = time.time()
@@ -221,6 +223,7 @@ class Probe:
                 self.send_start.setdefault(delivery.result_id, start)
             return send_to(ae_title, host, port, deliveries)
 
+        worker._predict, worker._finish, worker._store = predict_wrapper, finish_wrapper, store_wrapper
         dispatcher._send_to = send_wrapper
 
 
@@ -247,22 +250,21 @@ def measure_run(node: Any, dest: Destination, probe: Probe, datasets: list[Datas
         raise RuntimeError(f"series {series_uid} was {result.status}: {result.skip_reason}")
     sr = deliveries["sr"]
     sr_arrival = dest.arrivals[sr.sop_instance_uid][0]
-    spans = probe.spans[series_uid]
     completed, claimed = epoch(series.completed_at), epoch(series.claimed_at)
-    committed = spans["db"][1]
+    committed = probe.committed[series_uid]
     send_start = probe.send_start[result.id]
     scoring = committed - claimed
-    steps = {k: spans[k][1] - spans[k][0] for k in ("prepare", "model", "reports", "db")}
+    steps = {k: probe.steps[series_uid].get(k, 0.0) for k in ("prepare", "model", "reports", "db")}
     row = {
         "send (first request -> last response)": t0 - first,
         "completion wait": completed - t0,
         "worker tick wait": claimed - completed,
         "scoring": scoring,
-        "  read+preprocess": steps["prepare"],
+        "  read+preprocess (helper)": steps["prepare"],
         "  model": steps["model"],
-        "  reports (SR + summary)": steps["reports"],
+        "  reports (SR + summary, helper)": steps["reports"],
         "  db transaction": steps["db"],
-        "  other": scoring - sum(steps.values()),
+        "  other (hand-offs, waits)": scoring - sum(steps.values()),
         "dispatch tick wait": send_start - committed,
         "delivery (to SR stored)": sr_arrival - send_start,
         "processing (completed -> SR stored)": sr_arrival - completed,
