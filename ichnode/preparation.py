@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -76,11 +77,26 @@ class PreparedVolume:
     """A series read and preprocessed: the model input, or why there is none."""
 
     volume: np.ndarray | None = None  # (N, H, W, windows), z order
+    volume_file: str | None = None  # where a helper left the volume (see receive_volume)
     sop_uids: list[str] = field(default_factory=list)  # scored slices, same order
     paths: list[str] = field(default_factory=list)
     quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
     skip: str | None = None
     seconds: float = 0.0
+
+    def receive_volume(self) -> None:
+        """Load the volume a helper process left in a file, and delete the file.
+
+        A volume is large (300 slices: ~240 MB): through the page cache it
+        comes back several times faster than pickled through the pool's pipe,
+        and with less work for the receiving process under its interpreter lock.
+        """
+        if self.volume_file is not None:
+            try:
+                self.volume = np.load(self.volume_file)
+            finally:
+                os.unlink(self.volume_file)
+                self.volume_file = None
 
 
 def prepare_series(
@@ -89,8 +105,10 @@ def prepare_series(
     rules: SeriesConfig,
     windows: Sequence[tuple[float, float]],
     size: tuple[int, int],
+    handoff_dir: Path,
 ) -> PreparedVolume:
-    """Read the files, check eligibility, decode and preprocess in z order."""
+    """Read the files, check eligibility, decode and preprocess in z order; the
+    volume is left in a file in ``handoff_dir`` (:meth:`PreparedVolume.receive_volume`)."""
     started = time.perf_counter()
     prepared = PreparedVolume()
     readable = []
@@ -113,7 +131,8 @@ def prepare_series(
             prepared.sop_uids.append(row.sop_instance_uid)
             prepared.paths.append(row.path)
         if slices:
-            prepared.volume = np.stack(slices)
+            prepared.volume_file = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
+            np.save(prepared.volume_file, np.stack(slices))
         else:
             prepared.skip = "no slice could be decoded"
     prepared.seconds = time.perf_counter() - started

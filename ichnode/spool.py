@@ -3,6 +3,8 @@
 Layout under ``storage.spool_dir``::
 
     .tmp/                          temporary files, same filesystem as the rest
+    .tmp/receiver-N/, .tmp/worker/ each receiver process's, and the worker's
+                                   preprocessed volumes in transit (not durable)
     instances/<study>/<series>/<sop>.dcm
     reports/<study>/<sop>.dcm      report objects waiting for or after delivery
 

@@ -89,6 +89,10 @@ class Worker:
         card = model.card
         # Config thresholds override the card's, label by label.
         self.thresholds = {**card.thresholds, **config.model.thresholds}
+        # Helper processes leave volumes here; what a crash left behind is removed.
+        self._handoff = spool.tmp_dir / "worker"
+        self._handoff.mkdir(exist_ok=True)
+        spool.clear_tmp(self._handoff)
         self._process_count = config.model.worker_processes or default_processes()
         self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
@@ -160,6 +164,7 @@ class Worker:
                 handled += 1
                 try:
                     item.prepared = future.result()
+                    item.prepared.receive_volume()
                 except Exception as exc:
                     logger.exception("preparing series %s failed", item.series_uid)
                     stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
@@ -197,7 +202,7 @@ class Worker:
             ).all()
         card = self.model.card
         instances = [InstanceRow(*row) for row in rows]
-        return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size)
+        return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size), self._handoff
 
     # -- scoring ---------------------------------------------------------
     def _batches(self, items: Sequence[ClaimedSeries]) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:

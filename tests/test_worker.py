@@ -267,12 +267,17 @@ def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> 
     series = phantom(27, n_slices=12)
     series_uid = _uid(series.datasets[0])
     config, receiver = _received_complete(nodes, series)
+    handoff = receiver.spool.tmp_dir / "worker"
+    handoff.mkdir(exist_ok=True)
+    (handoff / "volume-left-by-a-crash.npy").write_bytes(b"x")
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     try:
+        assert list(handoff.iterdir()) == []  # leftovers of a crash are removed at start
         # A helper process dies abruptly (as if a decoder crashed or it ran out of memory).
         died = worker._processes.submit(os._exit, 1)
         assert isinstance(died.exception(timeout=60), BrokenProcessPool)
         assert worker.run_once() == 1
+        assert list(handoff.iterdir()) == []  # every volume handed over is deleted
     finally:
         worker.close()
     (result,) = results_of(receiver.sessions, series_uid)
