@@ -118,12 +118,17 @@ def test_echo_with_pynetdicom(start_node: Any) -> None:
     assert response.Status == 0x0000
 
 
+def _dcmtk_echo(port: int, calling_ae: str, called_ae: str = "ICHNODE") -> tuple[int, str]:
+    """DCMTK ``echoscu -v`` from ``calling_ae`` to ``called_ae``: its exit status and output."""
+    result = run_dcmtk([require_tool("echoscu"), "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)])
+    return result.returncode, result.stdout + result.stderr
+
+
 def test_echo_with_dcmtk(start_node: Any) -> None:
-    echoscu = require_tool("echoscu")
     node = start_node()
-    result = run_dcmtk([echoscu, "-v", "-aet", "DCMTK_SCU", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Received Echo Response (Success)" in result.stdout + result.stderr
+    status, output = _dcmtk_echo(node.port, "DCMTK_SCU")
+    assert status == 0, output
+    assert "Received Echo Response (Success)" in output
 
 
 # -- real series -------------------------------------------------------------
@@ -223,10 +228,8 @@ def test_wrong_called_ae_title_is_rejected(start_node: Any) -> None:
     assert_rejected(associate(node.port, "TEST_SCU", called_ae="NOT_ICHNODE"), 1, 1, 7)
     assert echo_ok(node.port)  # the right title still works
 
-    echoscu = require_tool("echoscu")
-    result = run_dcmtk([echoscu, "-aet", "TEST_SCU", "-aec", "NOT_ICHNODE", "127.0.0.1", str(node.port)])
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    status, output = _dcmtk_echo(node.port, "TEST_SCU", called_ae="NOT_ICHNODE")
+    assert status != 0
     assert "Association Rejected" in output
     assert "Called AE Title Not Recognized" in output
 
@@ -237,14 +240,12 @@ def test_unlisted_calling_ae_title_is_rejected(start_node: Any) -> None:
     assert_rejected(associate(node.port, "INTRUDER"), 1, 1, 3)
     assert echo_ok(node.port, calling_ae="CT_SCANNER_1")
 
-    echoscu = require_tool("echoscu")
-    result = run_dcmtk([echoscu, "-aet", "INTRUDER", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    status, output = _dcmtk_echo(node.port, "INTRUDER")
+    assert status != 0
     assert "Association Rejected" in output
     assert "Calling AE Title Not Recognized" in output
-    result = run_dcmtk([echoscu, "-aet", "CT_SCANNER_1", "-aec", "ICHNODE", "127.0.0.1", str(node.port)])
-    assert result.returncode == 0, result.stdout + result.stderr
+    status, output = _dcmtk_echo(node.port, "CT_SCANNER_1")
+    assert status == 0, output
 
 
 def test_allowed_ae_title_from_another_host_is_rejected(start_node: Any) -> None:
