@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,6 +231,19 @@ class _Process:
     def log_tail(self, lines: int = 30) -> str:
         return _tail(self.log_path, lines)
 
+    # Each peer starts (and is ready) and stops in its own way.
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> int | None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 # -- Orthanc -----------------------------------------------------------------
 class Orthanc(_Process):
@@ -381,12 +394,6 @@ class Orthanc(_Process):
     def stop(self) -> int | None:
         return self.stop_process(signal.SIGTERM)
 
-    def __enter__(self) -> Orthanc:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 # -- DCMTK storescp ----------------------------------------------------------
 class StoreSCP(_Process):
@@ -441,12 +448,6 @@ class StoreSCP(_Process):
 
     def stop(self) -> int | None:
         return self.stop_process(signal.SIGTERM, group=True)
-
-    def __enter__(self) -> StoreSCP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- ichnode -----------------------------------------------------------------
@@ -558,9 +559,3 @@ class IchnodeProcess(_Process):
     def kill(self) -> int | None:
         """SIGKILL at once (crash tests)."""
         return self.stop_process(signal.SIGKILL)
-
-    def __enter__(self) -> IchnodeProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
