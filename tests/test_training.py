@@ -418,11 +418,12 @@ def test_fine_tune_from_a_slice_model_keeps_the_previous_split(trained, tmp_path
     ).replace(
         "slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}",
         f"slice_stage: {{epochs: 1, steps_per_epoch: 1, batch_size: 8, learning_rate: 1.0e-9, weight_decay: 0,"
-        f" init_from: '{previous / 'slice_model.keras'}'}}",
+        f" init_from: '{previous / 'slice_model.keras'}', hard_examples: 0.3, hard_pool: 0.25}}",
     )
     (tmp_path / "ft.yaml").write_text(config)
     out = tmp_path / "run"
-    train.Run(trained["data"], train.TrainConfig.load(tmp_path / "ft.yaml"), out, "test", progress=False).run()
+    run = train.Run(trained["data"], train.TrainConfig.load(tmp_path / "ft.yaml"), out, "test", progress=False)
+    run.run()
     old = pd.read_csv(previous / "split.csv")
     new = pd.read_csv(out / "split.csv")
     assert new.set_index("image_id")["split"].to_dict() == old.set_index("image_id")["split"].to_dict()
@@ -435,3 +436,26 @@ def test_fine_tune_from_a_slice_model_keeps_the_previous_split(trained, tmp_path
     np.testing.assert_allclose(
         first_kernel(out / "slice_model.keras"), first_kernel(previous / "slice_model.keras"), atol=1e-6
     )
+
+    # Hard examples: the quarter of the training slices the starting model got most wrong.
+    from training.metrics import sample_log_loss
+
+    start = keras.saving.load_model(previous / "slice_model.keras", compile=False)
+    rows = run.rows["train"]
+    loss = sample_log_loss(run.labels[rows], np.asarray(start.predict_on_batch(run.loader.load(rows))))
+    hard = pd.read_csv(out / "hard_examples.csv")
+    assert len(hard) == round(0.25 * len(rows))
+    assert set(hard["row"]) <= set(rows)
+    easier = loss[~np.isin(rows, hard["row"])]
+    assert hard["loss"].min() >= easier.max() - 1e-5
+    np.testing.assert_allclose(hard["loss"], loss[np.searchsorted(rows, hard["row"])], rtol=1e-4, atol=1e-6)
+    keras.backend.clear_session()
+
+
+def test_hard_examples_need_a_starting_model():
+    from training import train
+
+    with pytest.raises(ValueError, match="hard_examples needs init_from"):
+        train.SliceStage(hard_examples=0.2)
+    with pytest.raises(ValueError, match="below 1"):
+        train.SliceStage(hard_examples=0.6, oversample=0.5, init_from="x.keras")

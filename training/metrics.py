@@ -30,23 +30,30 @@ def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return y_true, y_prob
 
 
+def sample_log_loss(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    weights: Sequence[float] = LABEL_WEIGHTS,
+    eps: float = EPSILON,
+) -> np.ndarray:
+    """Each sample's weighted mean over the six labels of the binary log loss
+    (weight 2 for ``any``, 1 per subtype); probabilities clipped to ``[eps, 1 - eps]``."""
+    y_true, y_prob = _check(y_true, y_prob)
+    weights = np.asarray(weights, dtype=np.float64)
+    p = np.clip(y_prob, eps, 1.0 - eps)
+    loss = -(y_true * np.log(p) + (1.0 - y_true) * np.log(1.0 - p))
+    return (loss * weights).sum(axis=1) / weights.sum()
+
+
 def weighted_log_loss(
     y_true: np.ndarray,
     y_prob: np.ndarray,
     weights: Sequence[float] = LABEL_WEIGHTS,
     eps: float = EPSILON,
 ) -> float:
-    """The competition metric: weighted multi-label log loss.
-
-    For each sample, the weighted mean over the six labels of the binary
-    log loss (weight 2 for ``any``, 1 per subtype); then the mean over
-    samples.  Probabilities are clipped to ``[eps, 1 - eps]``.
-    """
-    y_true, y_prob = _check(y_true, y_prob)
-    weights = np.asarray(weights, dtype=np.float64)
-    p = np.clip(y_prob, eps, 1.0 - eps)
-    loss = -(y_true * np.log(p) + (1.0 - y_true) * np.log(1.0 - p))
-    per_sample = (loss * weights).sum(axis=1) / weights.sum()
+    """The competition metric: weighted multi-label log loss, the mean over
+    samples of :func:`sample_log_loss`."""
+    per_sample = sample_log_loss(y_true, y_prob, weights, eps)
     return float(per_sample.mean()) if len(per_sample) else math.nan
 
 

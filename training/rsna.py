@@ -623,6 +623,8 @@ def slice_dataset(
     repeat: bool,
     augment: bool = False,
     oversample: float = 0.0,
+    hard_rows: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
     parallel_calls: int | None = None,
     prefetch: int | None = None,
 ) -> Any:
@@ -633,7 +635,9 @@ def slice_dataset(
     ``num_parallel_calls``), optionally augmented (random left-right flip)
     and prefetched.  With ``oversample`` > 0 (shuffled, repeated datasets
     only) that fraction of the rows is drawn from the positive slices of each
-    subtype in equal parts, so rare subtypes are seen more often.
+    subtype in equal parts, so rare subtypes are seen more often.  With
+    ``hard_fraction`` > 0 that fraction is drawn from ``hard_rows`` (the
+    slices a starting model got most wrong, see ``training.train``).
     """
     import tensorflow as tf
 
@@ -647,18 +651,28 @@ def slice_dataset(
             ds = ds.shuffle(len(part), seed=part_seed, reshuffle_each_iteration=True)
         return ds.repeat() if repeat else ds
 
-    ds = rows_dataset(rows, seed)
+    # (dataset, share of the samples): the rows themselves, then the extra draws.
+    sources = []
+    if (oversample > 0 or hard_fraction > 0) and (
+        not (shuffle and repeat) or not 0 <= oversample < 1 or not 0 <= hard_fraction < 1 - oversample
+    ):
+        raise ValueError(
+                "oversample and hard_fraction need a shuffled, repeated dataset and together less "
+                f"than 1, got {oversample} and {hard_fraction}"
+            )
     if oversample > 0:
-        if not (shuffle and repeat) or not 0 < oversample < 1:
-            raise ValueError(f"oversample needs a shuffled, repeated dataset and a value in (0, 1), got {oversample}")
         pools = [rows[labels[rows, j] > 0.5] for j in range(1, len(LABELS))]
         pools = [pool for pool in pools if len(pool)]
-        if pools:
-            ds = tf.data.Dataset.sample_from_datasets(
-                [ds] + [rows_dataset(pool, seed + 1 + j) for j, pool in enumerate(pools)],
-                weights=[1.0 - oversample] + [oversample / len(pools)] * len(pools),
-                seed=seed,
-            )
+        sources += [(rows_dataset(pool, seed + 1 + j), oversample / len(pools)) for j, pool in enumerate(pools)]
+    if hard_fraction > 0 and hard_rows is not None and len(hard_rows):
+        sources.append((rows_dataset(np.asarray(hard_rows, dtype=np.int64), seed + len(LABELS) + 1), hard_fraction))
+    ds = rows_dataset(rows, seed)
+    if sources:
+        ds = tf.data.Dataset.sample_from_datasets(
+            [ds] + [source for source, _ in sources],
+            weights=[1.0 - sum(share for _, share in sources)] + [share for _, share in sources],
+            seed=seed,
+        )
     ds = ds.batch(batch_size, drop_remainder=False)
     h, w = loader.size
     c = loader.channels

@@ -35,7 +35,14 @@ import click
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ichnode.config import LABELS
 from ichnode.imaging import DEFAULT_WINDOWS
@@ -86,6 +93,18 @@ class SliceStage(_Section):
     augment: bool = True
     oversample: float = Field(0.0, ge=0, lt=1)  # fraction of samples drawn from subtype-positive slices
     init_from: Path | None = None  # a slice model (.keras, e.g. RUNDIR/slice_model.keras) to fine-tune from
+    # Fraction of samples drawn from the hardest `hard_pool` of the training
+    # slices, ranked by init_from's loss on them (needs init_from).
+    hard_examples: float = Field(0.0, ge=0, lt=1)
+    hard_pool: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _hard_needs_start(self) -> SliceStage:
+        if self.hard_examples > 0 and self.init_from is None:
+            raise ValueError("hard_examples needs init_from: the hard slices are ranked by that model's loss")
+        if self.oversample + self.hard_examples >= 1:
+            raise ValueError(f"oversample + hard_examples must be below 1, got {self.oversample + self.hard_examples}")
+        return self
 
 
 class SequenceStage(_Section):
@@ -182,6 +201,7 @@ class Run:
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache_dir = config.data.cache_dir or self.out / "cache"
+        self.hard_rows: np.ndarray | None = None  # see hardest_slices
 
     # ---------------------------------------------------------------- data
     def prepare_data(self) -> None:
@@ -232,6 +252,8 @@ class Run:
             shuffle=training, seed=self.config.seed, repeat=repeat,
             augment=training and stage.augment,
             oversample=stage.oversample if training and repeat else 0.0,
+            hard_rows=self.hard_rows if training and repeat else None,
+            hard_fraction=stage.hard_examples if training and repeat else 0.0,
         )
 
     # ------------------------------------------------------------- stage 1
@@ -253,6 +275,8 @@ class Run:
             if stage.init_from is not None:
                 logger.info("slice stage: fine-tuning %s", stage.init_from)
                 model = keras.saving.load_model(stage.init_from, compile=False)
+                if stage.hard_examples > 0:
+                    self.hard_rows = self.hardest_slices(model)
             else:
                 encoder = models.build_slice_encoder((*cfg.input.size, cfg.channels), cfg.arch)
                 model = models.build_slice_model(encoder, models.build_slice_head())
@@ -280,6 +304,30 @@ class Run:
         model = keras.saving.load_model(best, compile=False)
         model.save(path)
         return model
+
+    def hardest_slices(self, model: Any) -> np.ndarray:
+        """The training rows ``model`` gets most wrong: the top ``hard_pool`` by
+        per-slice weighted log loss (kept in RUNDIR/hard_examples.csv, so a
+        resumed run draws from the same ones)."""
+        path = self.out / "hard_examples.csv"
+        if path.exists():
+            return pd.read_csv(path)["row"].to_numpy()
+        rows = self.rows["train"]
+        ds = rsna.slice_dataset(self.loader, rows, self.labels, batch_size=64, shuffle=False, seed=0, repeat=False)
+        from tqdm import tqdm
+
+        probs = np.concatenate([
+            np.asarray(model.predict_on_batch(x))
+            for x, _ in tqdm(ds, total=math.ceil(len(rows) / 64), desc="rank hard slices", disable=not self.progress)
+        ])
+        loss = M.sample_log_loss(self.labels[rows], probs)
+        hardest = np.argsort(-loss)[: max(1, round(self.config.slice_stage.hard_pool * len(rows)))]
+        table = pd.DataFrame({"row": rows[hardest], "image_id": self.index["image_id"].to_numpy()[rows[hardest]],
+                              "loss": loss[hardest], "positive": self.labels[rows[hardest], 0] > 0.5})
+        table.to_csv(path, index=False)
+        logger.info("hard slices: %d of %d training slices (loss >= %.3f), %d positive",
+                    len(table), len(rows), table["loss"].min(), int(table["positive"].sum()))
+        return table["row"].to_numpy()
 
     def _callbacks(self, stage: str, best: Path) -> list:
         import keras
