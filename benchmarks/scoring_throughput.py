@@ -6,7 +6,7 @@ with ``KERAS_BACKEND=torch`` or ``jax``)::
 
     .venv/bin/python benchmarks/scoring_throughput.py [--series 8] [--slices 32]
         [--batch-size 32] [--matrix 512] [--repeat 1] [--processes N]
-        [--backbone EfficientNetB0]
+        [--backbone EfficientNetB0] [--no-reports]
 
 No network: it spools ``--series`` copies (fresh UIDs, same pixels) of one
 synthetic 512x512 head-CT series from :mod:`training.phantoms` (numpy and
@@ -34,6 +34,8 @@ worker's main thread spent its time.
 the bundled CNN is so small that decoding 512x512 files, not the model,
 bounds the rate; a heavier CNN shows whether preprocessing hides behind
 inference.  ``--processes`` sets ``model.worker_processes``.
+``--no-reports`` turns the SR and summary image off, which leaves what
+overlaps inference to decoding and preprocessing alone.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class Probe:
     def __init__(self, worker: Any) -> None:
         self.totals: dict[str, float] = {}
         self._lock = threading.Lock()
-        for name, attr in (("run_once", "run_once"), ("model", "_predict"), ("db", "_finish"), ("store", "_store")):
+        for name, attr in (("run_once", "run_once"), ("model", "_predict"), ("stack", "_stack"), ("db", "_finish"), ("store", "_store")):
             setattr(worker, attr, self._timed(name, getattr(worker, attr)))
 
     def _add(self, name: str, seconds: float) -> None:
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. EfficientNetB0) instead of the bundled model: shows the overlap when the model, not decoding, "
         "is the bottleneck",
     )
+    parser.add_argument(
+        "--no-reports", action="store_true", help="reports.sr and reports.summary_image off: decode and preprocess only"
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not keep the generated phantom in the temp folder")
     args = parser.parse_args(argv)
     if args.series < 1 or args.slices < 10 or args.batch_size < 1 or args.repeat < 1:
@@ -212,6 +217,7 @@ def run(args: argparse.Namespace, datasets: list[Dataset], workdir: Path, device
             "storage": {"spool_dir": str(workdir / "spool"), "min_free_mb": 0},
             "database": {"url": f"sqlite:///{workdir / 'ichnode.db'}"},
             "model": {"batch_size": args.batch_size, "worker_processes": args.processes},
+            "reports": {"sr": not args.no_reports, "summary_image": not args.no_reports},
         },
         base=workdir,
     )
@@ -283,7 +289,7 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
         f"model {card.name} {card.version}, input {card.input_shape}, batch {args.batch_size}, "
         f"{args.series} series x {args.slices} slices ({args.matrix}x{args.matrix}) = {total} slices per round, "
         f"{processes} helper processes, up to {max(CLAIM_BATCH, processes)} series in preparation, "
-        f"reports SR + summary, fsync on, "
+        f"reports {'off' if args.no_reports else 'SR + summary'}, fsync on, "
         f"{args.repeat} round(s)\n"
     )
     print(f"{'end to end (Worker.run_once, files -> results)':50s} {end_to_end:8.1f} slices/s  (median)")
@@ -293,6 +299,7 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
     print(f"\nfastest round, {elapsed:.2f} s wall; worker main thread, store thread (overlapping):")
     parts = {
         "model (_predict, main thread)": model_s,
+        "  2.5D batches stacked meanwhile (stacking thread)": t.get("stack", 0.0),
         "waiting for prepared series, claiming (main thread)": main - model_s,
         "waiting for reports + db (store thread)": t.get("store", 0.0),
         "  of which db (results transaction)": t.get("db", 0.0),

@@ -16,7 +16,7 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Series claimed per round: those prepared at the same time share prediction batches.
 CLAIM_BATCH = 4
+# Batches the stacking thread may have ready or in hand while the model runs one.
+STACKED_AHEAD = 2
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Worker:
         self._process_count = config.model.worker_processes or default_processes()
         self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
+        self._stacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-stack")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -110,6 +113,7 @@ class Worker:
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)
+        self._stacker.shutdown(wait=True)
         self._processes.shutdown(wait=True)
 
     # -- claiming --------------------------------------------------------
@@ -205,52 +209,73 @@ class Worker:
         return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size), self._handoff
 
     # -- scoring ---------------------------------------------------------
-    def _batches(self, items: Sequence[ClaimedSeries]) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
-        """Model batches over the slices of ``items``, in order.
-
-        Yields the 2.5D inputs and who they belong to, as (item index, slice
-        count) runs. The neighbouring-slice channels are stacked straight into
-        one reused batch buffer, never for a whole series at once. The buffer
-        is overwritten by the next batch: use each before asking for the next.
-        """
+    def _plan(self, items: Sequence[ClaimedSeries]) -> list[list[tuple[int, int, int]]]:
+        """Model batches over the slices of ``items``, in order: for each
+        batch, its (item index, first slice, slice count) runs."""
         size = self.config.model.batch_size
-        card = self.model.card
-        buffer = np.empty((size, *card.input_size, card.channels), dtype=np.float32)
-        owners: list[tuple[int, int]] = []
+        batches: list[list[tuple[int, int, int]]] = [[]]
         filled = 0
         for index, item in enumerate(items):
-            volume = item.prepared.volume
-            assert volume is not None
+            assert item.prepared.volume is not None
+            count = len(item.prepared.volume)
             start = 0
-            while start < len(volume):
-                take = min(size - filled, len(volume) - start)
-                imaging.stack_context(
-                    volume,
-                    card.context_slices,
-                    rows=range(start, start + take),
-                    out=buffer[filled : filled + take],
-                )
-                owners.append((index, take))
+            while start < count:
+                if filled == size:
+                    batches.append([])
+                    filled = 0
+                take = min(size - filled, count - start)
+                batches[-1].append((index, start, take))
                 filled += take
                 start += take
-                if filled == size:
-                    yield buffer, owners
-                    owners, filled = [], 0
-        if filled:
-            yield buffer[:filled], owners
+        return batches if filled else []
+
+    def _stack(self, items: Sequence[ClaimedSeries], runs: list[tuple[int, int, int]], buffer: np.ndarray) -> np.ndarray:
+        """One batch's 2.5D inputs, written into (the start of) ``buffer``."""
+        context = self.model.card.context_slices
+        filled = 0
+        for index, start, take in runs:
+            imaging.stack_context(
+                items[index].prepared.volume,
+                context,
+                rows=range(start, start + take),
+                out=buffer[filled : filled + take],
+            )
+            filled += take
+        return buffer[:filled]
 
     def _predict(self, items: Sequence[ClaimedSeries]) -> list[np.ndarray]:
-        """Per-slice probabilities (N_i, 6) of each series, in its z order."""
+        """Per-slice probabilities (N_i, 6) of each series, in its z order.
+
+        The stacking thread builds the next batches (numpy copies, outside
+        the interpreter lock) while the model runs on this one, so a GPU is
+        not left waiting for its inputs. Three buffers rotate: one in the
+        model, one ready, one being filled.
+        """
         if not items:
             return []
         sequence = self.model.has_sequence_stage
         # Slice stage: embeddings for a two-stage model, probabilities otherwise.
         stage = self.model.embed_slices if sequence else self.model.predict_slices
+        plan = self._plan(items)
+        card = self.model.card
+        size = self.config.model.batch_size
+        buffers = [
+            np.empty((size, *card.input_size, card.channels), dtype=np.float32)
+            for _ in range(min(STACKED_AHEAD + 1, len(plan)))
+        ]
+
+        def stacked(number: int) -> Future[np.ndarray]:
+            return self._stacker.submit(self._stack, items, plan[number], buffers[number % len(buffers)])
+
+        ahead = {number: stacked(number) for number in range(min(STACKED_AHEAD, len(plan)))}
         outputs: list[list[np.ndarray]] = [[] for _ in items]
-        for inputs, owners in self._batches(items):
+        for number, runs in enumerate(plan):
+            inputs = ahead.pop(number).result()
+            if number + STACKED_AHEAD < len(plan):
+                ahead[number + STACKED_AHEAD] = stacked(number + STACKED_AHEAD)
             result = stage(inputs, len(inputs))
             offset = 0
-            for index, count in owners:
+            for index, _, count in runs:
                 outputs[index].append(result[offset : offset + count])
                 offset += count
         per_series = [np.concatenate(parts) for parts in outputs]
