@@ -246,9 +246,11 @@ class HemorrhageModel:
     """A loaded model with its card; see the module docstring for the contract.
 
     Build it with :func:`load_model`.  Prediction runs Keras' compiled predict
-    step (``predict_on_batch``, traced with ``reduce_retracing``) on chunks of
-    ``batch_size`` slices; after the first few calls new batch sizes or series
-    lengths do not recompile.
+    step (``predict_on_batch``) on chunks of ``batch_size`` slices.  TensorFlow
+    traces it with ``reduce_retracing``: after the first few calls new batch
+    sizes or series lengths do not recompile.  JAX compiles once per input
+    shape, so there a smaller last chunk is padded to ``batch_size`` (rows are
+    scored independently; the padding is dropped).
     """
 
     def __init__(self, keras_model: Any, card: ModelCard, path: Path | None = None) -> None:
@@ -257,6 +259,7 @@ class HemorrhageModel:
         self.card = card
         self.path = path
         self.keras_model = keras_model
+        self._pad_chunks = keras.backend.backend() == "jax"
         where = f"model {path}" if path else "model"
         if card.sequence_stage:
             encoder = _find_layer(keras_model, SLICE_ENCODER)
@@ -323,17 +326,16 @@ class HemorrhageModel:
             )
         return x
 
-    @staticmethod
-    def _batched(fn: Any, x: np.ndarray, batch_size: int, width: int) -> np.ndarray:
+    def _batched(self, fn: Any, x: np.ndarray, batch_size: int, width: int) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(x), width), dtype=np.float32)
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size]
-            # Keras' predict step is traced with reduce_retracing: after a
-            # couple of batch sizes it runs one shape-generic graph, so the
-            # last, smaller chunk is not padded (no wasted compute).
-            out[start : start + len(chunk)] = np.asarray(fn(chunk), dtype=np.float32)
+            count = len(chunk)
+            if self._pad_chunks and count < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)])
+            out[start : start + count] = np.asarray(fn(chunk), dtype=np.float32)[:count]
         return out
 
     def predict_slices(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -108,7 +108,7 @@ class Worker:
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         card = self.model.card
         zeros = np.zeros((2, *card.input_size, card.channels), dtype=np.float32)
-        self.model.predict_series(zeros, batch_size=2)
+        self.model.predict_series(zeros, batch_size=self.config.model.batch_size)
         wait(started)
 
     def close(self) -> None:
@@ -273,7 +273,7 @@ class Worker:
             inputs = ahead.pop(number).result()
             if number + STACKED_AHEAD < len(plan):
                 ahead[number + STACKED_AHEAD] = stacked(number + STACKED_AHEAD)
-            result = stage(inputs, len(inputs))
+            result = stage(inputs, size)  # under JAX a smaller last batch is padded to size: one compiled shape
             offset = 0
             for index, _, count in runs:
                 outputs[index].append(result[offset : offset + count])

@@ -172,6 +172,19 @@ def test_prediction_api(tiny_model_path):
     np.testing.assert_allclose(model.predict_series(x, batch_size=32), probs, rtol=1e-5, atol=1e-6)
 
 
+def test_padded_last_chunk_gives_the_same_scores(tiny_model_path):
+    # What the JAX backend does so that one compiled shape serves every batch.
+    model = load_model(tiny_model_path)
+    x = np.random.default_rng(1).random((21, 32, 32, 9), dtype=np.float32)
+    plain = model.predict_series(x, batch_size=8)
+    model._pad_chunks = True
+    seen = []
+    encoder = model._encoder.predict_on_batch
+    model._encoder.predict_on_batch = lambda chunk: seen.append(len(chunk)) or encoder(chunk)
+    np.testing.assert_allclose(model.predict_series(x, batch_size=8), plain, rtol=1e-5, atol=1e-6)
+    assert seen == [8, 8, 8]
+
+
 def test_prediction_checks_its_input(tiny_model_path):
     model = load_model(tiny_model_path)
     with pytest.raises(ValueError, match="x must have shape"):
