@@ -149,7 +149,10 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Instances and series by state, spool size and free disk."""
     from .status import collect_status, format_status
 
-    report = collect_status(_load(config_path))
+    try:
+        report = collect_status(_load(config_path))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
@@ -199,8 +202,10 @@ def results_show(uid: str, config_path: Path | None, fmt: str) -> None:
 def _session(config: Config):
     from . import db
 
-    engine = db.make_engine(config.database.url)
-    db.init_db(engine)
+    try:
+        engine = db.open_existing(config.database.url)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
     return db.session_factory(engine)()
 
 

@@ -188,13 +188,15 @@ class Config(_Section):
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or url.startswith("sqlite:////"):
+    """A relative SQLite file is relative to the configuration file's folder."""
+    from sqlalchemy.engine import make_url
+
+    from .db import sqlite_file
+
+    path = sqlite_file(url)
+    if path is None or path.is_absolute():
         return url
-    path = url[len(prefix) :]
-    if not path or path.startswith(":memory:"):
-        return url
-    return prefix + str((base / path).resolve())
+    return make_url(url).set(database=str((base / path).resolve())).render_as_string(hide_password=False)
 
 
 def default_config_path() -> Path | None:

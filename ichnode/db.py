@@ -178,20 +178,42 @@ class Delivery(Base):
     result: Mapped[SeriesResult] = relationship(back_populates="deliveries")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL; None for other databases and in-memory ones."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL mode and a busy timeout on every connection."""
-    is_sqlite = url.startswith("sqlite")
+    is_sqlite = make_url(url).get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {}
     if is_sqlite:
-        database = make_url(url).database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         # Threads of one process share the engine; SQLite itself serialises writers.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine
+
+
+def open_existing(url: str) -> Engine:
+    """An engine on the node's database for commands that only read it
+    (``status``, ``results``): a missing SQLite file is an error, not a new
+    empty database in the wrong place."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(
+            f"no database at {path}: has the node run with this configuration? "
+            "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
+        )
+    return make_engine(url)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -12,8 +12,7 @@ from .config import Config
 
 
 def collect_status(config: Config) -> dict[str, Any]:
-    engine = db.make_engine(config.database.url)
-    db.init_db(engine)
+    engine = db.open_existing(config.database.url)
     spool_dir = config.storage.spool_dir
     try:
         with db.session_factory(engine)() as session:

@@ -146,6 +146,16 @@ def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path
     assert "total 6" in text.stdout
 
 
+def test_reading_commands_do_not_create_a_database(tmp_path: Path) -> None:
+    # A config that is not the node's (a typo in --config) must say so, not show an empty new database.
+    path = write_config(tmp_path / "other.yaml", {"database": {"url": "sqlite:///nowhere/ichnode.db"}})
+    for command in (["status"], ["results", "list"], ["results", "show", "1.2.3"]):
+        result = run_cli([*command, "--config", str(path)])
+        assert result.returncode == 1, command
+        assert f"no database at {tmp_path / 'nowhere' / 'ichnode.db'}" in result.stderr
+    assert not (tmp_path / "nowhere" / "ichnode.db").exists()
+
+
 def test_status_with_a_bad_config_exits_1(tmp_path: Path) -> None:
     path = write_config(tmp_path / "bad.yaml", {"node": {"portt": 1}})
     result = run_cli(["status", "--config", str(path)])
