@@ -41,7 +41,11 @@ cheap sequence stage per series::
     found = flags(scores, model.card.thresholds)   # {label: bool}
 
 which is exactly what :meth:`HemorrhageModel.predict_series` does for one
-series.  Inputs are float32 ``(H, W, C)`` slices as produced by
+series.  With the card's ``test_time_flip`` every slice is also scored
+mirrored left-right and the two probabilities are averaged; the embeddings
+are then the slice's and its mirror image's, side by side (``2E``), and
+:meth:`HemorrhageModel.score_sequence` runs the sequence stage on each half.
+Inputs are float32 ``(H, W, C)`` slices as produced by
 ``ichnode.imaging.preprocess_series(datasets, card.windows, card.input_size,
 card.context_slices)``; ``C == card.channels == len(windows) * (2k + 1)``.
 
@@ -108,6 +112,9 @@ class ModelCard(BaseModel):
     channels: int = Field(ge=1)
     sequence_stage: bool
     series_aggregation: Literal["max", "mean", "top3_mean"] = "max"
+    # Also score each slice mirrored left-right and average: the anatomy is
+    # nearly symmetric, so the mirror image is a second look at a faint bleed.
+    test_time_flip: bool = False
     thresholds: dict[str, float]
     trained_on: str = Field(min_length=1)
     intended_use: str = Field(min_length=1)
@@ -300,6 +307,12 @@ class HemorrhageModel:
                 f"{where}: card field 'labels' lists {len(card.labels)} labels, "
                 f"the model outputs {output_dim}"
             )
+        if card.test_time_flip:
+            self._slice_model = _with_mirror_image(self._slice_model, keras.layers.Average())
+            if self._encoder is not None:
+                self._encoder = _with_mirror_image(self._encoder, keras.layers.Concatenate())
+                self._sequence = _on_both_halves(self._sequence, self.embedding_dim)
+                self.embedding_dim *= 2
 
     def _check_input(self, input_shape: tuple, where: str) -> None:
         card = self.card
@@ -378,6 +391,23 @@ class HemorrhageModel:
         if self._sequence is None:
             return self.predict_slices(x, batch_size)
         return self.score_sequence(self.embed_slices(x, batch_size))
+
+
+def _with_mirror_image(model: Any, merge: Any) -> Any:
+    """``model`` on slices and on their left-right mirror images, outputs merged
+    (the flip is part of the graph, so it runs where the model runs)."""
+    import keras
+
+    x = keras.Input(model.inputs[0].shape[1:])
+    return keras.Model(x, merge([model(x), model(keras.ops.flip(x, axis=2))]))
+
+
+def _on_both_halves(sequence: Any, dim: int) -> Any:
+    """The sequence stage on each half of ``(S, N, 2 * dim)`` embeddings, averaged."""
+    import keras
+
+    x = keras.Input((None, 2 * dim))
+    return keras.Model(x, keras.layers.Average()([sequence(x[..., :dim]), sequence(x[..., dim:])]))
 
 
 def load_model(path: Path | None = None) -> HemorrhageModel:

@@ -185,6 +185,21 @@ def test_padded_last_chunk_gives_the_same_scores(tiny_model_path):
     assert seen == [8, 8, 8]
 
 
+def test_test_time_flip_averages_the_mirror_image(tiny_model_path, tmp_path):
+    plain = load_model(tiny_model_path)
+    flipped = load_model(with_card(tiny_model_path, tmp_path, card_dict(test_time_flip=True)))
+    x = np.random.default_rng(2).random((13, 32, 32, 9), dtype=np.float32)
+    mirror = np.ascontiguousarray(x[:, :, ::-1])
+    expected = (plain.predict_series(x) + plain.predict_series(mirror)) / 2
+    np.testing.assert_allclose(flipped.predict_series(x, batch_size=4), expected, rtol=1e-5, atol=1e-6)
+    expected_slices = (plain.predict_slices(x) + plain.predict_slices(mirror)) / 2
+    np.testing.assert_allclose(flipped.predict_slices(x), expected_slices, rtol=1e-5, atol=1e-6)
+    # the worker's path: embeddings batched across series, then the sequence stage per series
+    emb = flipped.embed_slices(x)
+    assert emb.shape == (13, 2 * plain.embedding_dim)
+    np.testing.assert_allclose(flipped.score_sequence(emb), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_prediction_checks_its_input(tiny_model_path):
     model = load_model(tiny_model_path)
     with pytest.raises(ValueError, match="x must have shape"):

@@ -52,6 +52,7 @@ def make_card(
         channels=config.channels,
         sequence_stage=sequence_stage,
         series_aggregation=exp.series_aggregation,
+        test_time_flip=exp.test_time_flip,
         thresholds=thresholds,
         trained_on=exp.trained_on,
         intended_use=exp.intended_use,

@@ -121,6 +121,7 @@ class ExportSection(_Section):
     intended_use: str = "Research and software testing of ichnode."
     disclaimer: str = "Not for clinical use."
     series_aggregation: Literal["max", "mean", "top3_mean"] = "max"
+    test_time_flip: bool = False  # the node also scores each slice mirrored and averages (card field)
     any_sensitivity: float = Field(0.95, gt=0, le=1)
     subtype_thresholds: Literal["youden", "sensitivity"] = "youden"
 
@@ -341,17 +342,14 @@ class Run:
         ]
 
     # ---------------------------------------------------------- embeddings
-    def embeddings(self, slice_model: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and slice probabilities of every usable slice (``np.nan`` elsewhere)."""
+    def embeddings(self, slice_model: Any) -> np.ndarray:
+        """Slice CNN embeddings of every usable slice (``np.nan`` elsewhere)."""
         path = self.out / "embeddings.npz"
         if path.exists():
-            data = np.load(path)
-            return data["embeddings"], data["slice_probs"]
+            return np.load(path)["embeddings"]
         encoder = slice_model.get_layer("slice_encoder")
-        head = slice_model.get_layer("slice_head")
         dim = int(encoder.outputs[0].shape[-1])
         emb = np.full((len(self.index), dim), np.nan, dtype=np.float32)
-        probs = np.full((len(self.index), len(LABELS)), np.nan, dtype=np.float32)
         rows = np.flatnonzero(self.ok)
         batch = max(32, self.config.slice_stage.batch_size)
         ds = rsna.slice_dataset(self.loader, rows, self.labels, batch_size=batch, shuffle=False,
@@ -361,12 +359,10 @@ class Run:
         start = 0
         for x, _ in tqdm(ds, total=math.ceil(len(rows) / batch), desc="embed slices", disable=not self.progress):
             e = np.asarray(encoder.predict_on_batch(x))
-            idx = rows[start : start + len(e)]
-            emb[idx] = e
-            probs[idx] = np.asarray(head(e))
+            emb[rows[start : start + len(e)]] = e
             start += len(e)
-        np.savez(path, embeddings=emb, slice_probs=probs)
-        return emb, probs
+        np.savez(path, embeddings=emb)
+        return emb
 
     # ------------------------------------------------------------- stage 2
     def series_rows(self, split: str) -> list[np.ndarray]:
@@ -441,20 +437,25 @@ class Run:
         return sequence
 
     # -------------------------------------------------------------- export
-    def export(self, slice_model: Any, sequence: Any | None, embeddings: np.ndarray, slice_probs: np.ndarray) -> Path:
+    def export(self, slice_model: Any, sequence: Any | None) -> Path:
+        """Assemble the model, choose its thresholds on the validation split as
+        the node will score it (``ichnode.model``, so with ``test_time_flip``
+        too), and save it with its card."""
+        from ichnode.model import HemorrhageModel
         from training import export, models
 
         cfg = self.config
-        encoder = slice_model.get_layer("slice_encoder")
-        head = slice_model.get_layer("slice_head")
-        val = self.series_rows("val")
+        full = models.assemble(slice_model.get_layer("slice_encoder"), slice_model.get_layer("slice_head"), sequence)
+
+        def card(**fields: Any) -> Any:
+            return export.make_card(cfg, command=self.command, sequence_stage=sequence is not None, **fields)
+
+        node_model = HemorrhageModel(full, card(thresholds=dict.fromkeys(LABELS, 0.5), metrics={}))
         ids, y_true, y_prob, y_prob_slice = [], [], [], []
-        for n, rows in enumerate(val):
-            if sequence is not None:
-                y_prob.append(np.asarray(sequence.predict_on_batch(embeddings[rows][None]))[0])
-            else:
-                y_prob.append(slice_probs[rows])
-            y_prob_slice.append(slice_probs[rows])
+        for n, rows in enumerate(self.series_rows("val")):
+            x = self.loader.load(rows)
+            y_prob.append(node_model.predict_series(x))
+            y_prob_slice.append(node_model.predict_slices(x))
             y_true.append(self.labels[rows])
             ids += [n] * len(rows)
         y_true_a, y_prob_a = np.concatenate(y_true), np.concatenate(y_prob)
@@ -467,18 +468,12 @@ class Run:
         validation["slice_stage_only"] = {
             k: slice_only[k] for k in ("weighted_log_loss", "slice_auc", "series_auc")
         }
-        full = models.assemble(encoder, head, sequence)
-        card = export.make_card(
-            cfg,
-            thresholds=thresholds,
-            metrics={"validation": validation, "threshold_rule": (
-                f"series-level on the validation split: any at {cfg.export.any_sensitivity:.0%} "
-                f"sensitivity, subtypes by {cfg.export.subtype_thresholds}"
-            )},
-            command=self.command,
-            sequence_stage=sequence is not None,
+        rule = (
+            f"series-level on the validation split: any at {cfg.export.any_sensitivity:.0%} "
+            f"sensitivity, subtypes by {cfg.export.subtype_thresholds}"
         )
-        return export.save(full, card, self.out / "export", cfg.export.name)
+        final = card(thresholds=thresholds, metrics={"validation": validation, "threshold_rule": rule})
+        return export.save(full, final, self.out / "export", cfg.export.name)
 
     def run(self) -> Path:
         import keras
@@ -487,11 +482,11 @@ class Run:
         started = time.monotonic()
         self.prepare_data()
         slice_model = self.train_slice_stage()
-        embeddings, slice_probs = self.embeddings(slice_model)
         sequence = None
         if self.config.arch.sequence != "none":
+            embeddings = self.embeddings(slice_model)
             sequence = self.train_sequence_stage(embeddings)
-        path = self.export(slice_model, sequence, embeddings, slice_probs)
+        path = self.export(slice_model, sequence)
         logger.info("run finished in %.0f s: %s", time.monotonic() - started, path)
         return path
 
