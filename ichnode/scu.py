@@ -193,9 +193,11 @@ def send_files(
             bar.update(len(batch))
             continue
         disable_nagle(assoc)
+        tried = 0
         try:
             for item in batch:
                 status = store_file(assoc, item.path, sop_class_in_meta_only=item.sop_class_in_meta_only)
+                tried += 1
                 category = status_category(status)
                 summary.statuses[category] += 1
                 if category in ("Failure", "No response"):
@@ -204,6 +206,14 @@ def send_files(
                 bar.update(1)
                 if not assoc.is_established:
                     break
+            untried = len(batch) - tried
+            if untried:
+                summary.statuses["Not sent"] += untried
+                summary.failures.append(
+                    f"association with {ae_title}@{host}:{port} ended after {tried} of {len(batch)} files; "
+                    f"{untried} not sent"
+                )
+                bar.update(untried)
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -106,6 +106,34 @@ def test_send_a_folder_prints_a_summary(node_from_file: tuple[Any, Path]) -> Non
     assert len(all_instances(node)) == 28
 
 
+def test_send_counts_every_file_when_the_peer_drops_the_association() -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from ichnode.scu import send_files
+
+    received = []
+
+    def abort_on_third(event: Any) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        if len(received) == 3:
+            event.assoc.abort()
+        return 0x0000
+
+    peer = AE("DROPPER")
+    peer.supported_contexts = AllStoragePresentationContexts
+    server = peer.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort_on_third)])
+    try:
+        files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:6]
+        summary = send_files(files, "DROPPER", "127.0.0.1", server.socket.getsockname()[1], timeout=5)
+    finally:
+        server.shutdown()
+    assert not summary.all_stored
+    assert summary.statuses["Success"] == 2
+    assert sum(summary.statuses.values()) == 6  # every file is accounted for
+    assert summary.statuses["Not sent"] >= 1
+    assert any("not sent" in line for line in summary.failures)
+
+
 def test_send_to_a_refusing_node_exits_1(start_node: Any) -> None:
     node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1"}]})
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
