@@ -657,9 +657,9 @@ def slice_dataset(
         not (shuffle and repeat) or not 0 <= oversample < 1 or not 0 <= hard_fraction < 1 - oversample
     ):
         raise ValueError(
-                "oversample and hard_fraction need a shuffled, repeated dataset and together less "
-                f"than 1, got {oversample} and {hard_fraction}"
-            )
+            "oversample and hard_fraction need a shuffled, repeated dataset and together less "
+            f"than 1, got {oversample} and {hard_fraction}"
+        )
     if oversample > 0:
         pools = [rows[labels[rows, j] > 0.5] for j in range(1, len(LABELS))]
         pools = [pool for pool in pools if len(pool)]
