@@ -20,7 +20,6 @@ from ichnode.model import (
     series_scores,
 )
 
-
 # Keras' TensorFlow backend calls np.array(variable) on save; numpy 2 warns about it.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
