@@ -102,7 +102,8 @@ class Probe:
     def __init__(self, worker: Any) -> None:
         self.totals: dict[str, float] = {}
         self._lock = threading.Lock()
-        for name, attr in (("run_once", "run_once"), ("model", "_predict"), ("stack", "_stack"), ("db", "_finish"), ("store", "_store")):
+        timed = (("run_once", "run_once"), ("model", "_predict"), ("stack", "_stack"), ("db", "_finish"), ("store", "_store"))
+        for name, attr in timed:
             setattr(worker, attr, self._timed(name, getattr(worker, attr)))
 
     def _add(self, name: str, seconds: float) -> None:
