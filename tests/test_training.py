@@ -367,6 +367,23 @@ def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     assert sub["Label"].between(0, 1).all()
 
 
+def test_evaluate_pools_several_folders_with_intervals(trained, tmp_path):
+    from training import evaluate
+
+    model = load_model(trained["model"])
+    single = evaluate.evaluate(model, trained["data"], tmp_path / "one.json", workers=2, progress=False)
+    # The same folder twice: its series count twice (keyed by folder), not merged.
+    pooled = evaluate.evaluate(model, [trained["data"], trained["data"]], tmp_path / "two.json",
+                               predictions=tmp_path / "slices.csv", workers=2, progress=False)
+    assert pooled["n_series"] == 2 * single["n_series"] and pooled["n_slices"] == 2 * single["n_slices"]
+    assert pooled["series_auc"] == pytest.approx(single["series_auc"], nan_ok=True)
+    assert pooled["data"] == [str(trained["data"])] * 2
+    for label, (low, high) in pooled["series_auc_ci95"].items():
+        auc = pooled["series_auc"][label]
+        assert math.isnan(auc) or low <= auc <= high
+    assert set(pd.read_csv(tmp_path / "slices.csv")["data"]) == {str(trained["data"])}
+
+
 def test_architecture_config_round_trip_and_checks():
     from training.models import ArchitectureConfig
 

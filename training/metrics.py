@@ -80,6 +80,28 @@ def roc_auc(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
     return out
 
 
+def bootstrap_auc_interval(
+    y_true: np.ndarray, y_prob: np.ndarray, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of each label's ROC AUC, resampling rows
+    (series, for series-level inputs) with replacement; ``nan`` where a
+    label has a single class."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true, y_prob = _check(y_true, y_prob)
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples)]
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for i, label in enumerate(LABELS):
+        column, scores = y_true[:, i], y_prob[:, i]
+        aucs = [roc_auc_score(column[d], scores[d]) for d in draws if column[d].min() != column[d].max()]
+        out[label] = (
+            (float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))) if aucs else (math.nan, math.nan)
+        )
+    return out
+
+
 def sensitivity_specificity(
     y_true: np.ndarray, y_prob: np.ndarray, thresholds: Mapping[str, float]
 ) -> dict[str, dict[str, float]]:
@@ -181,6 +203,7 @@ def report(
         "log_loss": per_label_log_loss(y_true, y_prob),
         "slice_auc": roc_auc(y_true, y_prob),
         "series_auc": roc_auc(s_true, s_prob),
+        "series_auc_ci95": bootstrap_auc_interval(s_true, s_prob),
         "slice_sens_spec": sensitivity_specificity(y_true, y_prob, thresholds),
         "series_sens_spec": sensitivity_specificity(s_true, s_prob, thresholds),
         "thresholds": {l: float(thresholds[l]) for l in LABELS},
