@@ -102,6 +102,8 @@ def heldout_metrics(report_path: Path) -> dict[str, Any]:
     if missing:
         raise click.ClickException(f"{report_path} lacks {missing}: not a labelled evaluation report")
     out = {k: report[k] for k in keys}
+    if "series_auc_ci95" in report:
+        out["series_auc_ci95"] = report["series_auc_ci95"]
     out["series_sens_spec"] = {
         label: {k: v[k] for k in ("threshold", "sensitivity", "specificity")}
         for label, v in report["series_sens_spec"].items()
