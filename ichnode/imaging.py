@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_WINDOWS",
     "PADDING_HU_THRESHOLD",
     "apply_windows",
+    "context_indices",
     "fix_bad_intercept",
     "header_windows",
     "needs_intercept_fix",
@@ -687,6 +688,18 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.copy() if np.shares_memory(out, image) else out
 
 
+def context_indices(n: int, context: int, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """``(len(rows), 2 * context + 1)`` indices of the slices stacked for each row.
+
+    Row ``i`` takes slices ``i - context`` ... ``i + context``, edge slices
+    repeated beyond the ends: the rule of :func:`stack_context`, for callers
+    that gather the neighbours themselves (the worker, on the model's device).
+    """
+    context = _check_context(context)
+    index = np.arange(n) if rows is None else np.asarray(rows, dtype=np.intp)
+    return np.clip(index[:, None] + np.arange(-context, context + 1)[None, :], 0, max(n - 1, 0))
+
+
 def stack_context(
     volume: np.ndarray,
     context: int,
@@ -740,9 +753,9 @@ def stack_context(
         item = f"V{volume.dtype.itemsize * channels}"
         source = np.ascontiguousarray(volume).view(item)[..., 0]  # (N, H, W)
         target = out.view(item)  # (rows, H, W, span)
-        for r, i in enumerate(index):
-            for j, offset in enumerate(range(-context, context + 1)):
-                target[r, :, :, j] = source[min(max(i + offset, 0), n - 1)]
+        for r, neighbours in enumerate(context_indices(n, context, index)):
+            for j, neighbour in enumerate(neighbours):
+                target[r, :, :, j] = source[neighbour]
     return out
 
 

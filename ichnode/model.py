@@ -83,6 +83,10 @@ CARD_FORMAT = 1
 
 AGGREGATIONS = ("max", "mean", "top3_mean")
 
+# Under JAX the rows of :meth:`HemorrhageModel.slice_stage_on_rows` are padded
+# to a multiple of this, so that few shapes are compiled.
+ROW_BUCKET = 8
+
 # Names of the sub-layers of a two-stage model (see the module docstring).
 SLICE_ENCODER = "slice_encoder"
 SLICE_HEAD = "slice_head"
@@ -313,6 +317,7 @@ class HemorrhageModel:
                 self._encoder = _with_mirror_image(self._encoder, keras.layers.Concatenate())
                 self._sequence = _on_both_halves(self._sequence, self.embedding_dim)
                 self.embedding_dim *= 2
+        self._on_rows = _stacking_in_graph(self._encoder if self._encoder is not None else self._slice_model, card)
 
     def _check_input(self, input_shape: tuple, where: str) -> None:
         card = self.card
@@ -367,6 +372,37 @@ class HemorrhageModel:
         x = self._check_slices(x)
         return self._batched(self._encoder.predict_on_batch, x, batch_size, self.embedding_dim)
 
+    def slice_stage_on_rows(self, rows: np.ndarray, neighbours: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The slice stage of 2.5D slices given by reference: embeddings ``(B, E)``
+        of a two-stage model, probabilities ``(B, 6)`` otherwise.
+
+        ``rows`` ``(M, H, W, len(windows))`` are preprocessed slices of any mix
+        of series; sample ``b`` stacks ``rows[neighbours[b, j]]`` for ``j`` in
+        ``0 .. 2k`` (see :func:`ichnode.imaging.context_indices`).  The result
+        equals :meth:`embed_slices` (or :meth:`predict_slices`) of the stacked
+        slices, but the stacking runs inside the model, on its device: the host
+        copies, and sends to a GPU, each slice once instead of ``2k + 1`` times.
+        """
+        card = self.card
+        rows = np.asarray(rows, dtype=np.float32)
+        neighbours = np.asarray(neighbours, dtype=np.int32)
+        span = 2 * card.context_slices + 1
+        if rows.ndim != 4 or rows.shape[1:] != (*card.input_size, len(card.windows)):
+            raise ValueError(
+                f"rows must have shape (M, {card.input_size[0]}, {card.input_size[1]}, "
+                f"{len(card.windows)}), got {rows.shape}"
+            )
+        if neighbours.ndim != 2 or neighbours.shape[1] != span:
+            raise ValueError(f"neighbours must have shape (B, {span}), got {neighbours.shape}")
+        if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= len(rows)):
+            raise ValueError(f"neighbours must index the {len(rows)} rows")
+        if self._pad_chunks and len(rows) % ROW_BUCKET:
+            # JAX compiles per shape: a few row counts serve every batch.
+            padding = np.zeros((ROW_BUCKET - len(rows) % ROW_BUCKET, *rows.shape[1:]), np.float32)
+            rows = np.concatenate([rows, padding])
+        width = self.embedding_dim if self._encoder is not None else len(LABELS)
+        return self._batched(lambda chunk: self._on_rows.predict_on_batch([rows, chunk]), neighbours, batch_size, width)
+
     def score_sequence(self, embeddings: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, 6)`` for the embeddings ``(N, E)`` of ONE series in z order."""
         if self._sequence is None:
@@ -400,6 +436,22 @@ def _with_mirror_image(model: Any, merge: Any) -> Any:
 
     x = keras.Input(model.inputs[0].shape[1:])
     return keras.Model(x, merge([model(x), model(keras.ops.flip(x, axis=2))]))
+
+
+def _stacking_in_graph(stage: Any, card: ModelCard) -> Any:
+    """``stage`` on 2.5D slices stacked in the graph: inputs ``rows`` ``(M, H, W,
+    windows)`` and ``neighbours`` ``(B, 2k + 1)``, the channel layout of
+    :func:`ichnode.imaging.stack_context` (neighbour-major, window-minor)."""
+    import keras
+
+    height, width = card.input_size
+    windows = len(card.windows)
+    span = 2 * card.context_slices + 1
+    rows = keras.Input((height, width, windows), name="rows")
+    neighbours = keras.Input((span,), dtype="int32", name="neighbours")
+    stacks = keras.ops.take(rows, neighbours, axis=0)  # (B, span, H, W, windows)
+    x = keras.ops.reshape(keras.ops.transpose(stacks, (0, 2, 3, 1, 4)), (-1, height, width, span * windows))
+    return keras.Model([rows, neighbours], stage(x))
 
 
 def _on_both_halves(sequence: Any, dim: int) -> Any:

@@ -24,7 +24,7 @@ from pydicom import dcmread
 
 from . import imaging
 from .config import SeriesConfig
-from .reports import ReportContent, ReportUids, build_sr, build_summary_image
+from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers
 from .selection import skip_reason
 from .spool import Spool
 
@@ -79,6 +79,7 @@ class PreparedVolume:
     volume: np.ndarray | None = None  # (N, H, W, windows), z order
     volume_file: str | None = None  # where a helper left the volume (see receive_volume)
     sop_uids: list[str] = field(default_factory=list)  # scored slices, same order
+    sop_class_uids: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
     skip: str | None = None
@@ -131,6 +132,7 @@ def prepare_series(
                 prepared.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
                 continue
             prepared.sop_uids.append(row.sop_instance_uid)
+            prepared.sop_class_uids.append(row.sop_class_uid)
             prepared.paths.append(row.path)
         if slices:
             prepared.volume_file = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
@@ -144,8 +146,8 @@ def prepare_series(
 def write_reports(
     spool: Spool,
     study_uid: str,
-    paths: Sequence[str],
-    key: int,
+    key_path: str,
+    slices: Sequence[tuple[str, str]],
     content: ReportContent,
     uids: ReportUids,
     *,
@@ -154,18 +156,18 @@ def write_reports(
 ) -> tuple[list[tuple[str, str, str]], float]:
     """Build the report objects of a scored series and spool them.
 
-    ``paths`` are the scored slices in z order, ``key`` the index of the key
-    slice. Returns (kind, SOP Instance UID, spool path) of each object, and
-    the seconds it took.
+    ``key_path`` is the spooled key slice, ``slices`` the (SOP Class UID, SOP
+    Instance UID) of the scored slices: only the key slice is read again.
+    Returns (kind, SOP Instance UID, spool path) of each object, and the
+    seconds it took.
     """
     started = time.perf_counter()
+    key = dcmread(spool.absolute(key_path))
     built = []
     if sr:
-        headers = [dcmread(spool.absolute(path), stop_before_pixels=True) for path in paths]
-        built.append(("sr", build_sr(headers, content, uids=uids)))
+        built.append(("sr", build_sr(evidence_headers(key, slices), content, uids=uids)))
     if summary_image:
-        key_ds = dcmread(spool.absolute(paths[key]))
-        built.append(("summary", build_summary_image(key_ds, imaging.to_hu(key_ds), content, uids=uids)))
+        built.append(("summary", build_summary_image(key, imaging.to_hu(key), content, uids=uids)))
     written = []
     for kind, dataset in built:
         relative = spool.report_path(study_uid, dataset.SOPInstanceUID)

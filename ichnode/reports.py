@@ -67,6 +67,7 @@ __all__ = [
     "ReportUids",
     "build_sr",
     "build_summary_image",
+    "evidence_headers",
     "report_uids",
 ]
 
@@ -351,6 +352,25 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
             if keyword not in header:
                 setattr(header, keyword, None)
     return header
+
+
+def evidence_headers(key: Dataset, slices: Sequence[tuple[str, str]]) -> list[Dataset]:
+    """Source headers for :func:`build_sr` without reading every slice again:
+    the key slice's ``key`` itself, and for the others of its series only
+    what the SR records of them, their (SOP Class UID, SOP Instance UID)."""
+    key_uid = str(key.SOPInstanceUID)
+    headers = []
+    for sop_class_uid, sop_instance_uid in slices:
+        if sop_instance_uid == key_uid:
+            headers.append(key)
+            continue
+        header = Dataset()
+        header.StudyInstanceUID = key.StudyInstanceUID
+        header.SeriesInstanceUID = key.SeriesInstanceUID
+        header.SOPClassUID = sop_class_uid
+        header.SOPInstanceUID = sop_instance_uid
+        headers.append(header)
+    return headers
 
 
 def _source_headers(

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
 from .config import LABELS, Config, Peer
-from .model import HemorrhageModel, flags, series_scores
+from .model import ROW_BUCKET, HemorrhageModel, ModelCard, flags, series_scores
 from .preparation import (
     InstanceRow,
     PreparedVolume,
@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 
 # Series claimed per round: those prepared at the same time share prediction batches.
 CLAIM_BATCH = 4
-# Batches the stacking thread may have ready or in hand while the model runs one.
-STACKED_AHEAD = 2
+# Batches the gathering thread may have ready or in hand while the model runs one.
+GATHERED_AHEAD = 2
+# Series runs one batch may hold: each brings up to 2k neighbour rows beyond
+# its slices, and the rows buffer is sized for that many.
+RUNS_PER_BATCH = 8
 
 
 @dataclass
@@ -98,22 +101,26 @@ class Worker:
         self._process_count = config.model.worker_processes or default_processes()
         self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
-        self._stacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-stack")
+        self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-gather")
         self._warm_up()
 
     def _warm_up(self) -> None:
         # The first prediction traces the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
         # first patient's series.
+        # Every row count a batch can carry is traced (TensorFlow) or compiled (JAX).
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
-        card = self.model.card
-        zeros = np.zeros((2, *card.input_size, card.channels), dtype=np.float32)
-        self.model.predict_series(zeros, batch_size=self.config.model.batch_size)
+        size = self.config.model.batch_size
+        rows, neighbours = batch_buffers(self.model.card, size)
+        for count in range(ROW_BUCKET, len(rows) + 1, ROW_BUCKET):
+            self.model.slice_stage_on_rows(rows[:count], neighbours, size)
+        if self.model.has_sequence_stage:
+            self.model.score_sequence(np.zeros((2, self.model.embedding_dim), dtype=np.float32))
         wait(started)
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)
-        self._stacker.shutdown(wait=True)
+        self._gatherer.shutdown(wait=True)
         self._processes.shutdown(wait=True)
 
     # -- claiming --------------------------------------------------------
@@ -209,77 +216,41 @@ class Worker:
         return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size), self._handoff
 
     # -- scoring ---------------------------------------------------------
-    def _plan(self, items: Sequence[ClaimedSeries]) -> list[list[tuple[int, int, int]]]:
-        """Model batches over the slices of ``items``, in order: for each
-        batch, its (item index, first slice, slice count) runs."""
-        size = self.config.model.batch_size
-        batches: list[list[tuple[int, int, int]]] = [[]]
-        filled = 0
-        for index, item in enumerate(items):
-            assert item.prepared.volume is not None
-            count = len(item.prepared.volume)
-            start = 0
-            while start < count:
-                if filled == size:
-                    batches.append([])
-                    filled = 0
-                take = min(size - filled, count - start)
-                batches[-1].append((index, start, take))
-                filled += take
-                start += take
-        return batches if filled else []
-
-    def _stack(self, items: Sequence[ClaimedSeries], runs: list[tuple[int, int, int]], buffer: np.ndarray) -> np.ndarray:
-        """One batch's 2.5D inputs, written into (the start of) ``buffer``."""
-        context = self.model.card.context_slices
-        filled = 0
-        for index, start, take in runs:
-            imaging.stack_context(
-                items[index].prepared.volume,
-                context,
-                rows=range(start, start + take),
-                out=buffer[filled : filled + take],
-            )
-            filled += take
-        return buffer[:filled]
-
     def _predict(self, items: Sequence[ClaimedSeries]) -> list[np.ndarray]:
         """Per-slice probabilities (N_i, 6) of each series, in its z order.
 
-        The stacking thread builds the next batches (numpy copies, outside
-        the interpreter lock) while the model runs on this one, so a GPU is
-        not left waiting for its inputs. Three buffers rotate: one in the
-        model, one ready, one being filled.
+        The gathering thread copies the next batches' slices (numpy copies,
+        outside the interpreter lock) while the model runs on this one, so a
+        GPU is not left waiting for its inputs; the model stacks each slice
+        with its neighbours itself.  Three buffers rotate: one in the model,
+        one ready, one being filled.
         """
         if not items:
             return []
-        sequence = self.model.has_sequence_stage
-        # Slice stage: embeddings for a two-stage model, probabilities otherwise.
-        stage = self.model.embed_slices if sequence else self.model.predict_slices
-        plan = self._plan(items)
         card = self.model.card
         size = self.config.model.batch_size
-        buffers = [
-            np.empty((size, *card.input_size, card.channels), dtype=np.float32)
-            for _ in range(min(STACKED_AHEAD + 1, len(plan)))
-        ]
+        volumes = [item.prepared.volume for item in items]
+        plan = plan_batches([len(volume) for volume in volumes], size)
+        buffers = [batch_buffers(card, size) for _ in range(min(GATHERED_AHEAD + 1, len(plan)))]
 
-        def stacked(number: int) -> Future[np.ndarray]:
-            return self._stacker.submit(self._stack, items, plan[number], buffers[number % len(buffers)])
+        def gathered(number: int) -> Future[tuple[np.ndarray, np.ndarray]]:
+            rows, neighbours = buffers[number % len(buffers)]
+            return self._gatherer.submit(gather_batch, volumes, plan[number], card.context_slices, rows, neighbours)
 
-        ahead = {number: stacked(number) for number in range(min(STACKED_AHEAD, len(plan)))}
+        ahead = {number: gathered(number) for number in range(min(GATHERED_AHEAD, len(plan)))}
         outputs: list[list[np.ndarray]] = [[] for _ in items]
         for number, runs in enumerate(plan):
-            inputs = ahead.pop(number).result()
-            if number + STACKED_AHEAD < len(plan):
-                ahead[number + STACKED_AHEAD] = stacked(number + STACKED_AHEAD)
-            result = stage(inputs, size)  # under JAX a smaller last batch is padded to size: one compiled shape
+            rows, neighbours = ahead.pop(number).result()
+            if number + GATHERED_AHEAD < len(plan):
+                ahead[number + GATHERED_AHEAD] = gathered(number + GATHERED_AHEAD)
+            # Slice stage: embeddings for a two-stage model, probabilities otherwise.
+            result = self.model.slice_stage_on_rows(rows, neighbours, size)
             offset = 0
             for index, _, count in runs:
                 outputs[index].append(result[offset : offset + count])
                 offset += count
         per_series = [np.concatenate(parts) for parts in outputs]
-        if sequence:
+        if self.model.has_sequence_stage:
             # The sequence stage needs one whole series in z order.
             return [self.model.score_sequence(embeddings) for embeddings in per_series]
         return per_series
@@ -306,8 +277,8 @@ class Worker:
                 write_reports,
                 self.spool,
                 item.study_uid,
-                item.prepared.paths,
-                key,
+                item.prepared.paths[key],
+                list(zip(item.prepared.sop_class_uids, item.sop_uids)),
                 content,
                 report_uids(item.series_uid, item.version),
                 sr=wanted.sr,
@@ -468,6 +439,57 @@ class Worker:
                     model_version=self.model.card.version,
                 )
             )
+
+
+def plan_batches(lengths: Sequence[int], size: int) -> list[list[tuple[int, int, int]]]:
+    """Model batches of ``size`` slices over series of ``lengths`` slices, in
+    order: for each batch, its (series index, first slice, slice count) runs,
+    at most :data:`RUNS_PER_BATCH` of them."""
+    batches: list[list[tuple[int, int, int]]] = [[]]
+    filled = 0
+    for index, count in enumerate(lengths):
+        start = 0
+        while start < count:
+            if filled == size or len(batches[-1]) == RUNS_PER_BATCH:
+                batches.append([])
+                filled = 0
+            take = min(size - filled, count - start)
+            batches[-1].append((index, start, take))
+            filled += take
+            start += take
+    return batches if filled else []
+
+
+def batch_buffers(card: ModelCard, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed rows and neighbours buffers for one batch of :func:`gather_batch`:
+    room for ``size`` slices and the neighbours beyond the ends of every run."""
+    span = 2 * card.context_slices + 1
+    capacity = -(-(size + (span - 1) * RUNS_PER_BATCH) // ROW_BUCKET) * ROW_BUCKET
+    rows = np.zeros((capacity, *card.input_size, len(card.windows)), dtype=np.float32)
+    return rows, np.zeros((size, span), dtype=np.int32)
+
+
+def gather_batch(
+    volumes: Sequence[np.ndarray],
+    runs: Sequence[tuple[int, int, int]],
+    context: int,
+    rows: np.ndarray,
+    neighbours: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One batch for :meth:`HemorrhageModel.slice_stage_on_rows`, written into
+    (the start of) ``rows`` and ``neighbours``: each run's slices and the
+    neighbours beyond its ends, each slice copied once."""
+    used = filled = 0
+    for index, start, take in runs:
+        volume = volumes[index]
+        wanted = imaging.context_indices(len(volume), context, range(start, start + take))
+        first, end = int(wanted[0, 0]), int(wanted[-1, -1]) + 1
+        rows[used : used + end - first] = volume[first:end]
+        neighbours[filled : filled + take] = wanted - first + used
+        used += end - first
+        filled += take
+    # Whole buckets of rows: then JAX needs no copy to pad them.
+    return rows[: -(-used // ROW_BUCKET) * ROW_BUCKET], neighbours[:filled]
 
 
 def _sender_address(allow: Sequence[Peer], calling_ae: str) -> tuple[str, str, int] | None:

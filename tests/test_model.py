@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ichnode.config import LABELS
+from ichnode.imaging import context_indices, stack_context
 from ichnode.model import (
     HemorrhageModel,
     ModelCard,
@@ -196,6 +197,28 @@ def test_test_time_flip_averages_the_mirror_image(tiny_model_path, tmp_path):
     emb = flipped.embed_slices(x)
     assert emb.shape == (13, 2 * plain.embedding_dim)
     np.testing.assert_allclose(flipped.score_sequence(emb), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_slices_stacked_by_the_model_score_as_slices_stacked_on_the_host(tiny_model_path, tmp_path, test_time_flip):
+    model = load_model(with_card(tiny_model_path, tmp_path, card_dict(test_time_flip=test_time_flip)))
+    rng = np.random.default_rng(3)
+    # two series' slices side by side, as the worker packs one batch: series a
+    # from its first slice, series b from its middle (neighbours beyond both ends)
+    a, b = rng.random((5, 32, 32, 3), dtype=np.float32), rng.random((9, 32, 32, 3), dtype=np.float32)
+    rows = np.concatenate([a, b[2:8]])
+    neighbours = np.concatenate([context_indices(5, 1), context_indices(9, 1, range(3, 7)) - 2 + 5])
+    host = np.concatenate([stack_context(a, 1), stack_context(b, 1, rows=range(3, 7))])
+    np.testing.assert_array_equal(rows[neighbours[6]].transpose(1, 2, 0, 3).reshape(32, 32, 9), host[6])
+    expected = model.embed_slices(host)
+    np.testing.assert_allclose(model.slice_stage_on_rows(rows, neighbours, 4), expected, rtol=1e-5, atol=1e-6)
+    # JAX's padding: rows to a whole bucket, the last chunk to the batch size
+    model._pad_chunks = True
+    np.testing.assert_allclose(model.slice_stage_on_rows(rows, neighbours, 4), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="neighbours must index"):
+        model.slice_stage_on_rows(rows[:3], neighbours)
+    with pytest.raises(ValueError, match="rows must have shape"):
+        model.slice_stage_on_rows(host, neighbours)
 
 
 def test_prediction_checks_its_input(tiny_model_path):

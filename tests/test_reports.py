@@ -27,6 +27,7 @@ from ichnode.reports import (
     Finding,
     ReportContent,
     build_sr,
+    evidence_headers,
     build_summary_image,
     report_uids,
 )
@@ -410,6 +411,24 @@ def test_a_resend_is_the_same_object() -> None:
         lambda: build_summary_image(full, hu, content, uids=uids, content_datetime=WHEN),
     ):
         assert encode(build()) == encode(build())
+
+
+def test_sr_from_the_key_slice_and_uids_equals_sr_from_every_header(built: Built) -> None:
+    # The worker reads only the key slice again; the others' UIDs come from its database
+    # (the SOP Class UID as received: RSNA files carry it in the file meta only).
+    slices = [
+        (str(h.get("SOPClassUID") or h.file_meta.MediaStorageSOPClassUID), str(h.SOPInstanceUID))
+        for h in built.headers
+    ]
+    uids = report_uids(str(built.key.SeriesInstanceUID), built.content.version)
+    light = build_sr(evidence_headers(built.key, slices), built.content, uids=uids, content_datetime=WHEN)
+
+    def encode(report: Dataset) -> bytes:
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert encode(light) == encode(built.sr)
 
 
 # --------------------------------------------------------------------------
