@@ -88,7 +88,7 @@ AGGREGATIONS = ("max", "mean", "top3_mean")
 
 # Under JAX the rows of :meth:`HemorrhageModel.slice_stage_on_rows` are padded
 # to a multiple of this, so that few shapes are compiled.
-ROW_BUCKET = 8
+ROW_BUCKET = 16
 
 # Names of the sub-layers of a two-stage model (see the module docstring).
 SLICE_ENCODER = "slice_encoder"
