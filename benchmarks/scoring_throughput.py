@@ -22,12 +22,14 @@ round (one claim's worth of series, same sizes) runs first, untimed, so every
 shape is compiled.
 
 Baseline, in the same run, on the same preprocessed slices and the same
-batches the worker uses: ``embed_slices`` over the slices of each claim
-(``CLAIM_BATCH`` series) and ``score_sequence`` per series (``predict_slices``
-for a one-stage model), measured before and after the end-to-end runs (the
-faster counts).  Prints slices/s of both, their ratio (target: end-to-end >=
-0.90 of bare when decode and preprocessing overlap inference) and where the
-worker's main thread spent its time.
+batches the worker uses (``CLAIM_BATCH`` series per claim), the model fed two
+ways: ``embed_slices`` on slices stacked on the host, and
+``slice_stage_on_rows`` on unstacked slices with their neighbours' indices
+(as the worker feeds it); then ``score_sequence`` per series.  Each is
+measured before and after the end-to-end runs (the faster counts).  Prints
+slices/s of all, the ratio to the faster feed (target: end-to-end >= 0.90 of
+bare when decode and preprocessing overlap inference) and where the worker's
+main thread spent its time.
 
 ``--backbone`` scores with an untrained model whose slice CNN is that
 ``keras.applications`` network (same input and card as the bundled model):

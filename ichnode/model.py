@@ -44,7 +44,9 @@ which is exactly what :meth:`HemorrhageModel.predict_series` does for one
 series.  The worker feeds the CNN stage through
 :meth:`HemorrhageModel.slice_stage_on_rows` instead: the slices unstacked,
 with the indices of each one's neighbours, so that the 2.5D stacking runs
-in the model's graph, on its device.  With the card's ``test_time_flip`` every slice is also scored
+in the model's graph, on its device.
+
+With the card's ``test_time_flip`` every slice is also scored
 mirrored left-right and the two probabilities are averaged; the embeddings
 are then the slice's and its mirror image's, side by side (``2E``), and
 :meth:`HemorrhageModel.score_sequence` runs the sequence stage on each half.

@@ -356,8 +356,9 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
 
 def evidence_headers(key: Dataset, slices: Sequence[tuple[str, str]]) -> list[Dataset]:
     """Source headers for :func:`build_sr` without reading every slice again:
-    the key slice's ``key`` itself, and for the others of its series only
-    what the SR records of them, their (SOP Class UID, SOP Instance UID)."""
+    the key slice's full header ``key``, and for the other ``slices`` (SOP
+    Class UID, SOP Instance UID) of its series only what the SR records of
+    them, their UIDs."""
     key_uid = str(key.SOPInstanceUID)
     headers = []
     for sop_class_uid, sop_instance_uid in slices:

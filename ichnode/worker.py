@@ -107,8 +107,8 @@ class Worker:
     def _warm_up(self) -> None:
         # The first prediction traces the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
-        # first patient's series.
-        # Every row count a batch can carry is traced (TensorFlow) or compiled (JAX).
+        # first patient's series. Every row count a batch can carry is traced
+        # (TensorFlow) or compiled (JAX) here.
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         size = self.config.model.batch_size
         rows, neighbours = batch_buffers(self.model.card, size)
