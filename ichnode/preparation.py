@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from . import imaging
 from .config import SeriesConfig
@@ -77,29 +78,97 @@ class PreparedVolume:
     """A series read and preprocessed: the model input, or why there is none."""
 
     volume: np.ndarray | None = None  # (N, H, W, windows), z order
-    volume_file: str | None = None  # where a helper left the volume (see receive_volume)
-    sop_uids: list[str] = field(default_factory=list)  # scored slices, same order
-    sop_class_uids: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
+    volume_file: str | None = None  # where helpers left the volume (see receive_volume)
+    rows: list[InstanceRow] = field(default_factory=list)  # the slices, z order: one per volume row
     quarantined: dict[int, str] = field(default_factory=dict)  # instance id -> reason
     skip: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # helper-process seconds spent on it
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [row.sop_instance_uid for row in self.rows]
+
+    @property
+    def sop_class_uids(self) -> list[str]:
+        return [row.sop_class_uid for row in self.rows]
+
+    @property
+    def paths(self) -> list[str]:
+        return [row.path for row in self.rows]
 
     def receive_volume(self) -> None:
-        """Map the volume a helper process left in a file, and delete the file.
+        """Map the volume the helpers left in a file, delete the file, and drop
+        the rows of slices that could not be decoded.
 
         A volume is large (300 slices: ~240 MB): mapped from the page cache
-        it costs the worker nothing until its batches are stacked (on the
-        stacking thread), where a pickle through the pool's pipe would be
+        it costs the worker nothing until its batches are gathered (on the
+        gathering thread), where a pickle through the pool's pipe would be
         copied twice under the worker's interpreter lock. The mapping keeps
         the deleted file's pages until the volume is dropped.
         """
-        if self.volume_file is not None:
-            try:
-                self.volume = np.load(self.volume_file, mmap_mode="r")
-            finally:
-                os.unlink(self.volume_file)
-                self.volume_file = None
+        if self.volume_file is None:
+            return
+        try:
+            volume = np.load(self.volume_file, mmap_mode="r")
+        finally:
+            os.unlink(self.volume_file)
+            self.volume_file = None
+        keep = [index for index, row in enumerate(self.rows) if row.id not in self.quarantined]
+        if not keep:
+            self.rows = []
+            self.skip = "no slice could be decoded"
+        elif len(keep) < len(self.rows):
+            self.rows = [self.rows[index] for index in keep]
+            self.volume = volume[keep]  # a copy, only when slices were quarantined
+        else:
+            self.volume = volume
+
+
+def new_volume_file(handoff_dir: Path, slices: int, windows: Sequence[tuple[float, float]], size: tuple[int, int]) -> str:
+    """An ``.npy`` file for a series' volume, for helpers to fill (``decode_slices``)."""
+    path = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
+    # Creating it only sizes the file; its pages are written by the helpers.
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(slices, *size, len(windows)))
+    return path
+
+
+def _read_and_order(
+    spool_root: Path, rows: Sequence[InstanceRow], rules: SeriesConfig, prepared: PreparedVolume, *, pixels: bool
+) -> list[tuple[InstanceRow, Dataset]]:
+    """Read each file once (with its pixels or not), quarantine the unreadable,
+    decide eligibility; the readable slices of an eligible series in z order."""
+    readable = []
+    for row in rows:
+        try:
+            readable.append((row, dcmread(Path(spool_root) / row.path, stop_before_pixels=not pixels)))
+        except Exception as exc:
+            prepared.quarantined[row.id] = f"unreadable file: {exc}"
+    prepared.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], rules)
+    if prepared.skip is not None:
+        return []
+    ordered = [readable[index] for index in imaging.order_slices([ds for _, ds in readable])]
+    prepared.rows = [row for row, _ in ordered]
+    return ordered
+
+
+def _decode_into(
+    volume: np.ndarray,
+    start: int,
+    slices: Sequence[tuple[InstanceRow, Dataset | None]],
+    windows: Sequence[tuple[float, float]],
+    size: tuple[int, int],
+    spool_root: Path,
+) -> dict[int, str]:
+    """Preprocess ``slices`` into ``volume[start:]`` (a file not read yet when
+    its dataset is None); returns the quarantined: instance id -> reason."""
+    quarantined = {}
+    for offset, (row, ds) in enumerate(slices):
+        try:
+            ds = ds if ds is not None else dcmread(Path(spool_root) / row.path)
+            volume[start + offset] = imaging.preprocess_slice(ds, windows, size)
+        except Exception as exc:
+            quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
+    return quarantined
 
 
 def prepare_series(
@@ -114,33 +183,40 @@ def prepare_series(
     volume is left in a file in ``handoff_dir`` (:meth:`PreparedVolume.receive_volume`)."""
     started = time.perf_counter()
     prepared = PreparedVolume()
-    readable = []
-    for row in rows:
-        try:
-            # Each file is read once; its pixels are decoded only if scored.
-            readable.append((row, dcmread(Path(spool_root) / row.path)))
-        except Exception as exc:
-            prepared.quarantined[row.id] = f"unreadable file: {exc}"
-    prepared.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], rules)
-    if prepared.skip is None:
-        slices = []
-        for index in imaging.order_slices([ds for _, ds in readable]):
-            row, ds = readable[index]
-            try:
-                slices.append(imaging.preprocess_slice(ds, windows, size))
-            except Exception as exc:
-                prepared.quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
-                continue
-            prepared.sop_uids.append(row.sop_instance_uid)
-            prepared.sop_class_uids.append(row.sop_class_uid)
-            prepared.paths.append(row.path)
-        if slices:
-            prepared.volume_file = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
-            np.save(prepared.volume_file, np.stack(slices))
-        else:
-            prepared.skip = "no slice could be decoded"
+    ordered = _read_and_order(spool_root, rows, rules, prepared, pixels=True)
+    if ordered:
+        prepared.volume_file = new_volume_file(handoff_dir, len(ordered), windows, size)
+        volume = np.load(prepared.volume_file, mmap_mode="r+")
+        prepared.quarantined.update(_decode_into(volume, 0, ordered, windows, size, spool_root))
     prepared.seconds = time.perf_counter() - started
     return prepared
+
+
+def order_series(spool_root: Path, rows: Sequence[InstanceRow], rules: SeriesConfig) -> PreparedVolume:
+    """The first step of a series prepared by several helpers: read the headers,
+    check eligibility, order the slices. ``decode_slices`` does the rest."""
+    started = time.perf_counter()
+    prepared = PreparedVolume()
+    _read_and_order(spool_root, rows, rules, prepared, pixels=False)
+    prepared.seconds = time.perf_counter() - started
+    return prepared
+
+
+def decode_slices(
+    spool_root: Path,
+    rows: Sequence[InstanceRow],
+    windows: Sequence[tuple[float, float]],
+    size: tuple[int, int],
+    volume_file: str,
+    start: int,
+) -> tuple[dict[int, str], float]:
+    """Decode and preprocess ``rows`` into rows ``start ...`` of ``volume_file``
+    (from :func:`new_volume_file`); returns the quarantined and the seconds."""
+    started = time.perf_counter()
+    # Written through the page cache, never synced: the worker maps the same pages.
+    volume = np.load(volume_file, mmap_mode="r+")
+    quarantined = _decode_into(volume, start, [(row, None) for row in rows], windows, size, spool_root)
+    return quarantined, time.perf_counter() - started
 
 
 def write_reports(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,10 @@ from .model import ROW_BUCKET, HemorrhageModel, ModelCard, flags, series_scores
 from .preparation import (
     InstanceRow,
     PreparedVolume,
+    decode_slices,
     default_processes,
+    new_volume_file,
+    order_series,
     prepare_series,
     process_pool,
     ready,
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # Series claimed per round: those prepared at the same time share prediction batches.
 CLAIM_BATCH = 4
+# Fewest slices worth a helper process of their own when a series is decoded in parts.
+SLICES_PER_PART = 32
 # Batches the gathering thread may have ready or in hand while the model runs one.
 GATHERED_AHEAD = 2
 # Series runs one batch may hold: each brings up to 2k neighbour rows beyond
@@ -62,6 +68,8 @@ class ClaimedSeries:
     version: int
     calling_ae: str | None
     prepared: PreparedVolume = field(default_factory=PreparedVolume)
+    parts: int = 1  # helper processes decoding it
+    failed: bool = False
 
     @property
     def sop_uids(self) -> list[str]:
@@ -157,33 +165,47 @@ class Worker:
         thread while the model moves on.
         """
         handled = 0
-        pending: dict[Future[PreparedVolume], ClaimedSeries] = {}
+        # Helper-process work under way, and the series and step it is for.
+        preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
         stores: list[Future[None]] = []
+
+        def in_preparation() -> int:
+            return len({id(item) for item, _ in preparing.values()})
 
         def prepare(claimed: list[ClaimedSeries]) -> None:
             for item in claimed:
-                pending[self._submit(prepare_series, *self._prepare_arguments(item))] = item
+                for future, step in self._start_preparing(item, in_preparation()):
+                    preparing[future] = (item, step)
 
         # Enough series in preparation at once to keep every helper process busy.
         in_flight = max(CLAIM_BATCH, self._process_count)
         prepare(self.claim(in_flight))
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        while preparing:
+            done, _ = wait(preparing, return_when=FIRST_COMPLETED)
             items = []
             for future in done:
-                item = pending.pop(future)
-                handled += 1
+                item, step = preparing.pop(future)
+                if item.failed:
+                    continue  # another part of it failed already
                 try:
-                    item.prepared = future.result()
+                    for more, next_step in self._prepared(item, step, future.result()):
+                        preparing[more] = (item, next_step)
+                    if any(other is item for other, _ in preparing.values()):
+                        continue  # parts of it still being decoded
                     item.prepared.receive_volume()
                 except Exception as exc:
                     logger.exception("preparing series %s failed", item.series_uid)
+                    item.failed = True
+                    if item.prepared.volume_file is not None:
+                        Path(item.prepared.volume_file).unlink(missing_ok=True)
                     stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
+                    handled += 1
                     continue
+                handled += 1
                 items.append(item)
             # Claim more while the model works, so the processes never idle.
-            if len(pending) < in_flight:
-                prepare(self.claim(in_flight - len(pending)))
+            if in_preparation() < in_flight:
+                prepare(self.claim(in_flight - in_preparation()))
             scorable = [item for item in items if item.prepared.volume is not None]
             probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
             for item in items:
@@ -205,15 +227,48 @@ class Worker:
             return self._processes.submit(fn, *args, **kwargs)
 
     # -- preparing -------------------------------------------------------
-    def _prepare_arguments(self, item: ClaimedSeries) -> tuple:
+    def _start_preparing(self, item: ClaimedSeries, busy: int) -> list[tuple[Future[Any], str]]:
+        """Hand a claimed series to the helper processes. A series with many
+        slices, when helpers would otherwise idle (``busy`` series are in
+        preparation), is decoded in parts by several of them: its latency
+        then shrinks with the helpers, not only the throughput."""
         with self.sessions() as session:
-            rows = session.execute(
-                select(db.Instance.id, db.Instance.path, db.Instance.sop_class_uid, db.Instance.sop_instance_uid)
-                .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_(None))
-            ).all()
+            rows = [
+                InstanceRow(*row)
+                for row in session.execute(
+                    select(db.Instance.id, db.Instance.path, db.Instance.sop_class_uid, db.Instance.sop_instance_uid)
+                    .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_(None))
+                    .order_by(db.Instance.id)
+                )
+            ]
+        item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
+        root, rules = self.spool.root, self.config.series
+        if item.parts > 1:
+            return [(self._submit(order_series, root, rows, rules), "ordered")]
         card = self.model.card
-        instances = [InstanceRow(*row) for row in rows]
-        return self.spool.root, instances, self.config.series, card.windows, tuple(card.input_size), self._handoff
+        arguments = (root, rows, rules, card.windows, tuple(card.input_size), self._handoff)
+        return [(self._submit(prepare_series, *arguments), "prepared")]
+
+    def _prepared(self, item: ClaimedSeries, step: str, result: Any) -> list[tuple[Future[Any], str]]:
+        """Take in what a helper finished for ``item``; returns the work that follows."""
+        if step == "decoded":
+            quarantined, seconds = result
+            item.prepared.quarantined.update(quarantined)
+            item.prepared.seconds += seconds
+            return []
+        item.prepared = result
+        if step == "prepared" or not result.rows:
+            return []
+        # Ordered: the parts decode into one volume file, each its own rows.
+        card = self.model.card
+        windows, size = card.windows, tuple(card.input_size)
+        rows = result.rows
+        result.volume_file = new_volume_file(self._handoff, len(rows), windows, size)
+        bounds = np.linspace(0, len(rows), item.parts + 1).astype(int)
+        return [
+            (self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, result.volume_file, a), "decoded")
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
 
     # -- scoring ---------------------------------------------------------
     def _predict(self, items: Sequence[ClaimedSeries]) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
-from ichnode import db
+from ichnode import db, imaging
 from ichnode.config import LABELS
 from ichnode.model import aggregate_series
 from ichnode.spool import safe_name
@@ -226,6 +226,49 @@ def _received_complete(nodes: Nodes, series: Any) -> tuple[Any, Any]:
     assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
     wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
     return config, receiver
+
+
+def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> None:
+    # 70 slices, one with truncated pixel data, and nothing else to prepare:
+    # two helper processes each decode part of it into one volume.
+    series = phantom(28, n_slices=70)
+    datasets = [copy.deepcopy(ds) for ds in series.datasets]
+    bad = datasets[50]
+    half = len(bad.PixelData) // 2
+    bad.PixelData = bad.PixelData[: half - half % 2]
+    series_uid = _uid(bad)
+    _, config = nodes.config(model={"worker_processes": 2})
+    receiver = nodes.start(config, components=("receiver",))
+    # Sent out of order: the parts follow the slices' z order, not their arrival.
+    sent = datasets[1::2] + datasets[::2]
+    assert store_files(receiver.port, sent) == [0x0000] * 70
+    wait_series_state(receiver, series_uid, db.COMPLETE)
+
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submitted = []
+    submit = worker._submit
+    worker._submit = lambda fn, *args, **kwargs: submitted.append(fn.__name__) or submit(fn, *args, **kwargs)
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    assert sorted(submitted) == ["decode_slices", "decode_slices", "order_series", "write_reports"]
+    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []  # the volume file is gone
+
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert result.status == db.SCORED
+    assert (result.slice_count, result.quarantined_count) == (69, 1)
+    reasons = {row.sop_instance_uid: row.quarantine_reason for row in instances_of(receiver.sessions, series_uid)}
+    assert reasons[_uid(bad, "SOPInstanceUID")].startswith("cannot decode pixels")
+    # The same scores as the model gives the good slices preprocessed in one piece.
+    good = [ds for ds in series.datasets if ds is not series.datasets[50]]
+    model = shared_model()
+    card = model.card
+    x, _ = imaging.preprocess_series(good, card.windows, tuple(card.input_size), card.context_slices)
+    slices = sorted(result.slices, key=lambda s: s.position)
+    assert [s.sop_instance_uid for s in slices] == z_order(good)
+    probs = np.array([[s.scores[label] for label in LABELS] for s in slices])
+    np.testing.assert_allclose(probs, model.predict_series(x), rtol=1e-4, atol=1e-5)
 
 
 def test_scoring_interrupted_by_a_crash_is_redone_at_start(nodes: Nodes) -> None:
