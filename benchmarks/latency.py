@@ -24,8 +24,9 @@ light wrappers around the worker and dispatcher methods:
 ``worker tick wait``  completed_at -> ``Series.claimed_at`` (the worker job
                       runs once per tick);
 ``scoring``           claimed_at -> result committed, of which ``read+preprocess``
-                      (header read, selection, decode, HU, windows, resize,
-                      2.5D stack), ``model``, ``reports`` (SR + summary image
+                      (claimed_at -> the model starts on it: header read,
+                      selection, decode, HU, windows, resize, in one or, for
+                      a long series, several helper processes), ``model``, ``reports`` (SR + summary image
                       built and spooled), ``db`` (results, slice rows and
                       deliveries in one transaction); ``SeriesResult.created_at``
                       is the start of that transaction;
@@ -190,6 +191,7 @@ class Probe:
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, float]] = defaultdict(dict)  # series UID -> step -> seconds
         self.committed: dict[str, float] = {}  # series UID -> end of the results transaction
+        self.predict_start: dict[str, float] = {}  # series UID -> the model starts on it
         self.send_start: dict[int, float] = {}  # result id -> dispatcher start
 
     def attach(self, node: Any) -> None:
@@ -202,6 +204,7 @@ class Probe:
             start = time.time()
             result = predict(items)
             for item in items:
+                self.predict_start[item.series_uid] = start
                 self.steps[item.series_uid]["model"] = time.time() - start
             return result
 
@@ -213,7 +216,6 @@ class Probe:
 
         def store_wrapper(item: Any, scored: Any) -> None:
             store(item, scored)
-            self.steps[item.series_uid]["prepare"] = item.prepared.seconds
             if scored is not None and scored.reports is not None:
                 self.steps[item.series_uid]["reports"] = scored.reports.result()[1]
 
@@ -254,13 +256,15 @@ def measure_run(node: Any, dest: Destination, probe: Probe, datasets: list[Datas
     committed = probe.committed[series_uid]
     send_start = probe.send_start[result.id]
     scoring = committed - claimed
-    steps = {k: probe.steps[series_uid].get(k, 0.0) for k in ("prepare", "model", "reports", "db")}
+    steps = {k: probe.steps[series_uid].get(k, 0.0) for k in ("model", "reports", "db")}
+    # Wall time: a long series is decoded by several helper processes at once.
+    steps["prepare"] = probe.predict_start[series_uid] - claimed
     row = {
         "send (first request -> last response)": t0 - first,
         "completion wait": completed - t0,
         "worker tick wait": claimed - completed,
         "scoring": scoring,
-        "  read+preprocess (helper)": steps["prepare"],
+        "  read+preprocess (helpers, claim -> model)": steps["prepare"],
         "  model": steps["model"],
         "  reports (SR + summary, helper)": steps["reports"],
         "  db transaction": steps["db"],
