@@ -91,6 +91,9 @@ AGGREGATIONS = ("max", "mean", "top3_mean")
 # Under JAX the rows of :meth:`HemorrhageModel.slice_stage_on_rows` are padded
 # to a multiple of this, so that few shapes are compiled.
 ROW_BUCKET = 16
+# Under JAX the embeddings of a series are padded to a multiple of this many
+# slices (masked out), so that a new series length rarely compiles anew.
+SEQUENCE_BUCKET = 32
 
 # Names of the sub-layers of a two-stage model (see the module docstring).
 SLICE_ENCODER = "slice_encoder"
@@ -266,7 +269,8 @@ class HemorrhageModel:
     traces it with ``reduce_retracing``: after the first few calls new batch
     sizes or series lengths do not recompile.  JAX compiles once per input
     shape, so there a smaller last chunk is padded to ``batch_size`` (rows are
-    scored independently; the padding is dropped).
+    scored independently; the padding is dropped), and a series' embeddings
+    to a multiple of :data:`SEQUENCE_BUCKET` slices, masked out.
     """
 
     def __init__(self, keras_model: Any, card: ModelCard, path: Path | None = None) -> None:
@@ -316,12 +320,18 @@ class HemorrhageModel:
                 f"{where}: card field 'labels' lists {len(card.labels)} labels, "
                 f"the model outputs {output_dim}"
             )
+        # Under JAX a series' embeddings are padded to whole buckets (masked),
+        # where every layer of the sequence stage honours the mask.
+        self._pad_sequences = self._pad_chunks and self._sequence is not None and _honours_masks(self._sequence)
+        halves = 1
         if card.test_time_flip:
             self._slice_model = _with_mirror_image(self._slice_model, keras.layers.Average())
             if self._encoder is not None:
                 self._encoder = _with_mirror_image(self._encoder, keras.layers.Concatenate())
-                self._sequence = _on_both_halves(self._sequence, self.embedding_dim)
-                self.embedding_dim *= 2
+                halves = 2
+        if self._sequence is not None:
+            self._sequence = _masked_sequence(self._sequence, self.embedding_dim, halves)
+            self.embedding_dim *= halves
         self._on_rows = _stacking_in_graph(self._encoder if self._encoder is not None else self._slice_model, card)
 
     def _check_input(self, input_shape: tuple, where: str) -> None:
@@ -417,10 +427,16 @@ class HemorrhageModel:
             raise ValueError(
                 f"embeddings must have shape (N, {self.embedding_dim}), got {embeddings.shape}"
             )
-        if len(embeddings) == 0:
+        count = len(embeddings)
+        if count == 0:
             return np.zeros((0, len(LABELS)), dtype=np.float32)
-        probs = self._sequence.predict_on_batch(embeddings[None])
-        return np.asarray(probs, dtype=np.float32)[0]
+        length = -(-count // SEQUENCE_BUCKET) * SEQUENCE_BUCKET if self._pad_sequences else count
+        padded = np.zeros((1, length, self.embedding_dim), dtype=np.float32)
+        padded[0, :count] = embeddings
+        mask = np.zeros((1, length), dtype=bool)
+        mask[0, :count] = True
+        probs = self._sequence.predict_on_batch([padded, mask])
+        return np.asarray(probs, dtype=np.float32)[0, :count]
 
     def predict_series(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Probabilities ``(N, 6)`` for the slices ``(N, H, W, C)`` of ONE series in z order.
@@ -459,12 +475,29 @@ def _stacking_in_graph(stage: Any, card: ModelCard) -> Any:
     return keras.Model([rows, neighbours], stage(x))
 
 
-def _on_both_halves(sequence: Any, dim: int) -> Any:
-    """The sequence stage on each half of ``(S, N, 2 * dim)`` embeddings, averaged."""
+def _masked_sequence(sequence: Any, dim: int, halves: int) -> Any:
+    """The sequence stage with a mask of the slices that exist: inputs ``(S, N,
+    halves * dim)`` embeddings and ``(S, N)`` booleans. With two halves (the
+    slice's and its mirror image's embeddings) it runs on each, averaged."""
     import keras
 
-    x = keras.Input((None, 2 * dim))
-    return keras.Model(x, keras.layers.Average()([sequence(x[..., :dim]), sequence(x[..., dim:])]))
+    x = keras.Input((None, halves * dim), name="embeddings")
+    mask = keras.Input((None,), dtype="bool", name="mask")
+    # A functional stage hands the mask to its layers; without this flag Keras
+    # would warn, at every trace, that the stage drops it.
+    sequence.supports_masking = _honours_masks(sequence)
+    if halves == 1:
+        return keras.Model([x, mask], sequence(x, mask=mask))
+    outputs = [sequence(x[..., :dim], mask=mask), sequence(x[..., dim:], mask=mask)]
+    return keras.Model([x, mask], keras.layers.Average()(outputs))
+
+
+def _honours_masks(model: Any) -> bool:
+    """Whether padding masked out changes nothing ``model`` gives the real steps
+    (a recurrent stage; not 'same'-padded convolutions, which see the padding)."""
+    import keras
+
+    return all(layer.supports_masking for layer in model.layers if not isinstance(layer, keras.layers.InputLayer))
 
 
 def load_model(path: Path | None = None) -> HemorrhageModel:

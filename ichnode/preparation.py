@@ -124,7 +124,9 @@ class PreparedVolume:
             self.volume = volume
 
 
-def new_volume_file(handoff_dir: Path, slices: int, windows: Sequence[tuple[float, float]], size: tuple[int, int]) -> str:
+def new_volume_file(
+    handoff_dir: Path, slices: int, windows: Sequence[tuple[float, float]], size: tuple[int, int]
+) -> str:
     """An ``.npy`` file for a series' volume, for helpers to fill (``decode_slices``)."""
     path = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
     # Creating it only sizes the file; its pages are written by the helpers.

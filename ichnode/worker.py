@@ -9,7 +9,8 @@ reason; the series is scored from the rest and its result says so.
 
 Reading and preprocessing overlap inference, and so does building the
 reports; both run in helper processes (:mod:`ichnode.preparation`) so they
-use every core. The series prepared at the same moment share prediction
+use every core, and a long series is decoded in parts by helpers that would
+otherwise idle. The series prepared at the same moment share prediction
 batches, which keeps a GPU busy, and results are recorded on their own thread.
 """
 
@@ -199,10 +200,9 @@ class Worker:
                     if item.prepared.volume_file is not None:
                         Path(item.prepared.volume_file).unlink(missing_ok=True)
                     stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
-                    handled += 1
-                    continue
+                else:
+                    items.append(item)
                 handled += 1
-                items.append(item)
             # Claim more while the model works, so the processes never idle.
             if in_preparation() < in_flight:
                 prepare(self.claim(in_flight - in_preparation()))

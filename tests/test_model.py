@@ -11,9 +11,11 @@ import pytest
 from ichnode.config import LABELS
 from ichnode.imaging import context_indices, stack_context
 from ichnode.model import (
+    SEQUENCE_BUCKET,
     HemorrhageModel,
     ModelCard,
     ModelCardError,
+    _honours_masks,
     card_path_for,
     default_model_path,
     flags,
@@ -176,12 +178,22 @@ def test_padded_last_chunk_gives_the_same_scores(tiny_model_path):
     model = load_model(tiny_model_path)
     x = np.random.default_rng(1).random((21, 32, 32, 9), dtype=np.float32)
     plain = model.predict_series(x, batch_size=8)
-    model._pad_chunks = True
-    seen = []
-    encoder = model._encoder.predict_on_batch
+    model._pad_chunks = model._pad_sequences = True
+    seen, lengths = [], []
+    encoder, sequence = model._encoder.predict_on_batch, model._sequence.predict_on_batch
     model._encoder.predict_on_batch = lambda chunk: seen.append(len(chunk)) or encoder(chunk)
+    model._sequence.predict_on_batch = lambda inputs: lengths.append(inputs[0].shape[1]) or sequence(inputs)
     np.testing.assert_allclose(model.predict_series(x, batch_size=8), plain, rtol=1e-5, atol=1e-6)
     assert seen == [8, 8, 8]
+    assert lengths == [SEQUENCE_BUCKET]  # 21 slices, padded and masked out
+
+
+def test_only_a_sequence_stage_that_honours_masks_is_padded():
+    from training import models
+
+    assert _honours_masks(models.build_sequence_head(8, models.ArchitectureConfig(sequence="gru")))
+    # 'same'-padded convolutions see the padding: such a stage compiles per length instead
+    assert not _honours_masks(models.build_sequence_head(8, models.ArchitectureConfig(sequence="conv")))
 
 
 def test_test_time_flip_averages_the_mirror_image(tiny_model_path, tmp_path):
@@ -196,6 +208,8 @@ def test_test_time_flip_averages_the_mirror_image(tiny_model_path, tmp_path):
     # the worker's path: embeddings batched across series, then the sequence stage per series
     emb = flipped.embed_slices(x)
     assert emb.shape == (13, 2 * plain.embedding_dim)
+    np.testing.assert_allclose(flipped.score_sequence(emb), expected, rtol=1e-5, atol=1e-6)
+    flipped._pad_sequences = True  # as under JAX: both halves see the mask
     np.testing.assert_allclose(flipped.score_sequence(emb), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Sequence stage over series of many lengths: bucketed vs every length as is.
+
+Run from the repository root (any Keras backend)::
+
+    .venv/bin/python benchmarks/sequence_lengths.py [--min 20] [--max 60] [--repeat 1]
+    KERAS_BACKEND=jax python benchmarks/sequence_lengths.py
+
+Real series come in many lengths. JAX compiles the sequence stage (a
+bidirectional GRU in the bundled model) once per input shape, so under JAX
+the node pads each series' embeddings to a multiple of ``SEQUENCE_BUCKET``
+slices, masked out (``HemorrhageModel.score_sequence``). This times
+``score_sequence`` over one series of every length from ``--min`` to ``--max``
+(random embeddings, fresh model each way, one untimed call of 2 slices first):
+
+- baseline ``every length as is``: no padding, each new length compiled;
+- ``bucketed``: what the node does under JAX.
+
+Prints the seconds of each and the ratio baseline / bucketed (above 1: the
+buckets are faster). Under TensorFlow the node does not pad (its traced
+function accepts any length); the numbers show what padding would cost there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def seconds(padded: bool, lengths: range, seed: int) -> float:
+    """Seconds to score one series of each length, on a freshly loaded bundled model."""
+    from ichnode.model import load_model
+
+    model = load_model(None)
+    model._pad_sequences = padded
+    rng = np.random.default_rng(seed)
+    model.score_sequence(rng.random((2, model.embedding_dim), dtype=np.float32))
+    started = time.perf_counter()
+    for length in lengths:
+        model.score_sequence(rng.random((length, model.embedding_dim), dtype=np.float32))
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--min", type=int, default=20, help="shortest series (default 20)")
+    parser.add_argument("--max", type=int, default=60, help="longest series (default 60)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds, each on fresh models (best shown)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.min <= args.max <= 2000 or not 1 <= args.repeat <= 5:
+        parser.error("need 1 <= --min <= --max <= 2000 and 1 <= --repeat <= 5")
+    import keras
+
+    from ichnode.model import SEQUENCE_BUCKET
+
+    lengths = range(args.min, args.max + 1)
+    exact = min(seconds(False, lengths, seed) for seed in range(args.repeat))
+    bucketed = min(seconds(True, lengths, seed) for seed in range(args.repeat))
+    print(
+        f"sequence stage, keras {keras.__version__}, {keras.backend.backend()} backend, "
+        f"{len(lengths)} series of {args.min}..{args.max} slices, buckets of {SEQUENCE_BUCKET}"
+    )
+    print(f"{'every length as is (baseline)':32s} {exact:7.2f} s")
+    print(f"{'bucketed (the node under JAX)':32s} {bucketed:7.2f} s")
+    print(f"{'ratio baseline / bucketed':32s} {exact / bucketed:7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
