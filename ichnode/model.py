@@ -483,12 +483,14 @@ def _masked_sequence(sequence: Any, dim: int, halves: int) -> Any:
 
     x = keras.Input((None, halves * dim), name="embeddings")
     mask = keras.Input((None,), dtype="bool", name="mask")
-    # A functional stage hands the mask to its layers; without this flag Keras
-    # would warn, at every trace, that the stage drops it.
+    # A stage that does not honour masks is never padded: it gets no mask.
+    # A functional one that does hands it to its layers (the flag keeps Keras
+    # from warning, at every trace, that the stage would drop it).
     sequence.supports_masking = _honours_masks(sequence)
+    masked = {"mask": mask} if sequence.supports_masking else {}
     if halves == 1:
-        return keras.Model([x, mask], sequence(x, mask=mask))
-    outputs = [sequence(x[..., :dim], mask=mask), sequence(x[..., dim:], mask=mask)]
+        return keras.Model([x, mask], sequence(x, **masked))
+    outputs = [sequence(x[..., :dim], **masked), sequence(x[..., dim:], **masked)]
     return keras.Model([x, mask], keras.layers.Average()(outputs))
 
 
