@@ -161,8 +161,8 @@ def _decode_into(
     size: tuple[int, int],
     spool_root: Path,
 ) -> dict[int, str]:
-    """Preprocess ``slices`` into ``volume[start:]`` (a file not read yet when
-    its dataset is None); returns the quarantined: instance id -> reason."""
+    """Preprocess ``slices`` into ``volume[start:]``: each row with its dataset,
+    or None to read its file here. Returns the quarantined: instance id -> reason."""
     quarantined = {}
     for offset, (row, ds) in enumerate(slices):
         try:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The scoring benchmarks on a GPU host that has no TensorFlow (JAX backend),
+# in one run: the bundled model with and without reports, a heavier slice CNN,
+# and series of many lengths. Each output is also written to $OUT (default .).
+#
+#   benchmarks/gpu.sh [WHEEL_DIR]
+#
+# WHEEL_DIR (default .whl) holds wheels of the node's dependencies for the
+# host's Python, made beforehand where the network is reachable, e.g. for
+# Python 3.12:
+#
+#   pip download --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#       keras pydicom pynetdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \
+#       pylibjpeg-rle pyjpegls sqlalchemy 'apscheduler<4' highdicom pydantic
+#
+# They are installed into a temporary folder, never into the host's Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+wheels=${1:-.whl}
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+if compgen -G "$wheels/*.whl" > /dev/null; then
+    python3 -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false
+out=${OUT:-.}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
+
+run() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    python3 "$@" 2>&1 | tee "$out/$name.txt"
+}
+run scoring-default benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2
+run scoring-no-reports benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2 --no-reports
+run scoring-efficientnet benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2 --backbone EfficientNetB0
+run sequence-lengths benchmarks/sequence_lengths.py --max 320
