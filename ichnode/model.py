@@ -88,9 +88,6 @@ CARD_FORMAT = 1
 
 AGGREGATIONS = ("max", "mean", "top3_mean")
 
-# Under JAX the rows of :meth:`HemorrhageModel.slice_stage_on_rows` are padded
-# to a multiple of this, so that few shapes are compiled.
-ROW_BUCKET = 16
 # Under JAX the embeddings of a series are padded to a multiple of this many
 # slices (masked out), so that a new series length rarely compiles anew.
 SEQUENCE_BUCKET = 32
@@ -397,6 +394,8 @@ class HemorrhageModel:
         equals :meth:`embed_slices` (or :meth:`predict_slices`) of the stacked
         slices, but the stacking runs inside the model, on its device: the host
         copies, and sends to a GPU, each slice once instead of ``2k + 1`` times.
+        JAX compiles once per number of rows: pass the same number each time
+        (rows beyond those indexed are never read).
         """
         card = self.card
         rows = np.asarray(rows, dtype=np.float32)
@@ -411,10 +410,6 @@ class HemorrhageModel:
             raise ValueError(f"neighbours must have shape (B, {span}), got {neighbours.shape}")
         if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= len(rows)):
             raise ValueError(f"neighbours must index the {len(rows)} rows")
-        if self._pad_chunks and len(rows) % ROW_BUCKET:
-            # JAX compiles per shape: a few row counts serve every batch.
-            padding = np.zeros((ROW_BUCKET - len(rows) % ROW_BUCKET, *rows.shape[1:]), np.float32)
-            rows = np.concatenate([rows, padding])
         width = self.embedding_dim if self._encoder is not None else len(LABELS)
         return self._batched(lambda chunk: self._on_rows.predict_on_batch([rows, chunk]), neighbours, batch_size, width)
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
 from .config import LABELS, Config, Peer
-from .model import ROW_BUCKET, HemorrhageModel, ModelCard, flags, series_scores
+from .model import HemorrhageModel, ModelCard, flags, series_scores
 from .preparation import (
     InstanceRow,
     PreparedVolume,
@@ -116,13 +116,10 @@ class Worker:
     def _warm_up(self) -> None:
         # The first prediction traces the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
-        # first patient's series. Every row count a batch can carry is traced
-        # (TensorFlow) or compiled (JAX) here.
+        # first patient's series.
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         size = self.config.model.batch_size
-        rows, neighbours = batch_buffers(self.model.card, size)
-        for count in range(ROW_BUCKET, len(rows) + 1, ROW_BUCKET):
-            self.model.slice_stage_on_rows(rows[:count], neighbours, size)
+        self.model.slice_stage_on_rows(*batch_buffers(self.model.card, size), size)
         if self.model.has_sequence_stage:
             self.model.score_sequence(np.zeros((2, self.model.embedding_dim), dtype=np.float32))
         wait(started)
@@ -519,7 +516,7 @@ def batch_buffers(card: ModelCard, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Zeroed rows and neighbours buffers for one batch of :func:`gather_batch`:
     room for ``size`` slices and the neighbours beyond the ends of every run."""
     span = 2 * card.context_slices + 1
-    capacity = -(-(size + (span - 1) * RUNS_PER_BATCH) // ROW_BUCKET) * ROW_BUCKET
+    capacity = size + (span - 1) * RUNS_PER_BATCH
     rows = np.zeros((capacity, *card.input_size, len(card.windows)), dtype=np.float32)
     return rows, np.zeros((size, span), dtype=np.int32)
 
@@ -543,8 +540,8 @@ def gather_batch(
         neighbours[filled : filled + take] = wanted - first + used
         used += end - first
         filled += take
-    # Whole buckets of rows: then JAX needs no copy to pad them.
-    return rows[: -(-used // ROW_BUCKET) * ROW_BUCKET], neighbours[:filled]
+    # The whole rows buffer, the rows past ``used`` stale: one shape for JAX to compile.
+    return rows, neighbours[:filled]
 
 
 def _sender_address(allow: Sequence[Peer], calling_ae: str) -> tuple[str, str, int] | None:

@@ -226,7 +226,7 @@ def test_slices_stacked_by_the_model_score_as_slices_stacked_on_the_host(tiny_mo
     np.testing.assert_array_equal(rows[neighbours[6]].transpose(1, 2, 0, 3).reshape(32, 32, 9), host[6])
     expected = model.embed_slices(host)
     np.testing.assert_allclose(model.slice_stage_on_rows(rows, neighbours, 4), expected, rtol=1e-5, atol=1e-6)
-    # JAX's padding: rows to a whole bucket, the last chunk to the batch size
+    # JAX's padding of the last chunk to the batch size
     model._pad_chunks = True
     np.testing.assert_allclose(model.slice_stage_on_rows(rows, neighbours, 4), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="neighbours must index"):
