@@ -394,8 +394,8 @@ class HemorrhageModel:
         equals :meth:`embed_slices` (or :meth:`predict_slices`) of the stacked
         slices, but the stacking runs inside the model, on its device: the host
         copies, and sends to a GPU, each slice once instead of ``2k + 1`` times.
-        JAX compiles once per number of rows: pass the same number each time
-        (rows beyond those indexed are never read).
+        JAX compiles once per number of rows: pass the same number each time,
+        e.g. a reused buffer (rows past those indexed are never read).
         """
         card = self.card
         rows = np.asarray(rows, dtype=np.float32)
@@ -410,6 +410,10 @@ class HemorrhageModel:
             raise ValueError(f"neighbours must have shape (B, {span}), got {neighbours.shape}")
         if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= len(rows)):
             raise ValueError(f"neighbours must index the {len(rows)} rows")
+        if not self._pad_chunks and neighbours.size:
+            # Rows past the last one indexed are never read: not worth converting
+            # (under JAX they keep the shape, and so the compiled function, the same).
+            rows = rows[: int(neighbours.max()) + 1]
         width = self.embedding_dim if self._encoder is not None else len(LABELS)
         return self._batched(lambda chunk: self._on_rows.predict_on_batch([rows, chunk]), neighbours, batch_size, width)
 
