@@ -147,13 +147,20 @@ def test_a_chest_series_is_not_scored(nodes: Nodes) -> None:
     assert result.slices == []
 
 
-def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> None:
-    series = phantom(23, n_slices=14)
-    datasets = [copy.deepcopy(ds) for ds in series.datasets]
-    bad = datasets[5]
-    # A valid header whose pixel data stops halfway (a truncated transfer).
+def _with_a_truncated_slice(datasets: list[pydicom.Dataset], index: int) -> list[pydicom.Dataset]:
+    """Copies of ``datasets`` where slice ``index`` has a valid header but pixel
+    data that stops halfway (a truncated transfer)."""
+    datasets = [copy.deepcopy(ds) for ds in datasets]
+    bad = datasets[index]
     half = len(bad.PixelData) // 2
     bad.PixelData = bad.PixelData[: half - half % 2]
+    return datasets
+
+
+def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> None:
+    series = phantom(23, n_slices=14)
+    datasets = _with_a_truncated_slice(series.datasets, 5)
+    bad = datasets[5]
     bad_uid = _uid(bad, "SOPInstanceUID")
     series_uid = _uid(bad)
 
@@ -232,10 +239,8 @@ def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> N
     # 70 slices, one with truncated pixel data, and nothing else to prepare:
     # two helper processes each decode part of it into one volume.
     series = phantom(28, n_slices=70)
-    datasets = [copy.deepcopy(ds) for ds in series.datasets]
+    datasets = _with_a_truncated_slice(series.datasets, 50)
     bad = datasets[50]
-    half = len(bad.PixelData) // 2
-    bad.PixelData = bad.PixelData[: half - half % 2]
     series_uid = _uid(bad)
     _, config = nodes.config(model={"worker_processes": 2})
     receiver = nodes.start(config, components=("receiver",))
