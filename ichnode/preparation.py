@@ -135,6 +135,9 @@ def new_volume_file(
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, volume.offset + volume.nbytes)
+    except OSError:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)
     return path
