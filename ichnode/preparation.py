@@ -129,17 +129,18 @@ def new_volume_file(
 ) -> str:
     """An ``.npy`` file for a series' volume, for helpers to fill (``decode_slices``)."""
     path = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
-    volume = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(slices, *size, len(windows)))
-    # Its blocks are reserved now: a full disk is an error here, not a
-    # SIGBUS in the helper that writes a page the file system cannot hold.
-    fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, volume.offset + volume.nbytes)
+        volume = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(slices, *size, len(windows)))
+        # Its blocks are reserved now: a full disk is an error here, not a
+        # SIGBUS in the helper that writes a page the file system cannot hold.
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, volume.offset + volume.nbytes)
+        finally:
+            os.close(fd)
     except OSError:
-        os.unlink(path)
+        Path(path).unlink(missing_ok=True)
         raise
-    finally:
-        os.close(fd)
     return path
 
 

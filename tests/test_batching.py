@@ -1,12 +1,16 @@
-"""How the worker packs slices of several series into model batches."""
+"""How the worker packs slices of several series into model batches, and the files they come from."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from ichnode.imaging import stack_context
 from ichnode.model import ModelCard
+from ichnode.preparation import new_volume_file
 from ichnode.worker import RUNS_PER_BATCH, batch_buffers, gather_batch, plan_batches
 from tests.test_model import card_dict
 
@@ -47,3 +51,23 @@ def test_the_rows_buffer_holds_the_fullest_batch() -> None:
     volumes = [np.ones((n, 8, 8, 3), np.float32) for n in lengths]
     for runs in plan_batches(lengths, size=16):
         gather_batch(volumes, runs, 1, *batch_buffers(card, 16))  # no overflow
+
+
+def test_a_volume_file_the_disk_cannot_hold_is_an_error_and_leaves_nothing(tmp_path) -> None:
+    # A file size limit stands in for a full disk (no privileges needed).
+    script = f"""
+import resource, signal
+from ichnode.preparation import new_volume_file
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    new_volume_file({str(tmp_path)!r}, 300, ((40, 80), (80, 200), (600, 2800)), (256, 256))
+except OSError as exc:
+    print("refused:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.startswith("refused:"), done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []
+    # Within the limit: a volume of the asked shape, zeroed.
+    volume = np.load(new_volume_file(tmp_path, 2, ((40, 80),), (8, 8)), mmap_mode="r")
+    assert volume.shape == (2, 8, 8, 1) and not volume.any()
