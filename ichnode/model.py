@@ -393,7 +393,8 @@ class HemorrhageModel:
         ``0 .. 2k`` (see :func:`ichnode.imaging.context_indices`).  The result
         equals :meth:`embed_slices` (or :meth:`predict_slices`) of the stacked
         slices, but the stacking runs inside the model, on its device: the host
-        copies, and sends to a GPU, each slice once instead of ``2k + 1`` times.
+        copies, and sends to a GPU, each slice of a batch once (and the few
+        neighbours beyond its runs' ends) instead of ``2k + 1`` times.
         JAX compiles once per number of rows: pass the same number each time,
         e.g. a reused buffer (rows past those indexed are never read).
         """

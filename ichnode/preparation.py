@@ -9,11 +9,11 @@ use every core. Nothing here imports Keras, so the processes start light.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -125,23 +125,33 @@ class PreparedVolume:
 
 
 def new_volume_file(
-    handoff_dir: Path, slices: int, windows: Sequence[tuple[float, float]], size: tuple[int, int]
-) -> str:
-    """An ``.npy`` file for a series' volume, for helpers to fill (``decode_slices``)."""
-    path = str(Path(handoff_dir) / f"volume-{uuid.uuid4().hex}.npy")
+    path: str | Path, slices: int, windows: Sequence[tuple[float, float]], size: tuple[int, int]
+) -> None:
+    """Create the ``.npy`` file at ``path`` for a series' volume, for helpers to
+    fill (``decode_slices``). Raises ``OSError`` when the disk cannot hold it."""
     try:
         volume = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(slices, *size, len(windows)))
-        # Its blocks are reserved now: a full disk is an error here, not a
-        # SIGBUS in the helper that writes a page the file system cannot hold.
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, volume.offset + volume.nbytes)
-        finally:
-            os.close(fd)
+        _reserve(path, volume.offset + volume.nbytes)
     except OSError:
         Path(path).unlink(missing_ok=True)
         raise
-    return path
+
+
+def _reserve(path: str | Path, length: int) -> None:
+    """Reserve the file's blocks, so that a full disk is an error here, not a
+    SIGBUS in the helper that writes a page the file system cannot hold. A
+    file system that cannot reserve (or a platform without the call) goes on
+    without."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _read_and_order(
@@ -189,16 +199,18 @@ def prepare_series(
     rules: SeriesConfig,
     windows: Sequence[tuple[float, float]],
     size: tuple[int, int],
-    handoff_dir: Path,
+    volume_file: str,
 ) -> PreparedVolume:
     """Read the files, check eligibility, decode and preprocess in z order; the
-    volume is left in a file in ``handoff_dir`` (:meth:`PreparedVolume.receive_volume`)."""
+    volume is left in ``volume_file`` (:meth:`PreparedVolume.receive_volume`),
+    a path the worker chose, so that it can remove the file if this fails."""
     started = time.perf_counter()
     prepared = PreparedVolume()
     ordered = _read_and_order(spool_root, rows, rules, prepared, pixels=True)
     if ordered:
-        prepared.volume_file = new_volume_file(handoff_dir, len(ordered), windows, size)
-        volume = np.load(prepared.volume_file, mmap_mode="r+")
+        new_volume_file(volume_file, len(ordered), windows, size)
+        prepared.volume_file = volume_file
+        volume = np.load(volume_file, mmap_mode="r+")
         prepared.quarantined.update(_decode_into(volume, 0, ordered, windows, size, spool_root))
     prepared.seconds = time.perf_counter() - started
     return prepared

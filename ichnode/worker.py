@@ -17,6 +17,7 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -71,6 +72,7 @@ class ClaimedSeries:
     prepared: PreparedVolume = field(default_factory=PreparedVolume)
     parts: int = 1  # helper processes decoding it
     failed: bool = False
+    volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
 
     @property
     def sop_uids(self) -> list[str]:
@@ -167,12 +169,14 @@ class Worker:
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
         stores: list[Future[None]] = []
 
-        def in_preparation() -> int:
-            return len({id(item) for item, _ in preparing.values()})
+        def in_preparation() -> list[ClaimedSeries]:
+            return list({id(item): item for item, _ in preparing.values()}.values())
 
         def prepare(claimed: list[ClaimedSeries]) -> None:
             for item in claimed:
-                for future, step in self._start_preparing(item, in_preparation()):
+                # Helpers already promised to series in preparation, one per part.
+                busy = sum(other.parts for other in in_preparation())
+                for future, step in self._start_preparing(item, busy):
                     preparing[future] = (item, step)
 
         # Enough series in preparation at once to keep every helper process busy.
@@ -194,24 +198,37 @@ class Worker:
                 except Exception as exc:
                     logger.exception("preparing series %s failed", item.series_uid)
                     item.failed = True
-                    if item.prepared.volume_file is not None:
-                        Path(item.prepared.volume_file).unlink(missing_ok=True)
+                    if item.volume_file is not None:
+                        Path(item.volume_file).unlink(missing_ok=True)
                     stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
                 else:
                     items.append(item)
                 handled += 1
             # Claim more while the model works, so the processes never idle.
-            if in_preparation() < in_flight:
-                prepare(self.claim(in_flight - in_preparation()))
-            scorable = [item for item in items if item.prepared.volume is not None]
-            probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
-            for item in items:
-                probs = probabilities.get(id(item))
-                scored = None if probs is None else self._score(item, probs)
-                stores.append(self._store_pool.submit(self._store_or_fail, item, scored))
+            if len(in_preparation()) < in_flight:
+                prepare(self.claim(in_flight - len(in_preparation())))
+            stores.extend(self._score_all(items))
         for future in stores:
             future.result()
         return handled
+
+    def _score_all(self, items: list[ClaimedSeries]) -> list[Future[None]]:
+        """Score the prepared ``items`` together and hand their results (or
+        skips) to the store thread; a model that fails fails them all, with why."""
+        scorable = [item for item in items if item.prepared.volume is not None]
+        try:
+            probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
+            scored = {id(item): self._score(item, probabilities[id(item)]) for item in scorable}
+        except Exception as exc:
+            logger.exception("scoring %d series failed", len(scorable))
+            failed = {id(item) for item in scorable}
+            return [
+                self._store_pool.submit(self._fail, item, f"scoring failed: {type(exc).__name__}: {exc}")
+                if id(item) in failed
+                else self._store_pool.submit(self._store_or_fail, item, None)
+                for item in items
+            ]
+        return [self._store_pool.submit(self._store_or_fail, item, scored.get(id(item))) for item in items]
 
     def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Hand work to the helper processes, replacing them if one died."""
@@ -239,11 +256,12 @@ class Worker:
                 )
             ]
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
+        item.volume_file = str(self._handoff / f"volume-{uuid.uuid4().hex}.npy")
         root, rules = self.spool.root, self.config.series
         if item.parts > 1:
             return [(self._submit(order_series, root, rows, rules), "ordered")]
         card = self.model.card
-        arguments = (root, rows, rules, card.windows, tuple(card.input_size), self._handoff)
+        arguments = (root, rows, rules, card.windows, tuple(card.input_size), item.volume_file)
         return [(self._submit(prepare_series, *arguments), "prepared")]
 
     def _prepared(self, item: ClaimedSeries, step: str, result: Any) -> list[tuple[Future[Any], str]]:
@@ -260,10 +278,11 @@ class Worker:
         card = self.model.card
         windows, size = card.windows, tuple(card.input_size)
         rows = result.rows
-        result.volume_file = new_volume_file(self._handoff, len(rows), windows, size)
+        new_volume_file(item.volume_file, len(rows), windows, size)
+        result.volume_file = item.volume_file
         bounds = np.linspace(0, len(rows), item.parts + 1).astype(int)
         return [
-            (self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, result.volume_file, a), "decoded")
+            (self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, item.volume_file, a), "decoded")
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
 

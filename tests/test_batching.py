@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 
@@ -61,7 +63,7 @@ from ichnode.preparation import new_volume_file
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:
-    new_volume_file({str(tmp_path)!r}, 300, ((40, 80), (80, 200), (600, 2800)), (256, 256))
+    new_volume_file({str(tmp_path / "v.npy")!r}, 300, ((40, 80), (80, 200), (600, 2800)), (256, 256))
 except OSError as exc:
     print("refused:", exc)
 """
@@ -69,5 +71,15 @@ except OSError as exc:
     assert done.stdout.startswith("refused:"), done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []
     # Within the limit: a volume of the asked shape, zeroed.
-    volume = np.load(new_volume_file(tmp_path, 2, ((40, 80),), (8, 8)), mmap_mode="r")
+    new_volume_file(tmp_path / "v.npy", 2, ((40, 80),), (8, 8))
+    volume = np.load(tmp_path / "v.npy", mmap_mode="r")
     assert volume.shape == (2, 8, 8, 1) and not volume.any()
+
+
+def test_a_file_system_that_cannot_reserve_blocks_still_gets_its_volume(tmp_path, monkeypatch) -> None:
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    new_volume_file(tmp_path / "v.npy", 3, ((40, 80),), (8, 8))
+    assert np.load(tmp_path / "v.npy", mmap_mode="r").shape == (3, 8, 8, 1)

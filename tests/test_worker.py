@@ -311,6 +311,26 @@ def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nod
         worker.close()
 
 
+def test_a_model_that_fails_fails_the_series_with_the_reason(nodes: Nodes) -> None:
+    series = phantom(29)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+
+    def broken(items: Any) -> Any:
+        raise RuntimeError("out of GPU memory")
+
+    worker._predict = broken
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert result.status == db.FAILED
+    assert result.skip_reason == "scoring failed: RuntimeError: out of GPU memory"
+    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []  # its volume is not left behind
+
+
 def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
     series = phantom(27, n_slices=12)
     series_uid = _uid(series.datasets[0])
