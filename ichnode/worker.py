@@ -172,11 +172,25 @@ class Worker:
         def in_preparation() -> list[ClaimedSeries]:
             return list({id(item): item for item, _ in preparing.values()}.values())
 
+        def fail(item: ClaimedSeries, exc: Exception) -> None:
+            nonlocal handled
+            logger.exception("preparing series %s failed", item.series_uid)
+            item.failed = True
+            if item.volume_file is not None:
+                Path(item.volume_file).unlink(missing_ok=True)
+            stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
+            handled += 1
+
         def prepare(claimed: list[ClaimedSeries]) -> None:
             for item in claimed:
                 # Helpers already promised to series in preparation, one per part.
                 busy = sum(other.parts for other in in_preparation())
-                for future, step in self._start_preparing(item, busy):
+                try:
+                    started = self._start_preparing(item, busy)
+                except Exception as exc:
+                    fail(item, exc)
+                    continue
+                for future, step in started:
                     preparing[future] = (item, step)
 
         # Enough series in preparation at once to keep every helper process busy.
@@ -196,14 +210,10 @@ class Worker:
                         continue  # parts of it still being decoded
                     item.prepared.receive_volume()
                 except Exception as exc:
-                    logger.exception("preparing series %s failed", item.series_uid)
-                    item.failed = True
-                    if item.volume_file is not None:
-                        Path(item.volume_file).unlink(missing_ok=True)
-                    stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
+                    fail(item, exc)
                 else:
                     items.append(item)
-                handled += 1
+                    handled += 1
             # Claim more while the model works, so the processes never idle.
             if len(in_preparation()) < in_flight:
                 prepare(self.claim(in_flight - len(in_preparation())))
