@@ -253,9 +253,9 @@ class Worker:
     # -- preparing -------------------------------------------------------
     def _start_preparing(self, item: ClaimedSeries, busy: int) -> list[tuple[Future[Any], str]]:
         """Hand a claimed series to the helper processes. A series with many
-        slices, when helpers would otherwise idle (``busy`` series are in
-        preparation), is decoded in parts by several of them: its latency
-        then shrinks with the helpers, not only the throughput."""
+        slices, when helpers would otherwise idle (``busy`` of them are
+        promised to other series), is decoded in parts by several of them:
+        its latency then shrinks with the helpers, not only the throughput."""
         with self.sessions() as session:
             rows = [
                 InstanceRow(*row)
