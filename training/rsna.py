@@ -525,9 +525,7 @@ def neighbour_rows(index: pd.DataFrame, context: int, ok: np.ndarray | None = No
         m = len(rows)
         if m == 0:
             continue
-        positions = np.arange(m)
-        for j, offset in enumerate(range(-context, context + 1)):
-            out[rows, j] = rows[np.clip(positions + offset, 0, m - 1)]
+        out[rows] = rows[imaging.context_indices(m, context)]
     return out
 
 
@@ -604,8 +602,7 @@ def _check_context_layout() -> None:
     for n, k in ((5, 1), (4, 2), (1, 1), (3, 0)):
         volume = rng.random((n, 3, 2, 3), dtype=np.float32)
         expected = imaging.stack_context(volume, k)
-        index = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
-        if not np.array_equal(_centre_context(volume[index]), expected):
+        if not np.array_equal(_centre_context(volume[imaging.context_indices(n, k)]), expected):
             raise RuntimeError("training.rsna disagrees with ichnode.imaging.stack_context on channel layout")
 
 
