@@ -319,7 +319,8 @@ class HemorrhageModel:
             )
         # Under JAX a series' embeddings are padded to whole buckets (masked),
         # where every layer of the sequence stage honours the mask.
-        self._pad_sequences = self._pad_chunks and self._sequence is not None and _honours_masks(self._sequence)
+        masks = self._sequence is not None and _honours_masks(self._sequence)
+        self._pad_sequences = self._pad_chunks and masks
         halves = 1
         if card.test_time_flip:
             self._slice_model = _with_mirror_image(self._slice_model, keras.layers.Average())
@@ -327,7 +328,7 @@ class HemorrhageModel:
                 self._encoder = _with_mirror_image(self._encoder, keras.layers.Concatenate())
                 halves = 2
         if self._sequence is not None:
-            self._sequence = _masked_sequence(self._sequence, self.embedding_dim, halves)
+            self._sequence = _masked_sequence(self._sequence, self.embedding_dim, halves, masks)
             self.embedding_dim *= halves
         self._on_rows = _stacking_in_graph(self._encoder if self._encoder is not None else self._slice_model, card)
 
@@ -475,7 +476,7 @@ def _stacking_in_graph(stage: Any, card: ModelCard) -> Any:
     return keras.Model([rows, neighbours], stage(x))
 
 
-def _masked_sequence(sequence: Any, dim: int, halves: int) -> Any:
+def _masked_sequence(sequence: Any, dim: int, halves: int, honours_masks: bool) -> Any:
     """The sequence stage with a mask of the slices that exist: inputs ``(S, N,
     halves * dim)`` embeddings and ``(S, N)`` booleans. With two halves (the
     slice's and its mirror image's embeddings) it runs on each, averaged."""
@@ -486,8 +487,8 @@ def _masked_sequence(sequence: Any, dim: int, halves: int) -> Any:
     # A stage that does not honour masks is never padded: it gets no mask.
     # A functional one that does hands it to its layers (the flag keeps Keras
     # from warning, at every trace, that the stage would drop it).
-    sequence.supports_masking = _honours_masks(sequence)
-    masked = {"mask": mask} if sequence.supports_masking else {}
+    sequence.supports_masking = honours_masks
+    masked = {"mask": mask} if honours_masks else {}
     if halves == 1:
         return keras.Model([x, mask], sequence(x, **masked))
     outputs = [sequence(x[..., :dim], **masked), sequence(x[..., dim:], **masked)]
