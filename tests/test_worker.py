@@ -311,43 +311,35 @@ def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nod
         worker.close()
 
 
-def test_a_model_that_fails_fails_the_series_with_the_reason(nodes: Nodes) -> None:
+@pytest.mark.parametrize(
+    ("step", "error", "reason"),
+    [
+        # the model raises: the series is recorded failed, not left "processing" until a restart
+        ("_predict", RuntimeError("out of GPU memory"), "scoring failed: RuntimeError: out of GPU memory"),
+        # the series cannot be handed to the helper processes
+        ("_start_preparing", OSError("database is locked"), "preparing failed: OSError('database is locked')"),
+    ],
+)
+def test_a_step_that_fails_fails_the_series_with_the_reason(
+    nodes: Nodes, step: str, error: Exception, reason: str
+) -> None:
     series = phantom(29)
     series_uid = _uid(series.datasets[0])
     config, receiver = _received_complete(nodes, series)
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
 
-    def broken(items: Any) -> Any:
-        raise RuntimeError("out of GPU memory")
+    def broken(*args: Any) -> Any:
+        raise error
 
-    worker._predict = broken
+    setattr(worker, step, broken)
     try:
         assert worker.run_once() == 1
     finally:
         worker.close()
     (result,) = results_of(receiver.sessions, series_uid)
     assert result.status == db.FAILED
-    assert result.skip_reason == "scoring failed: RuntimeError: out of GPU memory"
+    assert result.skip_reason == reason
     assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []  # its volume is not left behind
-
-
-def test_a_series_that_cannot_be_handed_to_the_helpers_fails_with_the_reason(nodes: Nodes) -> None:
-    series = phantom(30)
-    series_uid = _uid(series.datasets[0])
-    config, receiver = _received_complete(nodes, series)
-    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-
-    def broken(item: Any, busy: int) -> Any:
-        raise OSError("database is locked")
-
-    worker._start_preparing = broken
-    try:
-        assert worker.run_once() == 1
-    finally:
-        worker.close()
-    (result,) = results_of(receiver.sessions, series_uid)
-    assert result.status == db.FAILED  # not left "processing" until a restart
-    assert result.skip_reason == "preparing failed: OSError('database is locked')"
 
 
 def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
