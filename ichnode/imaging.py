@@ -28,6 +28,7 @@ Limitations
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import numbers
@@ -47,6 +48,7 @@ __all__ = [
     "context_indices",
     "fix_bad_intercept",
     "header_windows",
+    "keep_freed_memory",
     "needs_intercept_fix",
     "order_slices",
     "preprocess_series",
@@ -866,3 +868,32 @@ def preprocess_series(
             exc.add_note(f"while preprocessing datasets[{index}] (SOPInstanceUID {uid})")
             raise
     return stack_context(volume, context), order
+
+
+# --------------------------------------------------------------------------
+# Process set-up
+# --------------------------------------------------------------------------
+
+# glibc's mallopt parameters, and the sizes below which freed memory is kept.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEPT_ALLOCATION_BYTES = 16 << 20
+_KEPT_FREE_HEAP_BYTES = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have this process keep freed memory for reuse; True where it could (glibc).
+
+    Decoding and preprocessing allocate and free several ~1 MB arrays per
+    slice. By default glibc returns them to the system on free, so every slice
+    page-faults its memory in again, which halves the rate of a process that
+    reads slice after slice (``benchmarks/preprocess.py``). Call it once at
+    the start of such a process: it then keeps allocations under 16 MiB on
+    its heap and up to 32 MiB of free heap.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEPT_ALLOCATION_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE_HEAP_BYTES)
+    )

@@ -168,7 +168,9 @@ def _minimal_dataset(row: Any) -> Any:
 
 def _executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     # spawn: never fork a process that may hold TensorFlow's threads.
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=imaging.keep_freed_memory
+    )
 
 
 def default_workers() -> int:
