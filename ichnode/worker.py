@@ -116,14 +116,21 @@ class Worker:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        # The first prediction traces the model (~1 s) and each helper process
+        # The first predictions trace the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
-        # first patient's series.
+        # first patient's series. Two batches of different sizes, over
+        # different numbers of rows, and two series lengths: TensorFlow then
+        # traces for any size at once, where after one size it traces again
+        # on the first series (JAX pads both to the shapes compiled here).
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         size = self.config.model.batch_size
-        self.model.slice_stage_on_rows(*batch_buffers(self.model.card, size), size)
+        rows, neighbours = batch_buffers(self.model.card, size)
+        neighbours[:] = (np.arange(size)[:, None] + np.arange(neighbours.shape[1])) % len(rows)
+        for count in (size, max(1, size // 2)):
+            self.model.slice_stage_on_rows(rows, neighbours[:count], size)
         if self.model.has_sequence_stage:
-            self.model.score_sequence(np.zeros((2, self.model.embedding_dim), dtype=np.float32))
+            for length in (2, 3):
+                self.model.score_sequence(np.zeros((length, self.model.embedding_dim), dtype=np.float32))
         wait(started)
 
     def close(self) -> None:

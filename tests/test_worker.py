@@ -278,6 +278,38 @@ def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> N
     np.testing.assert_allclose(probs, model.predict_series(x), rtol=1e-4, atol=1e-5)
 
 
+def test_the_first_series_after_start_is_not_traced_again(nodes: Nodes) -> None:
+    # TensorFlow traces the model again for a new input shape (~1 s): the
+    # worker's warm-up covers every batch size and series length at start,
+    # so the first patient's series does not pay it.
+    import keras
+
+    from ichnode.model import load_model
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tracing is TensorFlow's; JAX pads to the shapes compiled at warm-up")
+    short, long = phantom(31, n_slices=14), phantom(32, n_slices=45)
+    _, config = nodes.config()
+    receiver = nodes.start(config, components=("receiver",))
+    for series in (short, long):
+        assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
+        wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+
+    model = load_model(None)  # fresh: nothing traced yet
+
+    def traced() -> list[int]:
+        stages = [model._on_rows] + ([model._sequence] if model.has_sequence_stage else [])
+        return [stage.predict_function.experimental_get_tracing_count() for stage in stages]
+
+    worker = Worker(config, receiver.sessions, receiver.spool, model)
+    try:
+        after_warm_up = traced()
+        assert worker.run_once() == 2
+    finally:
+        worker.close()
+    assert traced() == after_warm_up
+
+
 def test_scoring_interrupted_by_a_crash_is_redone_at_start(nodes: Nodes) -> None:
     series = phantom(25)
     series_uid = _uid(series.datasets[0])
