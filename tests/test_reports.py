@@ -43,12 +43,9 @@ PROBABILITIES = (0.91, 0.02, 0.70, 0.10, 0.40, 0.05)
 WHEN = dt.datetime(2024, 5, 17, 14, 30, 5)
 DISCLAIMER = "Trained on synthetic phantoms. Not for clinical use."
 
-# pydicom warns on every RSNA UID such as "ID_1f6d1e8aeb", highdicom on the
-# GE PatientName "REMOVED"; both come with the source data.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),
-    pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent"),
-]
+# pydicom warns on every RSNA UID such as "ID_1f6d1e8aeb"; it comes with the
+# source data.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
 def _content(key_uid: str, *, version: int = 1, quarantined: int = 0) -> ReportContent:
@@ -503,6 +500,17 @@ def test_build_sr_rejects_bad_arguments() -> None:
     sr = build_sr([a, b], content, uids=uids)
     assert sr.SeriesNumber == 1000 and sr.CompletionFlag == "COMPLETE"
     assert build_sr([a], content, uids=uids, series_number=77).SeriesNumber == 77
+
+
+def test_a_one_component_patient_name_is_copied_without_a_warning() -> None:
+    key = _synthetic_ct("1.2.3.4.5.1", PatientName="ANONYMOUS")
+    content = _content(key.SOPInstanceUID)
+    uids = report_uids(key.SeriesInstanceUID, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sr = build_sr([key], content, uids=uids)
+        sc = build_summary_image(key, np.zeros((64, 48)), content, uids=uids)
+    assert sr.PatientName == sc.PatientName == "ANONYMOUS"
 
 
 def test_build_summary_image_rejects_bad_arguments() -> None:
