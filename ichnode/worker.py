@@ -298,10 +298,16 @@ class Worker:
         new_volume_file(item.volume_file, len(rows), windows, size)
         result.volume_file = item.volume_file
         bounds = np.linspace(0, len(rows), item.parts + 1).astype(int)
-        return [
-            (self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, item.volume_file, a), "decoded")
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
+        parts: list[tuple[Future[Any], str]] = []
+        try:
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                part = self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, item.volume_file, a)
+                parts.append((part, "decoded"))
+        except Exception:
+            for future, _ in parts:  # the series fails: its other parts need not run
+                future.cancel()
+            raise
+        return parts
 
     # -- scoring ---------------------------------------------------------
     def _predict(self, items: Sequence[ClaimedSeries]) -> list[np.ndarray]:

@@ -376,6 +376,34 @@ def test_a_step_that_fails_fails_the_series_with_the_reason(
     assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []  # its volume is not left behind
 
 
+def test_a_part_that_cannot_be_handed_over_fails_its_series(nodes: Nodes) -> None:
+    series = phantom(28, n_slices=70)
+    series_uid = _uid(series.datasets[0])
+    _, config = nodes.config(model={"worker_processes": 2})
+    receiver = nodes.start(config, components=("receiver",))
+    assert store_files(receiver.port, series.datasets) == [0x0000] * 70
+    wait_series_state(receiver, series_uid, db.COMPLETE)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submit, parts = worker._submit, []
+
+    def second_part_refused(fn: Any, *args: Any) -> Any:
+        if fn.__name__ == "decode_slices":
+            parts.append(args)
+            if len(parts) == 2:
+                raise RuntimeError("cannot start a helper process")
+        return submit(fn, *args)
+
+    worker._submit = second_part_refused
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert result.status == db.FAILED
+    assert result.skip_reason == "preparing failed: RuntimeError('cannot start a helper process')"
+    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []
+
+
 def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
     series = phantom(27, n_slices=12)
     series_uid = _uid(series.datasets[0])
