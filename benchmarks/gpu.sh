@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 
 wheels=${1:-.whl}
 site=$(mktemp -d)
-trap 'rm -rf "$site"' EXIT
+sampler=
+trap 'rm -rf "$site"; [ -z "$sampler" ] || kill "$sampler" 2>/dev/null' EXIT
 if compgen -G "$wheels/*.whl" > /dev/null; then
     python3 -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,6 +29,12 @@ fi
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false
 out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
+# How busy the GPU is through every run, twice a second: an idle GPU means
+# the host side is the bound.
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$out/gpu-utilization.csv" &
+    sampler=$!
+fi
 
 # Device time is short: the most telling run goes first, each is cut off
 # after RUN_SECONDS (default 170), and a failed run is reported and the
@@ -36,7 +43,7 @@ failed=0
 run() {
     local name=$1
     shift
-    echo "== $name: $*"
+    echo "== $name: $* (from $(date +%T))"
     timeout "${RUN_SECONDS:-170}" python3 "$@" 2>&1 | tee "$out/$name.txt" || { echo "== $name FAILED"; failed=1; }
 }
 run scoring-default benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2
