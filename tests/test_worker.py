@@ -366,6 +366,11 @@ def test_a_step_that_fails_fails_the_series_with_the_reason(
         raise error
 
     setattr(worker, step, broken)
+    _fails_the_series(worker, receiver, series_uid, reason)
+
+
+def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: str) -> None:
+    """One round of ``worker`` records the series failed with ``reason``, and leaves no volume behind."""
     try:
         assert worker.run_once() == 1
     finally:
@@ -373,7 +378,7 @@ def test_a_step_that_fails_fails_the_series_with_the_reason(
     (result,) = results_of(receiver.sessions, series_uid)
     assert result.status == db.FAILED
     assert result.skip_reason == reason
-    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []  # its volume is not left behind
+    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []
 
 
 def test_a_part_that_cannot_be_handed_over_fails_its_series(nodes: Nodes) -> None:
@@ -394,14 +399,7 @@ def test_a_part_that_cannot_be_handed_over_fails_its_series(nodes: Nodes) -> Non
         return submit(fn, *args)
 
     worker._submit = second_part_refused
-    try:
-        assert worker.run_once() == 1
-    finally:
-        worker.close()
-    (result,) = results_of(receiver.sessions, series_uid)
-    assert result.status == db.FAILED
-    assert result.skip_reason == "preparing failed: RuntimeError('cannot start a helper process')"
-    assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []
+    _fails_the_series(worker, receiver, series_uid, "preparing failed: RuntimeError('cannot start a helper process')")
 
 
 def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> None:
