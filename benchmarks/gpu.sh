@@ -7,14 +7,19 @@
 #
 # WHEEL_DIR (default .whl) holds wheels of the node's dependencies for the
 # host's Python, made beforehand where the network is reachable, e.g. for
-# Python 3.12:
+# Python 3.12 (add --python-version 3.12 --implementation cp --abi cp312
+# --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 to each):
 #
-#   pip download --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
-#       keras pydicom pynetdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \
-#       pylibjpeg-rle pyjpegls sqlalchemy 'apscheduler<4' highdicom pydantic
+#   pip download --only-binary=:all: --no-deps -d .whl keras namex optree \
+#       pydicom pynetdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \
+#       pylibjpeg-rle pyjpegls sqlalchemy typing-extensions 'apscheduler<4' \
+#       tzlocal highdicom pydantic pydantic-core annotated-types typing-inspection
+#   pip download --only-binary=:all: --no-deps -d .whl/extra pyyaml pillow \
+#       packaging absl-py rich markdown-it-py mdurl pygments h5py click tqdm
 #
-# They are installed into a temporary folder, never into the host's Python.
+# Those in WHEEL_DIR are installed into a temporary folder, never into the
+# host's Python; those in WHEEL_DIR/extra only where the host lacks the
+# module. numpy, ml_dtypes and the backend (JAX or PyTorch) are the host's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +27,18 @@ wheels=${1:-.whl}
 site=$(mktemp -d)
 sampler=
 trap 'rm -rf "$site"; [ -z "$sampler" ] || kill "$sampler" 2>/dev/null' EXIT
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G "$wheels/*.whl" > /dev/null; then
     python3 -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    for pair in yaml:pyyaml PIL:pillow packaging:packaging absl:absl_py rich:rich markdown_it:markdown_it_py \
+        mdurl:mdurl pygments:pygments h5py:h5py click:click tqdm:tqdm; do
+        python3 -c "import ${pair%%:*}" 2> /dev/null ||
+            python3 -m pip install -qq --no-index --no-deps --target "$site" "$wheels/extra/${pair#*:}"-*.whl
+    done
 fi
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Anything missing ends the run here, in seconds, not in every benchmark.
+python3 -c "import keras, ichnode.worker, training.phantoms; print('keras', keras.__version__, keras.backend.backend())"
 out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
 # How busy the GPU is through every run, twice a second: an idle GPU means
