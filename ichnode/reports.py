@@ -334,7 +334,8 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
             "PixelRepresentation",
         ):
             if keyword in ds:
-                header.add(deepcopy(ds[keyword]))
+                element = ds[keyword]  # UIDs and numbers: nothing to copy deeply
+                header.add_new(element.tag, element.VR, element.value)
     sop_class = str(ds.get("SOPClassUID") or "").strip()
     if not sop_class:
         meta = getattr(ds, "file_meta", None)
