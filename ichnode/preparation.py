@@ -47,6 +47,7 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
 
 
 def _start_helper(parent: int) -> None:
+    """What each helper process does first."""
     imaging.keep_freed_memory()
     _exit_with_parent(parent)
 

@@ -118,13 +118,14 @@ class Worker:
     def _warm_up(self) -> None:
         # The first predictions trace the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
-        # first patient's series. Two batches of different sizes, over
-        # different numbers of rows, and two series lengths: TensorFlow then
-        # traces for any size at once, where after one size it traces again
-        # on the first series (JAX pads both to the shapes compiled here).
+        # first patient's series. TensorFlow traces again for a second input
+        # shape, then for any shape: so two batch sizes over two numbers of
+        # rows, and two series lengths (JAX pads both to the shapes compiled
+        # here).
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         size = self.config.model.batch_size
         rows, neighbours = batch_buffers(self.model.card, size)
+        # Slice i and the next 2k: a batch of n slices reads n + 2k rows.
         neighbours[:] = (np.arange(size)[:, None] + np.arange(neighbours.shape[1])) % len(rows)
         for count in (size, max(1, size // 2)):
             self.model.slice_stage_on_rows(rows, neighbours[:count], size)
