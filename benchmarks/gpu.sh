@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 wheels=${1:-.whl}
 site=$(mktemp -d)
 sampler=
-trap 'rm -rf "$site"; [ -z "$sampler" ] || kill "$sampler" 2>/dev/null' EXIT
+trap 'rm -rf "$site"; [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true' EXIT
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G "$wheels/*.whl" > /dev/null; then
     python3 -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
@@ -56,7 +56,7 @@ run() {
     local name=$1
     shift
     echo "== $name: $* (from $(date +%T))"
-    timeout "${RUN_SECONDS:-170}" python3 "$@" 2>&1 | tee "$out/$name.txt" || { echo "== $name FAILED"; failed=1; }
+    timeout -k 10 "${RUN_SECONDS:-170}" python3 "$@" 2>&1 | tee "$out/$name.txt" || { echo "== $name FAILED"; failed=1; }
 }
 run scoring-default benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2
 run scoring-efficientnet benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2 --backbone EfficientNetB0

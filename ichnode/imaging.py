@@ -889,10 +889,12 @@ def keep_freed_memory() -> bool:
     page-faults its memory in again, which halves the rate of a process that
     reads slice after slice (``benchmarks/preprocess.py``). Call it once at
     the start of such a process: it then keeps allocations under 16 MiB on
-    its heap and up to 32 MiB of free heap.
+    its heap and up to 32 MiB of free heap (fixed thresholds, where glibc
+    would otherwise adjust them as it goes).
     """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # not glibc
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEPT_ALLOCATION_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE_HEAP_BYTES)

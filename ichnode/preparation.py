@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
 def _start_helper(parent: int) -> None:
     """What each helper process does first."""
     imaging.keep_freed_memory()
+    # highdicom warns of a person name of one component ("ANONYMOUS", "REMOVED"
+    # in de-identified data). The reports copy the source's names as they are:
+    # in the node's log that warning is nothing anyone could act on.
+    warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning, r"highdicom\.")
     _exit_with_parent(parent)
 
 
@@ -201,11 +206,13 @@ def _decode_into(
             try:
                 ds = ds if ds is not None else dcmread(Path(spool_root) / row.path)
                 image = imaging.preprocess_slice(ds, windows, size)
+                # Exactly one row's bytes, or an error: never a neighbour's.
+                image = np.ascontiguousarray(image, dtype=layout.dtype).reshape(layout.shape[1:])
             except Exception as exc:
                 quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
                 continue
             out.seek(layout.offset + (start + offset) * row_bytes)
-            out.write(image.reshape(layout.shape[1:]).data)  # a wrong shape raises, never overwrites a neighbour
+            out.write(image.data)
     return quarantined
 
 

@@ -32,12 +32,10 @@ file meta, missing Patient/Study Type 2 attributes (added empty).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -334,8 +332,7 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
             "PixelRepresentation",
         ):
             if keyword in ds:
-                element = ds[keyword]  # UIDs and numbers: nothing to copy deeply
-                header.add_new(element.tag, element.VR, element.value)
+                header.add(deepcopy(ds[keyword]))
     sop_class = str(ds.get("SOPClassUID") or "").strip()
     if not sop_class:
         meta = getattr(ds, "file_meta", None)
@@ -542,33 +539,32 @@ def build_sr(
         previous = [prior]
 
     complete = content.quarantined_count == 0
-    with _names_as_the_source_has_them():
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=headers,
-            content=report,
-            series_instance_uid=uids.sr_series_uid,
-            series_number=number,
-            sop_instance_uid=uids.sr_sop_instance_uid,
-            instance_number=1,
-            manufacturer=manufacturer,
-            is_complete=complete,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name,
-            institutional_department_name=institutional_department_name,
-            previous_versions=previous,
-            series_description=f"ICH AI results v{content.version}",
-            manufacturer_model_name="ichnode",
-            software_versions=__version__,
-            content_date=when.date(),
-            content_time=when.time(),
-            series_date=when.date(),
-            series_time=when.time(),
-            coding_schemes=[_private_scheme()] if _uses_private_scheme() else None,
-            specific_character_set=_charset(
-                key, content, manufacturer, institution_name, institutional_department_name
-            ),
-        )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=headers,
+        content=report,
+        series_instance_uid=uids.sr_series_uid,
+        series_number=number,
+        sop_instance_uid=uids.sr_sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=complete,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        previous_versions=previous,
+        series_description=f"ICH AI results v{content.version}",
+        manufacturer_model_name="ichnode",
+        software_versions=__version__,
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+        coding_schemes=[_private_scheme()] if _uses_private_scheme() else None,
+        specific_character_set=_charset(
+            key, content, manufacturer, institution_name, institutional_department_name
+        ),
+    )
     if not complete:
         sr.CompletionFlagDescription = _quarantine_text(content.quarantined_count)[:_LO_MAX]
     _stamp(sr, when)
@@ -668,30 +664,29 @@ def build_summary_image(
     when = content_datetime or dt.datetime.now()
     pixels = _render_summary(hu, content)
 
-    with _names_as_the_source_has_them():
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=header,
-            pixel_array=pixels,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=uids.sc_series_uid,
-            series_number=_series_number(header, series_number, offset=2000),
-            sop_instance_uid=uids.sc_sop_instance_uid,
-            instance_number=1,
-            manufacturer=manufacturer,
-            patient_orientation=_patient_orientation(header),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=f"ICH AI summary v{content.version}",
-            manufacturer_model_name="ichnode",
-            software_versions=__version__,
-            institution_name=institution_name,
-            series_date=when.date(),
-            series_time=when.time(),
-            content_date=when.date(),
-            content_time=when.time(),
-            specific_character_set=_charset(header, content, manufacturer, institution_name),
-        )
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=uids.sc_series_uid,
+        series_number=_series_number(header, series_number, offset=2000),
+        sop_instance_uid=uids.sc_sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        patient_orientation=_patient_orientation(header),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=f"ICH AI summary v{content.version}",
+        manufacturer_model_name="ichnode",
+        software_versions=__version__,
+        institution_name=institution_name,
+        series_date=when.date(),
+        series_time=when.time(),
+        content_date=when.date(),
+        content_time=when.time(),
+        specific_character_set=_charset(header, content, manufacturer, institution_name),
+    )
     # The whole Patient and Study modules, as the SR has them.
     sc.copy_patient_and_study_information(header)
     # Made by software from another DICOM image, not captured from video.
@@ -712,16 +707,6 @@ def build_summary_image(
     sc.DateOfSecondaryCapture = DA(when.date())
     sc.TimeOfSecondaryCapture = TM(when.time())
     return sc
-
-
-@contextlib.contextmanager
-def _names_as_the_source_has_them() -> Iterator[None]:
-    """highdicom warns of a person name of one component ("ANONYMOUS", or
-    "REMOVED" in de-identified data). The reports copy the source's names as
-    they are, so that warning in the node's log is nothing anyone can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning)
-        yield
 
 
 def _window(hu: np.ndarray) -> np.ndarray:

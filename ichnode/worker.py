@@ -118,17 +118,20 @@ class Worker:
     def _warm_up(self) -> None:
         # The first predictions trace the model (~1 s) and each helper process
         # imports pydicom and highdicom (~1 s): pay both at start, not on the
-        # first patient's series. TensorFlow traces again for a second input
-        # shape, then for any shape: so two batch sizes over two numbers of
-        # rows, and two series lengths (JAX pads both to the shapes compiled
-        # here).
+        # first patient's series. On a CPU TensorFlow traces again for a
+        # second input shape, then for any shape: so two batches that differ
+        # in slices and in rows read, and two series lengths. (JAX compiles
+        # the one batch shape here, and each bucket of series lengths as it
+        # first comes.)
         started = [self._processes.submit(ready) for _ in range(self._process_count)]
         size = self.config.model.batch_size
         rows, neighbours = batch_buffers(self.model.card, size)
-        # Slice i and the next 2k: a batch of n slices reads n + 2k rows.
-        neighbours[:] = (np.arange(size)[:, None] + np.arange(neighbours.shape[1])) % len(rows)
-        for count in (size, max(1, size // 2)):
-            self.model.slice_stage_on_rows(rows, neighbours[:count], size)
+        neighbours[:] = np.arange(size)[:, None] + np.arange(neighbours.shape[1])  # slice i and the next 2k
+        half, last = neighbours[: max(1, size // 2)], len(rows) - 1
+        # The second reads another number of rows: up to the last, unless the first does.
+        second = half if neighbours.max() == last else half + (last - half.max())
+        for batch in (neighbours, second):
+            self.model.slice_stage_on_rows(rows, batch, size)
         if self.model.has_sequence_stage:
             for length in (2, 3):
                 self.model.score_sequence(np.zeros((length, self.model.embedding_dim), dtype=np.float32))
@@ -305,7 +308,7 @@ class Worker:
                 part = self._submit(decode_slices, self.spool.root, rows[a:b], windows, size, item.volume_file, a)
                 parts.append((part, "decoded"))
         except Exception:
-            for future, _ in parts:  # the series fails: its other parts need not run
+            for future, _ in parts:  # the series fails: what has not started need not run
                 future.cancel()
             raise
         return parts

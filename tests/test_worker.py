@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
+import platform
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -287,7 +288,7 @@ def test_the_first_series_after_start_is_not_traced_again(nodes: Nodes) -> None:
     from ichnode.model import load_model
 
     if keras.backend.backend() != "tensorflow":
-        pytest.skip("tracing is TensorFlow's; JAX pads to the shapes compiled at warm-up")
+        pytest.skip("tracing for any shape is TensorFlow's")
     short, long = phantom(31, n_slices=14), phantom(32, n_slices=45)
     _, config = nodes.config()
     receiver = nodes.start(config, components=("receiver",))
@@ -436,9 +437,12 @@ def _resident_bytes_freed() -> int:
     return before - resident()
 
 
-def test_helper_processes_keep_freed_memory_for_the_next_slice() -> None:
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+def test_helper_processes_keep_freed_memory_for_the_next_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     # A helper decodes slice after slice; memory given back on every free is
     # page-faulted in again for the next (half the decode rate).
+    for tuning in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(tuning, raising=False)  # glibc's defaults in the processes started here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as plain:
         returned = plain.submit(_resident_bytes_freed).result()
     with preparation.process_pool(1) as helpers:
