@@ -10,6 +10,7 @@ use every core. Nothing here imports Keras, so the processes start light.
 from __future__ import annotations
 
 import errno
+import logging
 import multiprocessing
 import os
 import threading
@@ -26,9 +27,11 @@ from pydicom.dataset import Dataset
 
 from . import imaging
 from .config import SeriesConfig
-from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers
+from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers, prime
 from .selection import skip_reason
 from .spool import Spool
+
+logger = logging.getLogger(__name__)
 
 
 def default_processes() -> int:
@@ -54,6 +57,10 @@ def _start_helper(parent: int) -> None:
     # in de-identified data). The reports copy the source's names as they are:
     # in the node's log that warning is nothing anyone could act on.
     warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning, r"highdicom\.")
+    try:
+        prime()
+    except Exception:  # a real report then fails with its reason; the helper still decodes
+        logger.warning("building a throwaway report at the start of a helper process failed", exc_info=True)
     _exit_with_parent(parent)
 
 

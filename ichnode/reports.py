@@ -49,6 +49,7 @@ from pydicom.uid import (
     PYDICOM_ROOT_UID,
     UID,
     Comprehensive3DSRStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "build_sr",
     "build_summary_image",
     "evidence_headers",
+    "prime",
     "report_uids",
 ]
 
@@ -569,6 +571,31 @@ def build_sr(
         sr.CompletionFlagDescription = _quarantine_text(content.quarantined_count)[:_LO_MAX]
     _stamp(sr, when)
     return sr
+
+
+def prime() -> None:
+    """Build one throwaway SR and summary image of a made-up slice.
+
+    highdicom reads its tables of the standard the first time a process
+    builds a report (~0.3 s): a process that builds reports pays that at
+    its start, not on a patient's series.
+    """
+    key = Dataset()
+    key.SOPClassUID = CTImageStorage
+    key.StudyInstanceUID, key.SeriesInstanceUID, key.SOPInstanceUID = (generate_uid() for _ in range(3))
+    key.Modality = "CT"
+    key.Rows, key.Columns, key.SamplesPerPixel, key.PixelRepresentation = 16, 16, 1, 1
+    key.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    content = ReportContent(
+        findings=tuple(Finding(label, 0.0, False, 0.5) for label in LABELS),
+        key_sop_instance_uid=key.SOPInstanceUID,
+        algorithm_name="prime",
+        algorithm_version="0",
+        version=1,
+    )
+    uids = report_uids(key.SeriesInstanceUID, 1)
+    build_sr([key], content, uids=uids)
+    build_summary_image(key, np.zeros((16, 16)), content, uids=uids)
 
 
 def _algorithm_parameters(content: ReportContent, finding: Finding) -> list[str]:

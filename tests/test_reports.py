@@ -32,6 +32,7 @@ from ichnode.reports import (
     build_sr,
     evidence_headers,
     build_summary_image,
+    prime,
     report_uids,
 )
 
@@ -530,6 +531,12 @@ def test_helper_processes_build_reports_of_one_component_names_without_a_warning
         assert plain.submit(_person_name_warnings).result()  # highdicom's, for contrast
     with preparation.process_pool(1) as helpers:
         assert helpers.submit(_person_name_warnings).result() == []
+
+
+def test_prime_builds_a_throwaway_report() -> None:
+    # Helper processes call it at start and only log its failure: a broken
+    # prime would otherwise go unnoticed until the first series after a start.
+    prime()
 
 
 def test_build_summary_image_rejects_bad_arguments() -> None:
