@@ -242,10 +242,10 @@ class Worker:
             scored = {id(item): self._score(item, probabilities[id(item)]) for item in scorable}
         except Exception as exc:
             logger.exception("scoring %d series failed", len(scorable))
-            failed = {id(item) for item in scorable}
+            reason = f"scoring failed: {type(exc).__name__}: {exc}"
             return [
-                self._store_pool.submit(self._fail, item, f"scoring failed: {type(exc).__name__}: {exc}")
-                if id(item) in failed
+                self._store_pool.submit(self._fail, item, reason)
+                if item.prepared.volume is not None
                 else self._store_pool.submit(self._store_or_fail, item, None)
                 for item in items
             ]
