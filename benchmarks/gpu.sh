@@ -5,6 +5,9 @@
 #
 #   benchmarks/gpu.sh [WHEEL_DIR]
 #
+# SERIES (default 48) sets the series scored per round, ONLY (an extended
+# regular expression) the runs to make, e.g. ONLY='default|no-reports'.
+#
 # WHEEL_DIR (default .whl) holds wheels of the node's dependencies for the
 # host's Python, made beforehand where the network is reachable, e.g. for
 # Python 3.12 (add --python-version 3.12 --implementation cp --abi cp312
@@ -55,12 +58,13 @@ failed=0
 run() {
     local name=$1
     shift
+    [[ $name =~ ${ONLY:-.} ]] || return 0
     echo "== $name: $* (from $(date +%T))"
     timeout -k 10 "${RUN_SECONDS:-170}" python3 "$@" 2>&1 | tee "$out/$name.txt" || { echo "== $name FAILED"; failed=1; }
 }
-run scoring-default benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2
-run scoring-efficientnet benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2 --backbone EfficientNetB0
-run scoring-no-reports benchmarks/scoring_throughput.py --series 48 --batch-size 64 --repeat 2 --no-reports
+run scoring-default benchmarks/scoring_throughput.py --series ${SERIES:-48} --batch-size 64 --repeat 2
+run scoring-efficientnet benchmarks/scoring_throughput.py --series ${SERIES:-48} --batch-size 64 --repeat 2 --backbone EfficientNetB0
+run scoring-no-reports benchmarks/scoring_throughput.py --series ${SERIES:-48} --batch-size 64 --repeat 2 --no-reports
 # Every length as is compiles once per length (~0.35 s each on a CPU).
 run sequence-lengths benchmarks/sequence_lengths.py --max 100
 exit $failed

@@ -110,6 +110,14 @@ class Probe:
         # A module function, looked up by the worker at each call.
         worker_module = sys.modules[type(worker).__module__]
         worker_module.gather_batch = self._timed("gather", worker_module.gather_batch)
+        plan = worker_module.plan_batches
+
+        def counted(lengths: Any, size: int) -> Any:
+            batches = plan(lengths, size)
+            self._add("batches", len(batches))
+            return batches
+
+        worker_module.plan_batches = counted
 
     def _add(self, name: str, seconds: float) -> None:
         with self._lock:
@@ -344,6 +352,8 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
     }
     for name, seconds in parts.items():
         print(f"  {name:52s} {seconds:7.2f} s  {100 * seconds / elapsed:5.1f} %")
+    # A batch costs the model as much however few slices it holds.
+    print(f"  model batches {t.get('batches', 0):.0f} (fewest for {total} slices: {-(-total // args.batch_size)})")
     prepare_s, reports_s = t.get("prepare (process-s)", 0.0), t.get("reports (process-s)", 0.0)
     print(
         f"helper processes (overlapping the above): read+preprocess {prepare_s:.2f} process-s "

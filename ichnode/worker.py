@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
@@ -170,8 +170,8 @@ class Worker:
         """Claim and process what is complete; returns the number of series handled.
 
         Series are read and preprocessed by the helper processes while the
-        model scores those already prepared; whatever is ready at the same
-        moment shares prediction batches (which keeps a GPU busy); reports
+        model scores those already prepared; the series ready by then share
+        prediction batches, at least one full batch (which keeps a GPU busy); reports
         are built by the helper processes and results recorded by another
         thread while the model moves on.
         """
@@ -207,6 +207,7 @@ class Worker:
         # Enough series in preparation at once to keep every helper process busy.
         in_flight = max(CLAIM_BATCH, self._process_count)
         prepare(self.claim(in_flight))
+        held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
         while preparing:
             done, _ = wait(preparing, return_when=FIRST_COMPLETED)
             items = []
@@ -228,7 +229,16 @@ class Worker:
             # Claim more while the model works, so the processes never idle.
             if len(in_preparation()) < in_flight:
                 prepare(self.claim(in_flight - len(in_preparation())))
-            stores.extend(self._score_all(items))
+            # A batch costs the model (on a GPU, padded to its full size) as much
+            # however few slices it holds: series wait until they fill one,
+            # unless no more are coming. Skipped series need no batch.
+            unscorable = [item for item in items if item.prepared.volume is None]
+            held += [item for item in items if item.prepared.volume is not None]
+            if preparing and sum(len(item.prepared.volume) for item in held) < self.config.model.batch_size:
+                stores.extend(self._score_all(unscorable))
+            else:
+                stores.extend(self._score_all(unscorable + held))
+                held = []
         for future in stores:
             future.result()
         return handled
@@ -494,14 +504,19 @@ class Worker:
             session.add(result)
             session.flush()
             if slice_probs is not None:
-                session.add_all(
-                    db.SliceResult(
-                        result_id=result.id,
-                        sop_instance_uid=sop_uid,
-                        position=position,
-                        scores={label: float(p) for label, p in zip(LABELS, row)},
-                    )
-                    for position, (sop_uid, row) in enumerate(zip(item.sop_uids, slice_probs))
+                # One multi-row INSERT, not an ORM object per slice: this thread
+                # holds the interpreter lock the model's thread needs.
+                session.execute(
+                    insert(db.SliceResult),
+                    [
+                        {
+                            "result_id": result.id,
+                            "sop_instance_uid": sop_uid,
+                            "position": position,
+                            "scores": dict(zip(LABELS, row)),
+                        }
+                        for position, (sop_uid, row) in enumerate(zip(item.sop_uids, slice_probs.tolist()))
+                    ],
                 )
             if current:
                 for ae_title, host, port in self.destinations(item.calling_ae):

@@ -279,6 +279,31 @@ def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> N
     np.testing.assert_allclose(probs, model.predict_series(x), rtol=1e-4, atol=1e-5)
 
 
+def test_series_prepared_apart_wait_to_share_a_full_batch(nodes: Nodes) -> None:
+    # Four 12-slice series, two helper processes: they are prepared two by
+    # two, yet all four (48 slices, less than one batch of 64) go to the
+    # model together, as a batch costs a GPU the same however full it is.
+    series = [phantom(40 + n) for n in range(4)]
+    _, config = nodes.config(model={"worker_processes": 2, "batch_size": 64})
+    receiver = nodes.start(config, components=("receiver",))
+    for one in series:
+        assert store_files(receiver.port, one.datasets) == [0x0000] * 12
+        wait_series_state(receiver, _uid(one.datasets[0]), db.COMPLETE)
+
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    scored_together = []
+    score_all = worker._score_all
+    worker._score_all = lambda items: scored_together.append(len(items)) or score_all(items)
+    try:
+        assert worker.run_once() == 4
+    finally:
+        worker.close()
+    assert [count for count in scored_together if count] == [4]
+    for one in series:
+        (result,) = results_of(receiver.sessions, _uid(one.datasets[0]))
+        assert (result.status, result.slice_count) == (db.SCORED, 12)
+
+
 def test_the_first_series_after_start_is_not_traced_again(nodes: Nodes) -> None:
     # TensorFlow traces the model again for a new input shape (~1 s): the
     # worker's warm-up covers every batch size and series length at start,
