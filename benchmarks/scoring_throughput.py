@@ -360,6 +360,9 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
         f"({total / max(prepare_s, 1e-9):.0f} slices/s per process), reports {reports_s:.2f} process-s "
         f"({reports_s / args.series:.3f} s per series)"
     )
+    # All helpers busy at these costs: what end to end cannot pass, whatever the model.
+    ceiling = processes * total / max(prepare_s + reports_s, 1e-9)
+    print(f"helper ceiling: {ceiling:.0f} slices/s with {processes} processes, {ceiling / best_bare:.2f} x bare")
     backend = keras.backend.backend()
     if backend != "tensorflow" and "tensorflow" in sys.modules:
         print(f"warning: tensorflow was imported although the backend is {backend}")
