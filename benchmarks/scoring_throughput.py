@@ -104,7 +104,14 @@ class Probe:
     def __init__(self, worker: Any) -> None:
         self.totals: dict[str, float] = {}
         self._lock = threading.Lock()
-        timed = (("run_once", "run_once"), ("model", "_predict"), ("db", "_finish"), ("store", "_store"))
+        timed = (
+            ("run_once", "run_once"),
+            ("model", "_predict"),
+            ("claim", "claim"),
+            ("start", "_start_preparing"),
+            ("db", "_finish"),
+            ("store", "_store"),
+        )
         for name, attr in timed:
             setattr(worker, attr, self._timed(name, getattr(worker, attr)))
         # A module function, looked up by the worker at each call.
@@ -347,6 +354,7 @@ def measure(args: argparse.Namespace, datasets: list[Dataset], model: Any, worke
         "model (_predict, main thread)": model_s,
         "  next batches' slices gathered (gathering thread)": t.get("gather", 0.0),
         "waiting for prepared series, claiming (main thread)": main - model_s,
+        "  of which claiming, handing to helpers": t.get("claim", 0.0) + t.get("start", 0.0),
         "waiting for reports + db (store thread)": t.get("store", 0.0),
         "  of which db (results transaction)": t.get("db", 0.0),
     }
