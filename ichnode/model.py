@@ -348,6 +348,12 @@ class HemorrhageModel:
     def has_sequence_stage(self) -> bool:
         return self._sequence is not None
 
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a partial batch is padded to the full batch size (JAX: one
+        compiled shape), and so costs the model as much as a full one."""
+        return self._pad_chunks
+
     def _check_slices(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != self.card.input_shape:

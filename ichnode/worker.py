@@ -171,9 +171,9 @@ class Worker:
 
         Series are read and preprocessed by the helper processes while the
         model scores those already prepared; the series ready by then share
-        prediction batches, at least one full batch (which keeps a GPU busy); reports
-        are built by the helper processes and results recorded by another
-        thread while the model moves on.
+        prediction batches (which keeps a GPU busy); reports are built by the
+        helper processes and results recorded by another thread while the
+        model moves on.
         """
         handled = 0
         # Helper-process work under way, and the series and step it is for.
@@ -229,12 +229,13 @@ class Worker:
             # Claim more while the model works, so the processes never idle.
             if len(in_preparation()) < in_flight:
                 prepare(self.claim(in_flight - len(in_preparation())))
-            # A batch costs the model (on a GPU, padded to its full size) as much
-            # however few slices it holds: series wait until they fill one,
-            # unless no more are coming. Skipped series need no batch.
+            # Where a partial batch costs the model as much as a full one,
+            # series wait until they fill one, unless no more are coming;
+            # elsewhere none waits. Skipped series need no batch.
             unscorable = [item for item in items if item.prepared.volume is None]
             held += [item for item in items if item.prepared.volume is not None]
-            if preparing and sum(len(item.prepared.volume) for item in held) < self.config.model.batch_size:
+            slices = sum(len(item.prepared.volume) for item in held)
+            if self.model.pads_batches and preparing and slices < self.config.model.batch_size:
                 stores.extend(self._score_all(unscorable))
             else:
                 stores.extend(self._score_all(unscorable + held))
