@@ -166,6 +166,15 @@ class Worker:
                     )
         return claimed
 
+    def _claim_more(self, limit: int) -> list[ClaimedSeries]:
+        """:meth:`claim` while series are in hand: a failure (a database busy
+        past its timeout) must not abandon those, so it claims none this time."""
+        try:
+            return self.claim(limit)
+        except Exception:
+            logger.exception("claiming more series failed; the next round claims them")
+            return []
+
     def run_once(self) -> int:
         """Claim and process what is complete; returns the number of series handled.
 
@@ -228,7 +237,7 @@ class Worker:
                     handled += 1
             # Claim more while the model works, so the processes never idle.
             if len(in_preparation()) < in_flight:
-                prepare(self.claim(in_flight - len(in_preparation())))
+                prepare(self._claim_more(in_flight - len(in_preparation())))
             # Where a partial batch costs the model as much as a full one,
             # series wait until they fill one, unless no more are coming;
             # elsewhere none waits. Skipped series need no batch.

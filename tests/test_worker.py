@@ -415,6 +415,45 @@ def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: st
     assert list((receiver.spool.tmp_dir / "worker").iterdir()) == []
 
 
+def test_a_failed_claim_does_not_abandon_the_series_in_hand(nodes: Nodes) -> None:
+    # The database refuses the claims made while two series are prepared
+    # (busy past its timeout): both are still scored, and a third series,
+    # complete meanwhile, waits for the next round.
+    from sqlalchemy.exc import OperationalError
+
+    first, second, third = phantom(50), phantom(51), phantom(52)
+    _, config = nodes.config(model={"worker_processes": 2})
+    receiver = nodes.start(config, components=("receiver",))
+    for one in (first, second):
+        assert store_files(receiver.port, one.datasets) == [0x0000] * 12
+        wait_series_state(receiver, _uid(one.datasets[0]), db.COMPLETE)
+
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    claim = worker.claim
+    calls = []
+
+    def busy_after_the_first(limit: int) -> Any:
+        calls.append(limit)
+        if len(calls) == 1:
+            claimed = claim(limit)
+            assert store_files(receiver.port, third.datasets) == [0x0000] * 12
+            wait_series_state(receiver, _uid(third.datasets[0]), db.COMPLETE)
+            return claimed
+        raise OperationalError("UPDATE series", {}, Exception("database is locked"))
+
+    worker.claim = busy_after_the_first
+    try:
+        assert worker.run_once() == 2
+        assert len(calls) > 1  # it did try to claim more
+        worker.claim = claim
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    for one in (first, second, third):
+        (result,) = results_of(receiver.sessions, _uid(one.datasets[0]))
+        assert (result.status, result.slice_count) == (db.SCORED, 12)
+
+
 def test_a_part_that_cannot_be_handed_over_fails_its_series(nodes: Nodes) -> None:
     series = phantom(28, n_slices=70)
     series_uid = _uid(series.datasets[0])
