@@ -229,12 +229,19 @@ def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, re
     assert predecessors == {str(sr1.SOPInstanceUID)}
 
 
-def _received_complete(nodes: Nodes, series: Any) -> tuple[Any, Any]:
-    """A receiver-only node holding ``series``, complete; returns (config, node)."""
-    _, config = nodes.config()
-    receiver = nodes.start(config, components=("receiver",))
+def _store_complete(receiver: Any, series: Any) -> None:
+    """Send ``series`` to ``receiver`` and wait until it is complete."""
     assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
     wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+
+
+def _received_complete(nodes: Nodes, *series: Any, **sections: dict[str, Any]) -> tuple[Any, Any]:
+    """A receiver-only node (config ``sections`` overridden) holding each of
+    ``series``, complete; returns (config, node)."""
+    _, config = nodes.config(**sections)
+    receiver = nodes.start(config, components=("receiver",))
+    for one in series:
+        _store_complete(receiver, one)
     return config, receiver
 
 
@@ -289,11 +296,7 @@ def test_series_wait_to_share_a_batch_only_where_a_partial_one_costs_a_full_one(
     # series never waits for others.
     monkeypatch.setattr(HemorrhageModel, "pads_batches", pads_batches)
     series = [phantom(40 + n) for n in range(4)]
-    _, config = nodes.config(model={"worker_processes": 2, "batch_size": 64})
-    receiver = nodes.start(config, components=("receiver",))
-    for one in series:
-        assert store_files(receiver.port, one.datasets) == [0x0000] * 12
-        wait_series_state(receiver, _uid(one.datasets[0]), db.COMPLETE)
+    config, receiver = _received_complete(nodes, *series, model={"worker_processes": 2, "batch_size": 64})
 
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     scored_together = []
@@ -322,12 +325,7 @@ def test_the_first_series_after_start_is_not_traced_again(nodes: Nodes) -> None:
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tracing for any shape is TensorFlow's")
-    short, long = phantom(31, n_slices=14), phantom(32, n_slices=45)
-    _, config = nodes.config()
-    receiver = nodes.start(config, components=("receiver",))
-    for series in (short, long):
-        assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
-        wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    config, receiver = _received_complete(nodes, phantom(31, n_slices=14), phantom(32, n_slices=45))
 
     model = load_model(None)  # fresh: nothing traced yet
 
@@ -422,11 +420,7 @@ def test_a_failed_claim_does_not_abandon_the_series_in_hand(nodes: Nodes) -> Non
     from sqlalchemy.exc import OperationalError
 
     first, second, third = phantom(50), phantom(51), phantom(52)
-    _, config = nodes.config(model={"worker_processes": 2})
-    receiver = nodes.start(config, components=("receiver",))
-    for one in (first, second):
-        assert store_files(receiver.port, one.datasets) == [0x0000] * 12
-        wait_series_state(receiver, _uid(one.datasets[0]), db.COMPLETE)
+    config, receiver = _received_complete(nodes, first, second, model={"worker_processes": 2})
 
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     claim = worker.claim
@@ -436,8 +430,7 @@ def test_a_failed_claim_does_not_abandon_the_series_in_hand(nodes: Nodes) -> Non
         calls.append(limit)
         if len(calls) == 1:
             claimed = claim(limit)
-            assert store_files(receiver.port, third.datasets) == [0x0000] * 12
-            wait_series_state(receiver, _uid(third.datasets[0]), db.COMPLETE)
+            _store_complete(receiver, third)
             return claimed
         raise OperationalError("UPDATE series", {}, Exception("database is locked"))
 
@@ -457,10 +450,7 @@ def test_a_failed_claim_does_not_abandon_the_series_in_hand(nodes: Nodes) -> Non
 def test_a_part_that_cannot_be_handed_over_fails_its_series(nodes: Nodes) -> None:
     series = phantom(28, n_slices=70)
     series_uid = _uid(series.datasets[0])
-    _, config = nodes.config(model={"worker_processes": 2})
-    receiver = nodes.start(config, components=("receiver",))
-    assert store_files(receiver.port, series.datasets) == [0x0000] * 70
-    wait_series_state(receiver, series_uid, db.COMPLETE)
+    config, receiver = _received_complete(nodes, series, model={"worker_processes": 2})
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     submit, parts = worker._submit, []
 
