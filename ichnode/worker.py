@@ -236,8 +236,9 @@ class Worker:
                     items.append(item)
                     handled += 1
             # Claim more while the model works, so the processes never idle.
-            if len(in_preparation()) < in_flight:
-                prepare(self._claim_more(in_flight - len(in_preparation())))
+            in_hand = len(in_preparation())
+            if in_hand < in_flight:
+                prepare(self._claim_more(in_flight - in_hand))
             # Where a partial batch costs the model as much as a full one,
             # series wait until they fill one, unless no more are coming;
             # elsewhere none waits. Skipped series need no batch.
