@@ -46,6 +46,9 @@ export KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false
 python3 -c "import keras, ichnode.worker, training.phantoms; print('keras', keras.__version__, keras.backend.backend())"
 out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
+# Helpers default to one per CPU but one; whether those CPUs are hyperthreads
+# decides what each is worth.
+{ echo "nproc $(nproc)"; lscpu | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))'; } | tee -a "$out/gpu.txt" || true
 # How busy the GPU is through every run, twice a second: an idle GPU means
 # the host side is the bound.
 if command -v nvidia-smi > /dev/null; then
@@ -69,6 +72,10 @@ run scoring-default benchmarks/scoring_throughput.py --series ${SERIES:-96} --ba
 run scoring-long benchmarks/scoring_throughput.py --series 16 --slices 300 --batch-size 64 --repeat 2
 run scoring-efficientnet benchmarks/scoring_throughput.py --series ${SERIES:-96} --batch-size 64 --repeat 2 --backbone EfficientNetB0
 run scoring-no-reports benchmarks/scoring_throughput.py --series ${SERIES:-96} --batch-size 64 --repeat 2 --no-reports
+# Without reports the worker's main process was the bound, sharing the CPUs
+# with the helpers: the same run with a quarter of the CPUs left to it.
+run scoring-no-reports-fewer-helpers benchmarks/scoring_throughput.py --series ${SERIES:-96} --batch-size 64 --repeat 2 \
+    --no-reports --processes $(($(nproc) * 3 / 4))
 # Every length as is compiles once per length (~0.35 s each on a CPU).
 run sequence-lengths benchmarks/sequence_lengths.py --max 100
 exit $failed
