@@ -47,9 +47,11 @@ FAILED = "failed"
 
 # Delivery states
 QUEUED = "queued"
+SENDING = "sending"  # claimed by a dispatcher, its C-STORE under way
 SENT = "sent"
 DEAD = "dead"
 SUPERSEDED = "superseded"  # a newer result of the series replaced this report
+UNDELIVERED = (QUEUED, SENDING)  # still on its way: what a newer result supersedes
 
 
 def utcnow() -> dt.datetime:

@@ -7,6 +7,18 @@ association or a dead peer are all retried with exponential backoff until
 ``reports.retry.max_attempts``, after which the delivery is dead-lettered
 with its last error (shown by ``ichnode status``). A resend reuses the same
 file, hence the same SOP Instance UID, so the PACS never holds two copies.
+
+Delivery life cycle (``Delivery.state``)::
+
+    queued --due, claimed by one dispatcher--> sending --> sent
+    sending --failed--> queued (next try after a backoff) | dead
+    queued | sending --the worker stores a newer result--> superseded
+    sending --the dispatcher crashed--> queued   (at the next start-up)
+
+The claim is a conditional update, so two dispatchers on one database never
+send the same delivery, and a failure is recorded only on a row still
+``sending``: a report superseded during its C-STORE stays superseded. A
+Success is recorded whatever the state: the PACS holds the object.
 """
 
 from __future__ import annotations
@@ -17,16 +29,27 @@ import threading
 from itertools import groupby
 
 from pydicom import dcmread
-from pynetdicom import AE
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import RetryConfig
-from .scu import association_failure, disable_nagle, status_category
+from .scu import association_failure, client_ae, disable_nagle, status_category
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
+
+
+def requeue_interrupted(sessions: sessionmaker[Session]) -> int:
+    """At start-up: deliveries left sending by a crashed dispatcher go back to queued.
+
+    Assumes no other dispatcher on this database is sending right now: its
+    deliveries under way would be queued again and might be sent twice.
+    """
+    with db.transaction(sessions) as session:
+        return session.execute(
+            update(db.Delivery).where(db.Delivery.state == db.SENDING).values(state=db.QUEUED)
+        ).rowcount
 
 
 def backoff_seconds(attempts: int, retry: RetryConfig) -> float:
@@ -60,8 +83,37 @@ class Dispatcher:
             ).all()
         sent = 0
         for (ae_title, host, port), group in groupby(due, key=lambda d: (d.ae_title, d.host, d.port)):
-            sent += self._send_to(ae_title, host, port, list(group))
+            claimed = self._claim(list(group), now)
+            try:
+                sent += self._send_to(ae_title, host, port, claimed)
+            except Exception as exc:  # none may stay sending until a restart
+                logger.exception("sending to %s@%s:%d failed", ae_title, host, port)
+                for delivery in claimed:
+                    self._failed(delivery, f"sending failed: {exc!r}")
         return sent
+
+    def _claim(self, due: list[db.Delivery], now: dt.datetime) -> list[db.Delivery]:
+        """Move each delivery still due from queued to sending; returns the ones this call moved.
+
+        Another dispatcher may have claimed, or the worker superseded, some of
+        them since they were read: those are not ours to send.
+        """
+        with db.transaction(self.sessions) as session:
+            claimed = []
+            for delivery in due:
+                moved = session.execute(
+                    update(db.Delivery)
+                    .where(
+                        db.Delivery.id == delivery.id,
+                        db.Delivery.state == db.QUEUED,
+                        db.Delivery.next_attempt_at <= now,
+                    )
+                    .values(state=db.SENDING)
+                ).rowcount
+                if moved:
+                    # Read again: another dispatcher may have tried it since (its attempts).
+                    claimed.append(session.get(db.Delivery, delivery.id))
+            return claimed
 
     def _send_to(self, ae_title: str, host: str, port: int, deliveries: list[db.Delivery]) -> int:
         datasets = {}
@@ -72,8 +124,7 @@ class Dispatcher:
                 self._failed(delivery, f"report file unreadable: {exc}", final=True)
         if not datasets:
             return 0
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae = client_ae(self.calling_ae, self.timeout)
         # One context per (SOP class, transfer syntax): an association allows
         # at most 128, and many reports may be due after a long outage.
         for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}):
@@ -114,6 +165,7 @@ class Dispatcher:
         return sent
 
     def _sent(self, delivery: db.Delivery) -> None:
+        # Whatever the state now (even superseded meanwhile): the PACS holds it.
         with db.transaction(self.sessions) as session:
             session.execute(
                 update(db.Delivery)
@@ -129,18 +181,21 @@ class Dispatcher:
         dead = final or attempts >= self.retry.max_attempts
         next_at = db.utcnow() + dt.timedelta(seconds=backoff_seconds(attempts, self.retry))
         with db.transaction(self.sessions) as session:
-            session.execute(
+            # Only a row still ours: one superseded during the attempt stays superseded.
+            recorded = session.execute(
                 update(db.Delivery)
-                .where(db.Delivery.id == delivery.id)
+                .where(db.Delivery.id == delivery.id, db.Delivery.state == db.SENDING)
                 .values(
                     state=db.DEAD if dead else db.QUEUED,
                     attempts=attempts,
                     last_error=error,
                     next_attempt_at=next_at,
                 )
-            )
+            ).rowcount
         destination = f"{delivery.ae_title}@{delivery.host}:{delivery.port}"
-        if dead:
+        if not recorded:
+            logger.info("%s to %s superseded during a failed try: %s", delivery.sop_instance_uid, destination, error)
+        elif dead:
             logger.error("gave up delivering %s to %s after %d attempts: %s", delivery.sop_instance_uid, destination, attempts, error)
         else:
             logger.warning(

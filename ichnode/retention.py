@@ -30,7 +30,7 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
     cutoff = (now or db.utcnow()) - dt.timedelta(days=retention_days)
     removed = 0
     with db.transaction(sessions) as session:
-        waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state == db.QUEUED)
+        waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED))
         expired = session.scalars(
             select(db.Series.id).where(
                 db.Series.state.in_(FINISHED),

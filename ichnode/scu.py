@@ -45,10 +45,18 @@ def status_category(status: int | None) -> str:
     return "Failure"
 
 
+def client_ae(calling_ae: str, timeout: float) -> AE:
+    """An AE for outgoing associations with every timeout set, the TCP connect included:
+    without one, a peer behind a firewall that drops SYNs blocks the connect for
+    about two minutes (the kernel's SYN retries)."""
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    return ae
+
+
 def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU", timeout: float = 10) -> tuple[bool, str]:
     """C-ECHO; returns (succeeded, a line saying what happened)."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae = client_ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
@@ -79,15 +87,16 @@ def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
         return f"{ae_title}@{host}:{port} accepted no presentation context for {', '.join(offered)}"
     if assoc.is_aborted:
         # pynetdicom reports a failed TCP connect as an abort; say which it was.
-        unreachable = _connect_error(host, port)
+        unreachable = _connect_error(host, port, assoc.connection_timeout)
         if unreachable:
             return f"cannot connect to {ae_title}@{host}:{port}: {unreachable}"
         return f"association with {ae_title}@{host}:{port} aborted"
     return f"cannot associate with {ae_title}@{host}:{port} (no answer)"
 
 
-def _connect_error(host: str, port: int, timeout: float = 5) -> str | None:
-    """Why a TCP connection to ``host:port`` fails; None when it succeeds."""
+def _connect_error(host: str, port: int, timeout: float | None) -> str | None:
+    """Why a TCP connection to ``host:port`` fails (within the association's
+    connect timeout); None when it succeeds."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None
@@ -181,8 +190,7 @@ def send_files(
 
     bar = tqdm(total=len(found), unit="file", disable=not progress)
     for batch, pairs in zip(batches, contexts):
-        ae = AE(ae_title=calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae = client_ae(calling_ae, timeout)
         for sop_class, syntax in sorted(pairs):
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title)
@@ -196,13 +204,8 @@ def send_files(
         tried = 0
         try:
             for item in batch:
-                status = store_file(assoc, item.path, sop_class_in_meta_only=item.sop_class_in_meta_only)
+                _store_and_count(assoc, item, summary)
                 tried += 1
-                category = status_category(status)
-                summary.statuses[category] += 1
-                if category in ("Failure", "No response"):
-                    shown = "no response" if status is None else f"0x{status:04X}"
-                    summary.failures.append(f"{item.path}: {shown}")
                 bar.update(1)
                 if not assoc.is_established:
                     break
@@ -219,6 +222,26 @@ def send_files(
                 assoc.release()
     bar.close()
     return summary
+
+
+def _store_and_count(assoc, item: _File, summary: SendSummary) -> None:
+    """C-STORE one file and count what happened to it in ``summary``.
+
+    A file that cannot be sent (the peer accepted no context for its SOP
+    class or transfer syntax, it cannot be read) is one failure, not the end
+    of the send: the other files are still tried.
+    """
+    try:
+        status = store_file(assoc, item.path, sop_class_in_meta_only=item.sop_class_in_meta_only)
+    except Exception as exc:
+        summary.statuses["Not sent"] += 1
+        summary.failures.append(f"{item.path}: not sent: {exc}")
+        return
+    category = status_category(status)
+    summary.statuses[category] += 1
+    if category in ("Failure", "No response"):
+        shown = "no response" if status is None else f"0x{status:04X}"
+        summary.failures.append(f"{item.path}: {shown}")
 
 
 def store_file(assoc, path: Path, *, sop_class_in_meta_only: bool = False) -> int | None:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from . import db
 from .config import Config
 from .dispatch import Dispatcher
+from .dispatch import requeue_interrupted as requeue_interrupted_deliveries
 from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
@@ -122,6 +123,10 @@ class Node:
                 logger.warning("scoring of %d series was interrupted; scoring them again", requeued)
             self._add_job(SCORING_JOB, self.score, interval)
         if self.dispatcher is not None:
+            # Like the worker: assumes one dispatcher process per database.
+            requeued = requeue_interrupted_deliveries(self.sessions)
+            if requeued:
+                logger.warning("delivery of %d reports was interrupted; sending them again", requeued)
             self._add_job(DELIVERY_JOB, self.dispatcher.run_once, interval)
         self.scheduler.start()
         if RECEIVER in self.components:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -37,7 +38,7 @@ def collect_status(config: Config) -> dict[str, Any]:
             ]
     finally:
         engine.dispose()
-    spool_bytes = sum(p.stat().st_size for p in spool_dir.rglob("*.dcm")) if spool_dir.exists() else 0
+    spool_bytes = _spool_bytes(spool_dir)
     usage = shutil.disk_usage(spool_dir if spool_dir.exists() else spool_dir.parent)
     return {
         "database": config.database.url,
@@ -50,6 +51,18 @@ def collect_status(config: Config) -> dict[str, Any]:
         "free_disk_mb": round(usage.free / 2**20),
         "min_free_mb": config.storage.min_free_mb,
     }
+
+
+def _spool_bytes(spool_dir: Path) -> int:
+    """Bytes of the spooled DICOM files; a file deleted while we look (retention,
+    a replaced duplicate) is skipped, not an error."""
+    total = 0
+    for path in spool_dir.rglob("*.dcm"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def format_status(report: dict[str, Any]) -> str:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,47 @@ def test_echo_a_refused_ae_title_fails_clearly(start_node: Any) -> None:
     assert result.returncode == 0, result.stdout
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose accept backlog is full, so that the kernel drops every further
+    SYN: what a client sees of a firewall that drops packets."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # and never accept
+    port = server.getsockname()[1]
+    fillers = []
+    while len(fillers) < 4:  # connect until one is no longer answered: the backlog is full
+        filler = socket.socket()
+        filler.settimeout(0.5)
+        fillers.append(filler)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except TimeoutError:
+            break
+    try:
+        yield port
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+def test_echo_to_a_peer_that_drops_syns_times_out(silent_port: int) -> None:
+    from ichnode.scu import echo
+
+    # In a thread: without a connect timeout the kernel retries SYNs for ~2 minutes.
+    outcome: list[tuple[bool, str]] = []
+    started = time.monotonic()
+    thread = threading.Thread(
+        target=lambda: outcome.append(echo("PEER", "127.0.0.1", silent_port, timeout=1)), daemon=True
+    )
+    thread.start()
+    thread.join(timeout=15)
+    assert outcome, f"echo still blocked after {time.monotonic() - started:.0f} s"
+    ((ok, line),) = outcome
+    assert not ok
+    assert f"cannot connect to PEER@127.0.0.1:{silent_port}: timed out" in line
+
+
 def test_echo_needs_an_address() -> None:
     result = run_cli(["echo", "ICHNODE-127.0.0.1-11112"])
     assert result.returncode == 2
@@ -132,6 +177,30 @@ def test_send_counts_every_file_when_the_peer_drops_the_association() -> None:
     assert sum(summary.statuses.values()) == 6  # every file is accounted for
     assert summary.statuses["Not sent"] >= 1
     assert any("not sent" in line for line in summary.failures)
+
+
+def test_send_goes_on_past_a_file_the_peer_accepted_no_context_for(tmp_path: Path, recorder: Any) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from ichnode.scu import send_files
+
+    pacs = recorder(sop_classes=[CTImageStorage])  # no Secondary Capture
+    sc = Dataset()
+    sc.file_meta = FileMetaDataset()
+    sc.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sc.SOPClassUID, sc.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    sc.StudyInstanceUID, sc.SeriesInstanceUID, sc.Modality = generate_uid(), generate_uid(), "OT"
+    sc.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    cts = sorted(require_data("ge-head-ct").glob("*.dcm"))[:2]
+
+    summary = send_files([cts[0], tmp_path / "sc.dcm", cts[1]], pacs.ae_title, "127.0.0.1", pacs.port, timeout=5)
+    assert sorted(r.sop_class_uid for r in pacs.stored()) == [CTImageStorage] * 2
+    assert summary.statuses == {"Success": 2, "Not sent": 1}
+    (failure,) = summary.failures
+    assert failure.startswith(f"{tmp_path / 'sc.dcm'}: not sent: ")
+    assert "Secondary Capture" in failure
+    assert not summary.all_stored
 
 
 def test_send_to_a_refusing_node_exits_1(start_node: Any) -> None:

@@ -12,7 +12,10 @@ import datetime as dt
 import json
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -22,16 +25,18 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+from sqlalchemy import update
 
 from ichnode import db
 from ichnode.config import RetryConfig, parse_config
-from ichnode.dispatch import Dispatcher, backoff_seconds
+from ichnode.dispatch import Dispatcher, backoff_seconds, requeue_interrupted
 from ichnode.spool import Spool
 from tests.conftest import free_port, require_data, require_tool, run_cli, store_files, wait_for
 from tests.peers import IchnodeProcess
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
+    Recorder,
     deliveries,
     phantom,
     results_of,
@@ -287,6 +292,118 @@ def test_more_due_reports_than_an_association_has_contexts_are_all_tried(tmp_pat
         assert all(r.attempts == 1 and "cannot connect" in r.last_error for r in rows)
     finally:
         engine.dispose()
+
+
+# -- one delivery, one sender: the claim (queued -> sending) ---------------------------
+class _SupersedingPacs(Recorder):
+    """A PACS during whose C-STORE the worker stores a newer result (superseding
+    every undelivered report, as the worker does), and which then refuses the store."""
+
+    def __init__(self, sessions: Any) -> None:
+        super().__init__(status=0xA700)
+        self.sessions = sessions
+
+    def _on_store(self, event: Any) -> int:
+        with db.transaction(self.sessions) as session:
+            session.execute(
+                update(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED)).values(state=db.SUPERSEDED)
+            )
+        return super()._on_store(event)
+
+
+class _SlowPacs(Recorder):
+    """A PACS that takes a while over each C-STORE: two dispatchers overlap on it."""
+
+    def _on_store(self, event: Any) -> int:
+        time.sleep(0.3)
+        return super()._on_store(event)
+
+
+def _set_state(sessions: Any, state: str) -> None:
+    with db.transaction(sessions) as session:
+        session.execute(update(db.Delivery).values(state=state))
+
+
+def test_a_report_superseded_during_a_failed_c_store_stays_superseded(tmp_path: Path) -> None:
+    port = free_port()
+    engine, sessions, spool = _queue(tmp_path, 1, port)
+    pacs = _SupersedingPacs(sessions).start(port)
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(first_delay_s=1), calling_ae="ICHNODE", timeout=5)
+    try:
+        assert dispatcher.run_once() == 0
+        (row,) = deliveries(sessions)
+        assert row.state == db.SUPERSEDED  # not queued again by the failure
+        # Never retried, however late: the newer report is the one to send.
+        assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
+        assert len(pacs.records) == 1
+        assert deliveries(sessions)[0].state == db.SUPERSEDED
+    finally:
+        pacs.stop()
+        engine.dispose()
+
+
+def test_two_dispatchers_on_one_database_send_each_delivery_once(tmp_path: Path) -> None:
+    port = free_port()
+    engine, sessions, spool = _queue(tmp_path, 4, port)
+    pacs = _SlowPacs().start(port)
+    # Two processes' worth: each dispatcher on its own engine.
+    other_engine = db.make_engine(str(engine.url))
+    dispatchers = [
+        Dispatcher(factory, spool, RetryConfig(), calling_ae="ICHNODE", timeout=10)
+        for factory in (sessions, db.session_factory(other_engine))
+    ]
+    start = threading.Barrier(len(dispatchers))
+    sent: list[int] = []
+
+    def run(dispatcher: Dispatcher) -> None:
+        start.wait()
+        sent.append(dispatcher.run_once())
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in dispatchers]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(sent) == [0, 4]
+        assert len(pacs.records) == 4
+        rows = deliveries(sessions)
+        assert [(r.state, r.attempts) for r in rows] == [(db.SENT, 1)] * 4
+    finally:
+        pacs.stop()
+        other_engine.dispose()
+        engine.dispose()
+
+
+def test_a_delivery_left_sending_by_a_crash_is_requeued_and_sent(tmp_path: Path, recorder) -> None:
+    pacs = recorder()
+    engine, sessions, spool = _queue(tmp_path, 1, pacs.port)
+    _set_state(sessions, db.SENDING)  # what a dispatcher killed during its C-STORE leaves
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
+    try:
+        assert dispatcher.run_once() == 0  # another dispatcher's, for all this one knows
+        assert requeue_interrupted(sessions) == 1
+        assert dispatcher.run_once() == 1
+        (row,) = deliveries(sessions)
+        assert (row.state, row.attempts) == (db.SENT, 1)
+        assert requeue_interrupted(sessions) == 0
+        assert len(pacs.stored()) == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_node_started_after_a_dispatcher_crash_sends_what_it_left_sending(
+    tmp_path: Path, nodes: Nodes, recorder
+) -> None:
+    pacs = recorder()
+    _, config = nodes.config(tmp_path, reports={"destinations": [pacs.destination]})
+    engine, sessions, _ = _queue(tmp_path, 1, pacs.port)  # the node's database and spool
+    _set_state(sessions, db.SENDING)
+    engine.dispose()
+    node = nodes.start(config, components=("dispatcher",))
+    (row,) = wait_deliveries(node.sessions, _all_sent(1), timeout=30, message="the interrupted delivery sent")
+    assert row.attempts == 1
+    assert pacs.stored_counts() == {row.sop_instance_uid: 1}
 
 
 # -- where reports go -------------------------------------------------------------------

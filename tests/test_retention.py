@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from ichnode import db
@@ -42,3 +43,42 @@ def test_purge_removes_files_of_finished_old_series_only(start_node: Any) -> Non
     with node.sessions() as session:
         kept = session.get(db.Series, series.id)
         assert kept is not None and kept.state == db.SCORED
+
+
+def _queue_report(node: Any, series: db.Series, state: str) -> None:
+    """A report of ``series`` for a destination, in delivery state ``state``."""
+    with db.transaction(node.sessions) as session:
+        result = db.SeriesResult(series_id=series.id, version=1, status=db.SCORED)
+        session.add(result)
+        session.flush()
+        session.add(
+            db.Delivery(
+                result_id=result.id,
+                kind="sr",
+                sop_instance_uid="1.2.3.4",
+                path="reports/1.2.3/1.2.3.4.dcm",
+                ae_title="TEST_PACS",
+                host="127.0.0.1",
+                port=104,
+                state=state,
+            )
+        )
+
+
+@pytest.mark.parametrize("state", db.UNDELIVERED)
+def test_purge_keeps_the_files_of_a_series_whose_report_is_undelivered(start_node: Any, state: str) -> None:
+    node = start_node()
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
+    assert store_files(node.port, files) == [0, 0, 0]
+    wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
+    spooled = [node.spool.absolute(i.path) for i in all_instances(node)]
+    _queue_report(node, _finish(node), state)  # sending: a dispatcher's C-STORE under way
+
+    later = db.utcnow() + dt.timedelta(days=30)
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
+    assert all(path.is_file() for path in spooled)
+    # Once the report is delivered the files go.
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Delivery).values(state=db.SENT))
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 4  # 3 images and the report
+    assert not any(path.exists() for path in spooled)
