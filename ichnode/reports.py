@@ -243,8 +243,8 @@ class ReportUids:
     Made by :func:`report_uids`; the same (series, version) always gives the
     same UIDs.  ``tracking_uids`` (one per label, in label order) stay the same
     across versions, so a finding can be followed from one version to the
-    next; ``previous_sr_*`` name the SR of the version before (None for
-    version 1).
+    next; ``previous_sr_*`` name the SR of an earlier version that was sent,
+    the new SR's predecessor (None when there is none).
     """
 
     series_uid: str
@@ -263,7 +263,9 @@ def _derived_uid(prefix: str, *parts: str) -> str:
     return str(generate_uid(prefix=prefix, entropy_srcs=["ichnode", *parts]))
 
 
-def report_uids(series_uid: str, version: int, *, prefix: str | None = None) -> ReportUids:
+def report_uids(
+    series_uid: str, version: int, *, previous_version: int | None = None, prefix: str | None = None
+) -> ReportUids:
     """Derive the report UIDs of result ``version`` of the series ``series_uid``.
 
     Parameters
@@ -273,6 +275,10 @@ def report_uids(series_uid: str, version: int, *, prefix: str | None = None) -> 
         is not a valid UID).
     version: int
         Result version, 1 or more.
+    previous_version: int | None
+        The earlier version whose SR this one replaces: only one whose SR
+        was sent (an SR that never existed, of a version that was skipped
+        or failed, or whose delivery was superseded, cannot be named).
     prefix: str | None
         UID root ending in ``"."``; pydicom's root by default.
 
@@ -284,9 +290,13 @@ def report_uids(series_uid: str, version: int, *, prefix: str | None = None) -> 
     if not isinstance(series_uid, str) or not series_uid.strip():
         raise ValueError(f"series_uid must be a non-empty string, got {series_uid!r}")
     _check_positive_int("version", version)
+    if previous_version is not None:
+        _check_positive_int("previous_version", previous_version)
+        if previous_version >= version:
+            raise ValueError(f"previous_version {previous_version} is not before version {version}")
     root = PYDICOM_ROOT_UID if prefix is None else prefix
-    v, before = str(version), str(version - 1)
-    first = version == 1
+    v, before = str(version), str(previous_version)
+    no_predecessor = previous_version is None
     return ReportUids(
         series_uid=series_uid,
         version=version,
@@ -297,10 +307,10 @@ def report_uids(series_uid: str, version: int, *, prefix: str | None = None) -> 
         sc_sop_instance_uid=_derived_uid(root, series_uid, v, "sc-instance"),
         tracking_uids=tuple(_derived_uid(root, series_uid, "tracking", label) for label in LABELS),
         previous_sr_series_uid=(
-            None if first else _derived_uid(root, series_uid, before, "sr-series")
+            None if no_predecessor else _derived_uid(root, series_uid, before, "sr-series")
         ),
         previous_sr_sop_instance_uid=(
-            None if first else _derived_uid(root, series_uid, before, "sr-instance")
+            None if no_predecessor else _derived_uid(root, series_uid, before, "sr-instance")
         ),
     )
 

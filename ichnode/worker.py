@@ -17,6 +17,7 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
@@ -58,6 +59,10 @@ GATHERED_AHEAD = 2
 # Series runs one batch may hold: each brings up to 2k neighbour rows beyond
 # its slices, and the rows buffer is sized for that many.
 RUNS_PER_BATCH = 8
+# Where partial batches cost a full one, how long a prepared series may wait
+# for others to fill its batch: a backlog (of series to skip, say) must not
+# hold a head CT's result back.
+LONGEST_WAIT_FOR_A_BATCH_SECONDS = 1.0
 
 
 @dataclass
@@ -73,6 +78,11 @@ class ClaimedSeries:
     parts: int = 1  # helper processes decoding it
     failed: bool = False
     volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
+    # Slices quarantined by earlier versions: not read again, still not scored.
+    quarantined_before: int = 0
+    # The latest earlier version whose SR went (or is going) to a destination:
+    # the new SR names it as its predecessor.
+    previous_sr_version: int | None = None
 
     @property
     def sop_uids(self) -> list[str]:
@@ -81,6 +91,10 @@ class ClaimedSeries:
     @property
     def quarantined(self) -> dict[int, str]:
         return self.prepared.quarantined
+
+    @property
+    def quarantined_count(self) -> int:
+        return len(self.quarantined) + self.quarantined_before
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,8 @@ class Worker:
         self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
         self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-gather")
+        # Series whose outcome the database refused to record (store thread), put back next round.
+        self._unrecorded: list[ClaimedSeries] = []
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -184,6 +200,7 @@ class Worker:
         helper processes and results recorded by another thread while the
         model moves on.
         """
+        self._requeue_unrecorded()
         handled = 0
         # Helper-process work under way, and the series and step it is for.
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
@@ -198,7 +215,7 @@ class Worker:
             item.failed = True
             if item.volume_file is not None:
                 Path(item.volume_file).unlink(missing_ok=True)
-            stores.append(self._store_pool.submit(self._fail, item, f"preparing failed: {exc!r}"))
+            stores.append(self._store_pool.submit(self._fail_or_keep, item, f"preparing failed: {exc!r}"))
             handled += 1
 
         def prepare(claimed: list[ClaimedSeries]) -> None:
@@ -217,8 +234,12 @@ class Worker:
         in_flight = max(CLAIM_BATCH, self._process_count)
         prepare(self.claim(in_flight))
         held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
+        held_since = 0.0
         while preparing:
-            done, _ = wait(preparing, return_when=FIRST_COMPLETED)
+            timeout = None
+            if held:
+                timeout = max(0.0, held_since + LONGEST_WAIT_FOR_A_BATCH_SECONDS - time.monotonic())
+            done, _ = wait(preparing, timeout=timeout, return_when=FIRST_COMPLETED)
             items = []
             for future in done:
                 item, step = preparing.pop(future)
@@ -240,12 +261,17 @@ class Worker:
             if in_hand < in_flight:
                 prepare(self._claim_more(in_flight - in_hand))
             # Where a partial batch costs the model as much as a full one,
-            # series wait until they fill one, unless no more are coming;
-            # elsewhere none waits. Skipped series need no batch.
+            # series wait until they fill one, unless no more are coming or
+            # they waited long enough; elsewhere none waits. Skipped series
+            # need no batch.
             unscorable = [item for item in items if item.prepared.volume is None]
-            held += [item for item in items if item.prepared.volume is not None]
+            ready = [item for item in items if item.prepared.volume is not None]
+            if ready and not held:
+                held_since = time.monotonic()
+            held += ready
             slices = sum(len(item.prepared.volume) for item in held)
-            if self.model.pads_batches and preparing and slices < self.config.model.batch_size:
+            waited = time.monotonic() - held_since >= LONGEST_WAIT_FOR_A_BATCH_SECONDS
+            if self.model.pads_batches and preparing and slices < self.config.model.batch_size and not waited:
                 stores.extend(self._score_all(unscorable))
             else:
                 stores.extend(self._score_all(unscorable + held))
@@ -265,7 +291,7 @@ class Worker:
             logger.exception("scoring %d series failed", len(scorable))
             reason = f"scoring failed: {type(exc).__name__}: {exc}"
             return [
-                self._store_pool.submit(self._fail, item, reason)
+                self._store_pool.submit(self._fail_or_keep, item, reason)
                 if item.prepared.volume is not None
                 else self._store_pool.submit(self._store_or_fail, item, None)
                 for item in items
@@ -297,6 +323,21 @@ class Worker:
                     .order_by(db.Instance.id)
                 )
             ]
+            item.quarantined_before = session.scalar(
+                select(func.count())
+                .select_from(db.Instance)
+                .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_not(None))
+            )
+            item.previous_sr_version = session.scalar(
+                select(func.max(db.SeriesResult.version))
+                .join(db.Delivery)
+                .where(
+                    db.SeriesResult.series_id == item.series_id,
+                    db.SeriesResult.version < item.version,
+                    db.Delivery.kind == "sr",
+                    db.Delivery.state.in_((db.SENDING, db.SENT)),
+                )
+            )
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
         item.volume_file = str(self._handoff / f"volume-{uuid.uuid4().hex}.npy")
         root, rules = self.spool.root, self.config.series
@@ -386,7 +427,7 @@ class Worker:
             algorithm_name=card.name,
             algorithm_version=card.version,
             version=item.version,
-            quarantined_count=len(item.quarantined),
+            quarantined_count=item.quarantined_count,
             disclaimer=card.disclaimer,
         )
         wanted = self.config.reports
@@ -399,7 +440,7 @@ class Worker:
                 item.prepared.paths[key],
                 list(zip(item.prepared.sop_class_uids, item.sop_uids)),
                 content,
-                report_uids(item.series_uid, item.version),
+                report_uids(item.series_uid, item.version, previous_version=item.previous_sr_version),
                 sr=wanted.sr,
                 summary_image=wanted.summary_image,
             )
@@ -410,7 +451,37 @@ class Worker:
             self._store(item, scored)
         except Exception as exc:
             logger.exception("storing the result of series %s failed", item.series_uid)
-            self._fail(item, f"{type(exc).__name__}: {exc}")
+            self._fail_or_keep(item, f"{type(exc).__name__}: {exc}")
+
+    def _fail_or_keep(self, item: ClaimedSeries, reason: str) -> None:
+        """:meth:`_fail`; where even that cannot be recorded (the database
+        failing), the series is kept to be put back at the next round's start."""
+        try:
+            self._fail(item, reason)
+        except Exception:
+            logger.exception("recording series %s failed did not succeed either; it is scored again", item.series_uid)
+            self._unrecorded.append(item)
+
+    def _requeue_unrecorded(self) -> None:
+        """Series whose outcome could not be recorded go back to complete, to be scored again."""
+        if not self._unrecorded:
+            return
+        try:
+            with db.transaction(self.sessions) as session:
+                for item in self._unrecorded:
+                    session.execute(
+                        update(db.Series)
+                        .where(
+                            db.Series.id == item.series_id,
+                            db.Series.state == db.PROCESSING,
+                            db.Series.version == item.version,
+                        )
+                        .values(state=db.COMPLETE, claimed_at=None)
+                    )
+        except Exception:
+            logger.exception("putting back %d series whose outcome was not recorded failed", len(self._unrecorded))
+            return
+        self._unrecorded.clear()
 
     def _store(self, item: ClaimedSeries, scored: Scored | None) -> None:
         if scored is None:
@@ -434,7 +505,7 @@ class Worker:
             item.series_uid,
             item.version,
             len(item.sop_uids),
-            len(item.quarantined),
+            item.quarantined_count,
             ", ".join(positive) or "no hemorrhage flagged",
         )
 
@@ -484,18 +555,10 @@ class Worker:
                 )
                 .values(state=status)
             ).rowcount
-            session.execute(
-                update(db.SeriesResult)
-                .where(db.SeriesResult.series_id == item.series_id, db.SeriesResult.superseded.is_(False))
-                .values(superseded=True)
-            )
-            # Reports of older versions not yet delivered are no longer worth sending.
-            older = select(db.SeriesResult.id).where(db.SeriesResult.series_id == item.series_id)
-            session.execute(
-                update(db.Delivery)
-                .where(db.Delivery.result_id.in_(older), db.Delivery.state == db.QUEUED)
-                .values(state=db.SUPERSEDED, last_error="superseded by a newer result")
-            )
+            if current:
+                # A stale result (a newer version is on its way, or already
+                # recorded) must touch nothing of the newer one.
+                _supersede_older_results(session, item.series_id)
             result = db.SeriesResult(
                 series_id=item.series_id,
                 version=item.version,
@@ -508,7 +571,7 @@ class Worker:
                 thresholds=dict(self.thresholds) if scores else None,
                 key_sop_instance_uid=key_sop_instance_uid,
                 slice_count=len(item.sop_uids),
-                quarantined_count=len(item.quarantined),
+                quarantined_count=item.quarantined_count,
                 created_at=now,
                 superseded=not current,
             )
@@ -548,11 +611,15 @@ class Worker:
 
     def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:
-            session.execute(
+            current = session.execute(
                 update(db.Series)
-                .where(db.Series.id == item.series_id, db.Series.state == db.PROCESSING)
+                .where(
+                    db.Series.id == item.series_id,
+                    db.Series.state == db.PROCESSING,
+                    db.Series.version == item.version,
+                )
                 .values(state=db.FAILED)
-            )
+            ).rowcount
             session.add(
                 db.SeriesResult(
                     series_id=item.series_id,
@@ -561,8 +628,25 @@ class Worker:
                     skip_reason=reason,
                     model_name=self.model.card.name,
                     model_version=self.model.card.version,
+                    superseded=not current,
                 )
             )
+
+
+def _supersede_older_results(session: Session, series_id: int) -> None:
+    """Mark the series' earlier results superseded; their reports not yet
+    delivered are no longer worth sending."""
+    session.execute(
+        update(db.SeriesResult)
+        .where(db.SeriesResult.series_id == series_id, db.SeriesResult.superseded.is_(False))
+        .values(superseded=True)
+    )
+    older = select(db.SeriesResult.id).where(db.SeriesResult.series_id == series_id)
+    session.execute(
+        update(db.Delivery)
+        .where(db.Delivery.result_id.in_(older), db.Delivery.state.in_(db.UNDELIVERED))
+        .values(state=db.SUPERSEDED, last_error="superseded by a newer result")
+    )
 
 
 def plan_batches(lengths: Sequence[int], size: int) -> list[list[tuple[int, int, int]]]:

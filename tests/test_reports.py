@@ -103,7 +103,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         warnings.simplefilter("ignore")
         key = pydicom.dcmread(paths[index])
     content = _content(str(key.SOPInstanceUID), version=2, quarantined=1)
-    uids = report_uids(str(key.SeriesInstanceUID), 2)
+    uids = report_uids(str(key.SeriesInstanceUID), 2, previous_version=1)
     sr = build_sr(headers, content, uids=uids, content_datetime=WHEN)
     sc = build_summary_image(key, to_hu(key), content, uids=uids, content_datetime=WHEN)
     out = tmp_path_factory.mktemp(name)
@@ -230,7 +230,7 @@ def _read_sr(built: Built) -> hd.sr.Comprehensive3DSR:
 def test_sr_joins_the_study_in_a_new_series(built: Built) -> None:
     sr = _read_sr(built)
     source = built.headers[0]
-    uids = report_uids(str(source.SeriesInstanceUID), 2)
+    uids = report_uids(str(source.SeriesInstanceUID), 2, previous_version=1)
     assert sr.SOPClassUID == Comprehensive3DSRStorage
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
@@ -363,7 +363,8 @@ def test_summary_image_of_a_small_slice_is_scaled_up() -> None:
 
 def test_report_uids_are_deterministic_per_version() -> None:
     series = "1.2.826.0.1.3680043.9.4245.3115138630835728997848661150714813892"
-    first, again, second = report_uids(series, 1), report_uids(series, 1), report_uids(series, 2)
+    first, again = report_uids(series, 1), report_uids(series, 1)
+    second = report_uids(series, 2, previous_version=1)
     assert first == again
     own = ("sr_series_uid", "sr_sop_instance_uid", "sc_series_uid", "sc_sop_instance_uid")
     values = [getattr(first, name) for name in own] + [getattr(second, name) for name in own]
@@ -373,6 +374,10 @@ def test_report_uids_are_deterministic_per_version() -> None:
     assert first.previous_sr_sop_instance_uid is None
     assert second.previous_sr_series_uid == first.sr_series_uid
     assert second.previous_sr_sop_instance_uid == first.sr_sop_instance_uid
+    # Only a version whose SR was sent is named: version 3 after a skipped version 2.
+    third = report_uids(series, 3, previous_version=1)
+    assert third.previous_sr_sop_instance_uid == first.sr_sop_instance_uid
+    assert report_uids(series, 2).previous_sr_sop_instance_uid is None
     assert report_uids("ID_4d28912ba6", 1) != report_uids("ID_4d28912ba7", 1)
     rsna = report_uids("ID_4d28912ba6", 1)
     for uid in [*values, *first.tracking_uids, *rsna.tracking_uids, rsna.sr_series_uid]:
@@ -394,6 +399,12 @@ def test_report_uids_are_deterministic_per_version() -> None:
 def test_report_uids_rejects(series: str, version: object, error: type[Exception]) -> None:
     with pytest.raises(error):
         report_uids(series, version)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("previous", [2, 3, 0])
+def test_report_uids_rejects_a_predecessor_that_is_not_earlier(previous: int) -> None:
+    with pytest.raises(ValueError):
+        report_uids("1.2.3", 2, previous_version=previous)
 
 
 def test_a_resend_is_the_same_object() -> None:
@@ -425,7 +436,7 @@ def test_sr_from_the_key_slice_and_uids_equals_sr_from_every_header(built: Built
         (str(h.get("SOPClassUID") or h.file_meta.MediaStorageSOPClassUID), str(h.SOPInstanceUID))
         for h in built.headers
     ]
-    uids = report_uids(str(built.key.SeriesInstanceUID), built.content.version)
+    uids = report_uids(str(built.key.SeriesInstanceUID), built.content.version, previous_version=1)
     light = build_sr(evidence_headers(built.key, slices), built.content, uids=uids, content_datetime=WHEN)
 
     def encode(report: Dataset) -> bytes:

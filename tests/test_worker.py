@@ -13,6 +13,7 @@ import os
 import platform
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
 from ichnode import db, imaging, preparation
+from ichnode import worker as worker_module
 from ichnode.config import LABELS
 from ichnode.model import HemorrhageModel, aggregate_series
 from ichnode.spool import safe_name
@@ -229,6 +231,113 @@ def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, re
     assert predecessors == {str(sr1.SOPInstanceUID)}
 
 
+def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) -> None:
+    series = phantom(53, n_slices=14)
+    datasets = _with_a_truncated_slice(series.datasets, 5)
+    series_uid = _uid(datasets[0])
+    node = nodes.start()
+    assert store_files(node.port, datasets[:12]) == [0x0000] * 12
+    v1 = wait_result(node.sessions, series_uid, instances=12)
+    assert (v1.slice_count, v1.quarantined_count) == (11, 1)
+
+    # The bad slice is not read again, and it is still not scored.
+    assert store_files(node.port, datasets[12:]) == [0x0000] * 2
+    v2 = wait_result(node.sessions, series_uid, instances=14, version=2)
+    assert (v2.status, v2.slice_count, v2.quarantined_count) == (db.SCORED, 13, 1)
+    (sr,) = [
+        ds
+        for ds in _spooled_reports(node, _uid(datasets[0], "StudyInstanceUID")).values()
+        if ds.SOPClassUID == Comprehensive3DSRStorage and ds.SeriesDescription == "ICH AI results v2"
+    ]
+    assert sr.CompletionFlag == "PARTIAL"
+    assert sr.CompletionFlagDescription == "1 slice could not be decoded and was not scored"
+
+
+def test_a_new_version_names_as_predecessor_only_an_sr_that_was_sent(nodes: Nodes, recorder) -> None:
+    pacs = recorder()
+    series = phantom(54, n_slices=14)
+    series_uid = _uid(series.datasets[0])
+    node = nodes.start(series={"min_slices": 13}, reports={"destinations": [pacs.destination]})
+    # Version 1 (12 slices) is skipped: it has no SR for version 2 to replace.
+    assert store_files(node.port, series.datasets[:12]) == [0x0000] * 12
+    v1 = wait_result(node.sessions, series_uid, instances=12)
+    assert v1.status == db.SKIPPED
+    assert store_files(node.port, series.datasets[12:]) == [0x0000] * 2
+    v2 = wait_result(node.sessions, series_uid, instances=14, version=2)
+    assert v2.status == db.SCORED
+    wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="v2 delivered")
+    (sr,) = [r.dataset for r in pacs.stored() if r.sop_class_uid == Comprehensive3DSRStorage]
+    assert sr.SeriesDescription == "ICH AI results v2"
+    assert "PredecessorDocumentsSequence" not in sr
+
+
+@pytest.mark.parametrize("outcome", ["failed", "skipped"])
+@pytest.mark.parametrize("newer", ["in flight", "recorded"])
+def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, outcome: str, newer: str) -> None:
+    # Version 1 is claimed; late slices make version 2, claimed too. Version
+    # 1's outcome is recorded while version 2 is in flight, or once version 2
+    # is scored and its reports queued.
+    series = phantom(55, n_slices=14)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(
+        nodes,
+        SimpleNamespace(datasets=series.datasets[:12]),
+        reports={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}]},
+    )
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+
+    def record_stale() -> None:
+        if outcome == "failed":
+            worker._fail(stale, "preparing failed: it took too long")
+        else:
+            worker._finish(stale, status=db.SKIPPED, skip_reason="too few slices")
+
+    try:
+        (stale,) = worker.claim()
+        assert store_files(receiver.port, series.datasets[12:]) == [0x0000] * 2
+        wait_series_state(receiver, series_uid, db.COMPLETE, version=2)
+        if newer == "in flight":
+            assert len(worker.claim()) == 1
+            record_stale()
+            wait_series_state(receiver, series_uid, db.PROCESSING, version=2)
+            assert requeue_interrupted(receiver.sessions) == 1  # as a restart would
+        assert worker.run_once() == 1
+        if newer == "recorded":
+            record_stale()
+    finally:
+        worker.close()
+    wait_series_state(receiver, series_uid, db.SCORED, version=2)
+    old, new = sorted(results_of(receiver.sessions, series_uid), key=lambda result: result.version)
+    assert (old.version, old.status, old.superseded) == (1, outcome, True)
+    assert (new.version, new.status, new.superseded) == (2, db.SCORED, False)
+    assert [d.state for d in new.deliveries] == [db.QUEUED] * 2
+
+
+def test_an_outcome_the_database_refuses_is_scored_again_next_round(nodes: Nodes) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    series = phantom(56)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    finish, fail = worker._finish, worker._fail
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("UPDATE series", {}, Exception("database is locked"))
+
+    worker._finish = worker._fail = locked
+    try:
+        assert worker.run_once() == 1  # nothing escapes the round
+        assert results_of(receiver.sessions, series_uid) == []
+        wait_series_state(receiver, series_uid, db.PROCESSING)
+        worker._finish, worker._fail = finish, fail
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert (result.version, result.status, result.slice_count) == (1, db.SCORED, len(series.datasets))
+
+
 def _store_complete(receiver: Any, series: Any) -> None:
     """Send ``series`` to ``receiver`` and wait until it is complete."""
     assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
@@ -286,15 +395,21 @@ def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> N
     np.testing.assert_allclose(probs, model.predict_series(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pads_batches", [True, False], ids=["padded batches", "partial batches"])
+@pytest.mark.parametrize(
+    ("pads_batches", "longest_wait"),
+    [(True, 60.0), (False, 60.0), (True, 0.0)],
+    ids=["padded batches", "partial batches", "padded batches, no time to wait"],
+)
 def test_series_wait_to_share_a_batch_only_where_a_partial_one_costs_a_full_one(
-    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, pads_batches: bool
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, pads_batches: bool, longest_wait: float
 ) -> None:
     # Four 12-slice series, two helper processes: they are prepared two by
     # two. Where the model pads a partial batch (JAX) all four (48 slices,
-    # less than one batch of 64) go to it together; elsewhere a prepared
-    # series never waits for others.
+    # less than one batch of 64) go to it together, unless waiting for a
+    # full batch takes longer than allowed; elsewhere a prepared series
+    # never waits for others.
     monkeypatch.setattr(HemorrhageModel, "pads_batches", pads_batches)
+    monkeypatch.setattr(worker_module, "LONGEST_WAIT_FOR_A_BATCH_SECONDS", longest_wait)
     series = [phantom(40 + n) for n in range(4)]
     config, receiver = _received_complete(nodes, *series, model={"worker_processes": 2, "batch_size": 64})
 
@@ -309,7 +424,7 @@ def test_series_wait_to_share_a_batch_only_where_a_partial_one_costs_a_full_one(
     calls = [count for count in scored_together if count]
     assert sum(calls) == 4
     # Two helpers: the first wait ends with at most two series prepared.
-    assert (calls == [4]) if pads_batches else (len(calls) >= 2)
+    assert (calls == [4]) if pads_batches and longest_wait else (len(calls) >= 2)
     for one in series:
         (result,) = results_of(receiver.sessions, _uid(one.datasets[0]))
         assert (result.status, result.slice_count) == (db.SCORED, 12)
