@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from . import imaging
 from .config import SeriesConfig
 from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers, prime
-from .selection import skip_reason
+from .selection import skip_reason, stray_slices
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -175,14 +175,19 @@ def _reserve(path: str | Path, length: int) -> None:
 def _read_and_order(
     spool_root: Path, rows: Sequence[InstanceRow], rules: SeriesConfig, prepared: PreparedVolume, *, pixels: bool
 ) -> list[tuple[InstanceRow, Dataset]]:
-    """Read each file once (with its pixels or not), quarantine the unreadable,
-    decide eligibility; the readable slices of an eligible series in z order."""
+    """Read each file once (with its pixels or not), quarantine the unreadable
+    and the images that are not slices of the series' volume, decide
+    eligibility; the slices of an eligible series in z order."""
     readable = []
     for row in rows:
         try:
             readable.append((row, dcmread(Path(spool_root) / row.path, stop_before_pixels=not pixels)))
         except Exception as exc:
             prepared.quarantined[row.id] = f"unreadable file: {exc}"
+    strays = stray_slices([ds for _, ds in readable])
+    for index, reason in strays.items():
+        prepared.quarantined[readable[index][0].id] = f"not a slice of the series' volume: {reason}"
+    readable = [pair for index, pair in enumerate(readable) if index not in strays]
     prepared.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], rules)
     if prepared.skip is not None:
         return []

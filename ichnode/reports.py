@@ -11,8 +11,9 @@ into the same study as new series:
   (TID 4019: name, version, operating threshold, the model card's
   disclaimer) and the key slice as the group's source image.  Every scored
   slice is listed as evidence (Current Requested Procedure Evidence
-  Sequence).  Slices that could not be decoded make the document PARTIAL,
-  with the count in its Completion Flag Description.
+  Sequence).  Slices that could not be used (unreadable, undecodable, or
+  not a slice of the volume) make the document PARTIAL, with the count in
+  its Completion Flag Description.
 - :func:`build_summary_image` makes a Secondary Capture of the key slice in
   the brain window with the findings written beside it, for viewers that do
   not render SR.
@@ -183,7 +184,8 @@ class ReportContent:
     version: int
         Result version of the series (1, 2, ...); a later one supersedes.
     quarantined_count: int
-        Slices that could not be decoded and were not scored.
+        Slices that could not be used (unreadable, undecodable, or not a
+        slice of the volume) and were not scored.
     disclaimer: str | None
         Text from the model card, e.g. ``"Not for clinical use"``.
     """
@@ -618,9 +620,10 @@ def _algorithm_parameters(content: ReportContent, finding: Finding) -> list[str]
 
 
 def _quarantine_text(count: int) -> str:
+    # Unreadable, undecodable, or not a slice of the volume (a localizer filed in the series).
     if count == 1:
-        return "1 slice could not be decoded and was not scored"
-    return f"{count} slices could not be decoded and were not scored"
+        return "1 slice could not be used and was not scored"
+    return f"{count} slices could not be used and were not scored"
 
 
 def _uses_private_scheme() -> bool:

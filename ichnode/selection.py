@@ -7,18 +7,23 @@ reason a PACS administrator can read in ``ichnode results``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type: ignore[attr-defined]
 
 from .config import SeriesConfig
-from .imaging import tilt_degrees
+from .imaging import slice_normal, tilt_degrees
 
 _DESCRIPTIONS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
 # ImageType values (value 3 onwards) that mark images the model must not see.
 _EXCLUDED_IMAGE_TYPES = {"LOCALIZER": "a localizer (scout)", "SCOUT": "a localizer (scout)", "REF_SURVIEW": "a survey image"}
+# Slices of one acquisition share their orientation (a gantry tilt included);
+# one further off than this is another kind of image (a reformat, say).
+_SAME_ORIENTATION_DEGREES = 1.0
 
 
 def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: SeriesConfig) -> str | None:
@@ -41,16 +46,9 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     modality = str(first.get("Modality", "")).upper()
     if modality != "CT":
         return f"modality {modality or 'missing'} is not CT"
-    image_type_value = first.get("ImageType", [])
-    if isinstance(image_type_value, str):  # a single value is not a list
-        image_type_value = [image_type_value]
-    image_type = [str(value).upper() for value in image_type_value]
-    shown = "\\".join(image_type)
-    for value in image_type:
-        if value in _EXCLUDED_IMAGE_TYPES:
-            return f"ImageType {shown} is {_EXCLUDED_IMAGE_TYPES[value]}"
-    if image_type[:2] == ["DERIVED", "SECONDARY"]:
-        return f"ImageType {shown} is a derived secondary image"
+    excluded = _excluded_image_type(first)
+    if excluded:
+        return excluded
     if len(headers) < rules.min_slices:
         return f"{len(headers)} slices, fewer than series.min_slices ({rules.min_slices})"
     if "ImageOrientationPatient" not in first:
@@ -73,4 +71,49 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     described = [text for text in described if text.strip()]
     if described and not any(word in text for text in described for word in keywords):
         return f"not a head series: {' / '.join(described)} names none of series.head_keywords"
+    return None
+
+
+def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
+    """The images of a series that are not slices of its volume, and why, by index.
+
+    A localizer or derived image filed in the series, or an image oriented
+    otherwise than most (its reformat, say), is left out of the volume. Only
+    a minority can be stray: a series made mostly of such images is judged
+    whole by :func:`skip_reason`.
+    """
+    strays: dict[int, str] = {}
+    normals: dict[int, np.ndarray] = {}
+    for index, ds in enumerate(headers):
+        reason = _excluded_image_type(ds)
+        if reason is None:
+            try:
+                normals[index] = slice_normal(ds)
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is not None:
+            strays[index] = reason
+    if normals:
+        # The orientation most slices share (normals rounded to ~0.5 degree).
+        common, _ = Counter(tuple(np.round(n, 2)) for n in normals.values()).most_common(1)[0]
+        reference = np.asarray(common) / np.linalg.norm(common)
+        for index, normal in normals.items():
+            angle = math.degrees(math.acos(min(1.0, abs(float(normal @ reference)))))
+            if angle > _SAME_ORIENTATION_DEGREES:
+                strays[index] = f"oriented {angle:.0f} degrees from the series' other slices"
+    return strays if 2 * len(strays) < len(headers) else {}
+
+
+def _excluded_image_type(ds: Dataset) -> str | None:
+    """Why an image's ImageType keeps it from the model (a localizer, a derived image), if it does."""
+    value = ds.get("ImageType", [])
+    if isinstance(value, str):  # a single value is not a list
+        value = [value]
+    image_type = [str(item).upper() for item in value]
+    shown = "\\".join(image_type)
+    for item in image_type:
+        if item in _EXCLUDED_IMAGE_TYPES:
+            return f"ImageType {shown} is {_EXCLUDED_IMAGE_TYPES[item]}"
+    if image_type[:2] == ["DERIVED", "SECONDARY"]:
+        return f"ImageType {shown} is a derived secondary image"
     return None

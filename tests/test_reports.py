@@ -214,7 +214,7 @@ def test_dsrdump_renders_every_finding(built: Built) -> None:
     assert text.count('"Algorithm Name")="ichnode-default"') == len(LABELS)
     assert text.count('"Algorithm Version")="0.3.1"') == len(LABELS)
     assert "Completion Flag     : PARTIAL" in text
-    assert "1 slice could not be decoded and was not scored" in text
+    assert "1 slice could not be used and was not scored" in text
 
 
 # --------------------------------------------------------------------------

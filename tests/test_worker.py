@@ -184,7 +184,29 @@ def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> Non
     reports = _spooled_reports(node, _uid(bad, "StudyInstanceUID"))
     (sr,) = [ds for ds in reports.values() if ds.SOPClassUID == Comprehensive3DSRStorage]
     assert sr.CompletionFlag == "PARTIAL"
-    assert sr.CompletionFlagDescription == "1 slice could not be decoded and was not scored"
+    assert sr.CompletionFlagDescription == "1 slice could not be used and was not scored"
+
+
+@pytest.mark.parametrize("stray", ["localizer", "reformat"])
+def test_an_image_filed_in_the_series_that_is_not_one_of_its_slices_is_left_out(nodes: Nodes, stray: str) -> None:
+    series = phantom(57, n_slices=14)
+    datasets = [copy.deepcopy(ds) for ds in series.datasets]
+    odd = datasets[7]
+    if stray == "localizer":
+        odd.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        why = "ImageType ORIGINAL\\PRIMARY\\LOCALIZER is a localizer (scout)"
+    else:  # the same slice, reformatted 30 degrees off the others
+        odd.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(np.pi / 6)), float(np.sin(np.pi / 6))]
+        why = "oriented 30 degrees from the series' other slices"
+    series_uid = _uid(odd)
+    node = nodes.start()
+    assert store_files(node.port, datasets) == [0x0000] * 14
+    result = wait_result(node.sessions, series_uid, instances=14)
+    assert (result.status, result.slice_count, result.quarantined_count) == (db.SCORED, 13, 1)
+    assert _uid(odd, "SOPInstanceUID") not in {s.sop_instance_uid for s in result.slices}
+    reasons = {row.sop_instance_uid: row.quarantine_reason for row in instances_of(node.sessions, series_uid)}
+    assert reasons.pop(_uid(odd, "SOPInstanceUID")) == f"not a slice of the series' volume: {why}"
+    assert set(reasons.values()) == {None}
 
 
 def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, recorder) -> None:
@@ -250,7 +272,7 @@ def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) 
         if ds.SOPClassUID == Comprehensive3DSRStorage and ds.SeriesDescription == "ICH AI results v2"
     ]
     assert sr.CompletionFlag == "PARTIAL"
-    assert sr.CompletionFlagDescription == "1 slice could not be decoded and was not scored"
+    assert sr.CompletionFlagDescription == "1 slice could not be used and was not scored"
 
 
 def test_a_new_version_names_as_predecessor_only_an_sr_that_was_sent(nodes: Nodes, recorder) -> None:
