@@ -72,7 +72,7 @@ def test_purge_keeps_the_files_of_a_series_whose_report_is_undelivered(start_nod
     assert store_files(node.port, files) == [0, 0, 0]
     wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
     spooled = [node.spool.absolute(i.path) for i in all_instances(node)]
-    _queue_report(node, _finish(node), state)  # sending: a dispatcher's C-STORE under way
+    _queue_report(node, _finish(node), state)
 
     later = db.utcnow() + dt.timedelta(days=30)
     assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
