@@ -77,8 +77,9 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
 def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
     """The images of a series that are not slices of its volume, and why, by index.
 
-    A localizer or derived image filed in the series, or an image oriented
-    otherwise than most (its reformat, say), is left out of the volume. Only
+    A localizer or derived image filed in the series, an image oriented
+    otherwise than most (its reformat, say) or one without a position is
+    left out of the volume. Only
     a minority can be stray: a series made mostly of such images is judged
     whole by :func:`skip_reason`.
     """
@@ -86,6 +87,8 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
     normals: dict[int, np.ndarray] = {}
     for index, ds in enumerate(headers):
         reason = _excluded_image_type(ds)
+        if reason is None and not ds.get("ImagePositionPatient"):
+            reason = "no ImagePositionPatient: its place in the volume is unknown"
         if reason is None:
             try:
                 normals[index] = slice_normal(ds)

@@ -155,6 +155,46 @@ def test_split_by_patient_keeps_patients_whole():
     assert not split.equals(other)
 
 
+def test_a_split_carried_over_keeps_every_earlier_patient_where_it_was(tmp_path):
+    # Hospital record numbers: digits with leading zeros, which must stay text.
+    earlier = pd.DataFrame({"patient_id": [f"{n:08d}" for n in range(40)]})
+    earlier["split"] = rsna.split_by_patient(earlier, {"train": 0.75, "val": 0.25}, seed=1)
+    earlier.to_csv(tmp_path / "split.csv", index=False)
+    grown = pd.DataFrame({"patient_id": [f"{n:08d}" for n in range(60)]})  # 20 new patients
+    split = rsna.split_like(grown, tmp_path / "split.csv", {"train": 0.75, "val": 0.25}, seed=2)
+    assert split.notna().all()
+    assert split[:40].tolist() == earlier["split"].tolist()
+    assert set(split[40:]) == {"train", "val"}
+    with pytest.raises(ValueError, match="no patient"):
+        rsna.split_like(pd.DataFrame({"patient_id": ["A", "B"]}), tmp_path / "split.csv", {"train": 1.0}, seed=2)
+
+
+def test_the_index_leaves_out_the_images_the_node_leaves_out(tmp_path):
+    import pydicom
+
+    from training import phantoms
+
+    phantoms.write_dataset(tmp_path, 1, seed=12, layout="rsna", matrix=64, progress=False)
+    files = sorted((tmp_path / "stage_2_train").glob("ID_*.dcm"))
+    scout, unplaced = files[3], files[6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(scout)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(scout)
+        ds = pydicom.dcmread(unplaced)
+        del ds.ImagePositionPatient
+        ds.save_as(unplaced)
+    index = rsna.build_index(tmp_path, tmp_path / "cache", workers=1, progress=False)
+    assert sorted(index["image_id"]) == sorted(f.stem for f in files if f not in (scout, unplaced))
+    assert index["slice_index"].tolist() == list(range(len(files) - 2))
+    skipped = pd.read_csv(tmp_path / "cache" / rsna.SKIPPED_FILE)
+    assert dict(zip((Path(p).stem for p in skipped["path"]), skipped["error"])) == {
+        scout.stem: "not a slice of the series' volume: ImageType ORIGINAL\\PRIMARY\\LOCALIZER is a localizer (scout)",
+        unplaced.stem: "not a slice of the series' volume: no ImagePositionPatient: its place in the volume is unknown",
+    }
+
+
 # -- end to end -----------------------------------------------------------------------
 
 
@@ -359,7 +399,8 @@ def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     assert data["series_sens_spec"]["any"]["threshold"] == load_model(trained["model"]).card.thresholds["any"]
     assert "sensitivity" in data["slice_sens_spec"]["subdural"]
     assert report.with_suffix(".roc.png").stat().st_size > 1000
-    assert any("ID_badpixels" in s["path"] for s in data["skipped"])
+    assert any("ID_badpixels" in s["path"] for s in data["skipped"])  # its pixels
+    assert any("ID_0000garbage" in s["path"] for s in data["skipped"])  # its header, left out of the index
     sub = pd.read_csv(submission)
     assert list(sub.columns) == ["ID", "Label"]
     assert len(sub) == 6 * (data["n_slices"])

@@ -194,7 +194,10 @@ def evaluate(
     parts, all_probs, skipped = [], [], []
     timing = {"wall_s": 0.0, "model_s": 0.0}
     for number, folder in enumerate(folders):
-        index = rsna.build_index(folder, cache_dir or rsna.default_cache_dir(folder), workers=workers, progress=progress)
+        folder_cache = cache_dir or rsna.default_cache_dir(folder)
+        index = rsna.build_index(folder, folder_cache, workers=workers, progress=progress)
+        # What the index left out is part of the report, not only of a log.
+        skipped += rsna.index_skipped(folder_cache)
         probs, folder_skipped, folder_timing = predict_dataset(
             model, index, folder, batch_size=batch_size, workers=workers, progress=progress
         )

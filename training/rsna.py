@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from ichnode import imaging
+from ichnode.selection import stray_slices
 from ichnode.config import LABELS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ HEADER_TAGS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SOPInstanceUID",
+    "ImageType",
     "InstanceNumber",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -129,6 +131,8 @@ def _read_header(path: str) -> dict[str, Any]:
             if value in (None, ""):
                 raise ValueError(f"missing {keyword}")
             record[keyword] = str(value)
+        image_type = ds.get("ImageType") or []
+        record["ImageType"] = "\\".join(str(v) for v in ([image_type] if isinstance(image_type, str) else image_type))
         record["InstanceNumber"] = _float_or_nan(ds.get("InstanceNumber"))
         for keyword, length in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6)):
             value = ds.get(keyword)
@@ -157,6 +161,8 @@ def _minimal_dataset(row: Any) -> Any:
     from pydicom.dataset import Dataset
 
     ds = Dataset()
+    if row.ImageType:
+        ds.ImageType = row.ImageType.split("\\")
     if row.ImagePositionPatient:
         ds.ImagePositionPatient = [float(v) for v in row.ImagePositionPatient.split("\\")]
     if row.ImageOrientationPatient:
@@ -244,26 +250,31 @@ def build_index(
         }
     )
 
-    # z order per series, by the node's own rule.
+    # The volume of each series and its z order, by the node's own rules.
     table = table.reset_index(drop=True)
     slice_index = np.zeros(len(table), dtype=np.int32)
-    unordered: list[str] = []
+    left_out: dict[int, str] = {}  # table row -> why it is not a slice of its series' volume
     for series_uid, group in table.groupby("series_uid", sort=False):
+        rows = group.index.to_numpy()
+        datasets = [_minimal_dataset(r) for r in group.itertuples()]
+        strays = stray_slices(datasets)
+        left_out.update({rows[i]: f"not a slice of the series' volume: {why}" for i, why in strays.items()})
+        kept = np.array([i for i in range(len(rows)) if i not in strays])
         try:
-            order = imaging.order_slices([_minimal_dataset(r) for r in group.itertuples()])
+            order = imaging.order_slices([datasets[i] for i in kept])
         except ValueError as exc:
-            unordered.append(series_uid)
+            left_out.update({rows[i]: "series cannot be ordered" for i in kept})
             logger.warning("series %s cannot be ordered (%s); skipped", series_uid, exc)
             continue
-        positions = group.index.to_numpy()[order]
-        slice_index[positions] = np.arange(len(order))
-    if unordered:
-        bad = table["series_uid"].isin(unordered)
+        slice_index[rows[kept[order]]] = np.arange(len(order))
+    if left_out:
+        bad = np.zeros(len(table), dtype=bool)
+        bad[list(left_out)] = True
         skipped = pd.concat(
-            [skipped, pd.DataFrame({"path": table.loc[bad, "path"], "error": "series cannot be ordered"})]
+            [skipped, pd.DataFrame({"path": table["path"].to_numpy()[bad], "error": [left_out[i] for i in np.flatnonzero(bad)]})]
         )
         table = table[~bad]
-        slice_index = slice_index[~bad.to_numpy()]
+        slice_index = slice_index[~bad]
     table["slice_index"] = slice_index
 
     csv = data_dir / labels_csv if labels_csv else None
@@ -288,6 +299,15 @@ def build_index(
         logger.warning("skipped %d files, listed in %s", len(skipped), cache_dir / SKIPPED_FILE)
     logger.info("indexed %d slices of %d series into %s", len(table), table["series_uid"].nunique(), index_path)
     return table
+
+
+def index_skipped(cache_dir: Path) -> list[dict[str, str]]:
+    """The files :func:`build_index` left out of ``cache_dir``'s index, and why."""
+    path = Path(cache_dir) / SKIPPED_FILE
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    skipped = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return skipped[["path", "error"]].to_dict("records")
 
 
 def finalize_index(table: pd.DataFrame) -> pd.DataFrame:
@@ -344,6 +364,22 @@ def split_by_patient(
             assignment[patient] = name
         start += count
     return index["patient_id"].map(assignment).rename("split")
+
+
+def split_like(index: pd.DataFrame, split_csv: Path, fractions: dict[str, float], seed: int) -> pd.Series:
+    """Each row's split, as an earlier run's ``split.csv`` had its patient, so
+    that fine-tuning never validates on the patients the starting model was
+    trained on; patients new since are split by :func:`split_by_patient`."""
+    # As text: a patient ID of digits ("00012345") must not become a number.
+    previous = pd.read_csv(split_csv, usecols=["patient_id", "split"], dtype=str, keep_default_na=False)
+    kept = dict(zip(previous["patient_id"], previous["split"]))
+    new = ~index["patient_id"].isin(kept)
+    if new.all():
+        raise ValueError(f"no patient of this data set is in {split_csv}: not the split of the same data")
+    split = index["patient_id"].map(kept).rename("split")
+    if new.any():
+        split[new] = split_by_patient(index[new], fractions, seed)
+    return split
 
 
 # --------------------------------------------------------------------------

@@ -212,15 +212,10 @@ class Run:
         )
         if not rsna.has_labels(self.index):
             raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
-        self.index["split"] = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
-        if cfg.data.split_from is not None:
-            previous = pd.read_csv(cfg.data.split_from, usecols=["patient_id", "split"]).drop_duplicates()
-            keep = dict(zip(previous["patient_id"], previous["split"]))
-            new = ~self.index["patient_id"].isin(keep)
-            split = self.index["patient_id"].map(keep)
-            if new.any():
-                split[new] = rsna.split_by_patient(self.index[new], cfg.data.split, cfg.seed)
-            self.index["split"] = split
+        if cfg.data.split_from is None:
+            self.index["split"] = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
+        else:
+            self.index["split"] = rsna.split_like(self.index, cfg.data.split_from, cfg.data.split, cfg.seed)
         self.index[["patient_id", "study_uid", "series_uid", "image_id", "split"]].to_csv(
             self.out / "split.csv", index=False
         )
