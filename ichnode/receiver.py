@@ -12,6 +12,7 @@ import logging
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,8 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+# How long a host name of access.allow is trusted to keep its addresses.
+HOST_LOOKUP_SECONDS = 60.0
 
 # Header attributes the receiver records; reading stops before the pixels.
 _HEADER_TAGS = [
@@ -107,7 +110,7 @@ class AccessPolicy:
     def __init__(self, access: AccessConfig, called_ae_title: str) -> None:
         self.called_ae_title = called_ae_title
         self.allow = access.allow
-        self._host_cache: dict[str, set[str]] = {}
+        self._host_cache: dict[str, tuple[float, set[str]]] = {}  # host -> (when resolved, addresses)
 
     def check(self, calling_ae: str, called_ae: str, host: str) -> Rejection | None:
         """None when the association may proceed, else why it may not."""
@@ -123,23 +126,33 @@ class AccessPolicy:
         return Rejection(1, 1, 3, f"calling AE title {calling!r} is not allowed from host {host}")
 
     def _addresses(self, host: str) -> set[str]:
-        # Allow entries may name hosts; resolve once, not per association.
-        if host not in self._host_cache:
-            try:
-                self._host_cache[host] = {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
-            except OSError:
-                self._host_cache[host] = {host}
-        return self._host_cache[host]
+        # Allow entries may name hosts: resolved at most once a minute, not per
+        # association; a failed lookup is not kept (the next association tries again).
+        cached = self._host_cache.get(host)
+        if cached is not None and time.monotonic() - cached[0] < HOST_LOOKUP_SECONDS:
+            return cached[1]
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+        except OSError as exc:
+            logger.warning("cannot resolve %s of access.allow: %s", host, exc)
+            return {host}
+        self._host_cache[host] = (time.monotonic(), addresses)
+        return addresses
 
 
-def handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
-    """EVT_REQUESTED: answer A-ASSOCIATE-RJ with the right reason for a refused peer."""
+def handle_requested(event: evt.Event, policy: AccessPolicy, spool: Spool) -> None:
+    """EVT_REQUESTED: answer A-ASSOCIATE-RJ with the right reason for a refused peer,
+    and for now (transient) while the spool is below ``storage.min_free_mb``: each
+    image would be written out before it could be refused."""
     assoc = event.assoc
     request = assoc.requestor.primitive
     calling = str(request.calling_ae_title)
     called = str(request.called_ae_title)
     host = assoc.requestor.address
     rejection = policy.check(calling, called, host)
+    if rejection is None and not spool.has_room():
+        reason = f"{spool.free_mb():.0f} MB free in the spool, storage.min_free_mb is {spool.min_free_mb}"
+        rejection = Rejection(2, 3, 2, reason)  # transient: local limit exceeded
     if rejection is None:
         logger.info("association from %s@%s:%s to %s", calling, host, assoc.requestor.port, called)
         disable_nagle(assoc)
@@ -193,7 +206,16 @@ def handle_store(event: evt.Event, spool: Spool, factory: sessionmaker[Session])
         logger.warning("refusing %s from %s: unreadable header: %s", sop_uid, calling, exc)
         return _failure(CANNOT_UNDERSTAND, f"unreadable header: {exc}")
 
-    relative = spool.instance_path(header.study_uid, header.series_uid, header.sop_instance_uid)
+    with spool.instance_lock(header.sop_instance_uid):
+        return _store(spool, factory, received, header, calling, host)
+
+
+def _store(
+    spool: Spool, factory: sessionmaker[Session], received: Path, header: InstanceHeader, calling: str, host: str
+) -> int | Dataset:
+    """Move the received file into the spool and record it (under the instance's lock)."""
+    sop_uid = header.sop_instance_uid
+    relative = spool.instance_path(header.study_uid, header.series_uid, sop_uid)
     existed = spool.absolute(relative).exists()
     try:
         size = received.stat().st_size
@@ -218,6 +240,22 @@ def handle_store(event: evt.Event, spool: Spool, factory: sessionmaker[Session])
     if registration.replaced_path:
         spool.remove(registration.replaced_path)
     return SUCCESS
+
+
+def discard_partial_transfer(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE: remove the file of a dataset whose transfer was cut off.
+
+    pynetdicom removes its file only after the C-STORE handler ran; an
+    aborted or dropped association would leave a partial file, counted
+    against ``storage.min_free_mb``, until the next start.
+    """
+    message = getattr(event.assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    partial.close()
+    Path(partial.name).unlink(missing_ok=True)
+    logger.warning("removed a dataset cut off by the end of the association from %s", event.assoc.requestor.ae_title)
 
 
 def build_ae(config: Config) -> AE:
@@ -270,8 +308,9 @@ def start_receiver(
     ae = build_ae(config)
     policy = AccessPolicy(config.access, config.node.ae_title)
     handlers = [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, spool]),
         (evt.EVT_C_STORE, handle_store, [spool, factory]),
+        (evt.EVT_CONN_CLOSE, discard_partial_transfer),
     ]
     shared = config.node.receiver_processes > 1
     server = ae.make_server(

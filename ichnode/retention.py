@@ -28,7 +28,6 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
     if retention_days <= 0:
         return 0
     cutoff = (now or db.utcnow()) - dt.timedelta(days=retention_days)
-    removed = 0
     with db.transaction(sessions) as session:
         waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED))
         expired = session.scalars(
@@ -40,19 +39,43 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
         ).all()
         if not expired:
             return 0
-        paths = session.scalars(select(db.Instance.path).where(db.Instance.series_id.in_(expired))).all()
+        instances = session.execute(
+            select(db.Instance.id, db.Instance.sop_instance_uid, db.Instance.path).where(
+                db.Instance.series_id.in_(expired)
+            )
+        ).all()
         reports = session.scalars(
             select(db.Delivery.path)
             .join(db.SeriesResult)
             .where(db.SeriesResult.series_id.in_(expired))
             .distinct()
         ).all()
-        # Files go before the rows are committed: a crash in between leaves
-        # rows without files (harmless), never files without rows, which the
-        # start-up re-index would bring back as newly received images.
-        for relative in [*paths, *reports]:
-            spool.remove(relative)
+    removed = 0
+    for instance_id, sop_uid, path in instances:
+        # Under the instance's lock, and only if nothing came since: a resend
+        # of the image (or of another of its series) keeps it.
+        with spool.instance_lock(sop_uid), db.transaction(sessions) as session:
+            still_expired = session.scalar(
+                select(db.Instance.id)
+                .join(db.Series)
+                .where(
+                    db.Instance.id == instance_id,
+                    db.Instance.path == path,
+                    db.Series.state.in_(FINISHED),
+                    db.Series.last_received_at < cutoff,
+                )
+            )
+            if still_expired is None:
+                continue
+            # The file goes before the row is committed: a crash in between
+            # leaves a row without its file (harmless), never a file without
+            # a row, which the start-up re-index would bring back as a newly
+            # received image.
+            spool.remove(path)
+            session.execute(delete(db.Instance).where(db.Instance.id == instance_id))
             removed += 1
-        session.execute(delete(db.Instance).where(db.Instance.series_id.in_(expired)))
+    for relative in reports:
+        spool.remove(relative)
+        removed += 1
     logger.info("retention: removed %d files of %d series older than %d days", removed, len(expired), retention_days)
     return removed

@@ -237,7 +237,8 @@ def reindex_spool(node: Node) -> int:
     A file is renamed into the spool before its row is written. A crash
     between the two leaves a whole image that was never acknowledged; a power
     loss may also take SQLite's last commits (synchronous=NORMAL) of images
-    that were. Either way the file is whole: index it again.
+    that were. Either way the file is whole: index it again, unless its SOP
+    Instance is recorded with another file that exists (a duplicate's copy).
     """
     with node.sessions() as session:
         known = set(session.scalars(select(db.Instance.path)))
@@ -256,6 +257,17 @@ def reindex_spool(node: Node) -> int:
             )
         except Exception as exc:
             logger.error("spooled file %s is unreadable (%s); left in place", relative, exc)
+            continue
+        with node.sessions() as session:
+            recorded = session.scalar(
+                select(db.Instance.path).where(db.Instance.sop_instance_uid == header.sop_instance_uid)
+            )
+        if recorded is not None and node.spool.absolute(recorded).exists():
+            # The other copy of a duplicate, left by a crash before it was
+            # removed: the recorded copy stands (recording this one would
+            # swap them at every start).
+            logger.warning("removing %s: a second copy of %s, recorded as %s", relative, header.sop_instance_uid, recorded)
+            path.unlink()
             continue
         register_instance(
             node.sessions, header, path=relative, size_bytes=path.stat().st_size, calling_ae=None, peer_host=None

@@ -3,6 +3,7 @@
 Layout under ``storage.spool_dir``::
 
     .tmp/                          temporary files, same filesystem as the rest
+    .locks/                        the per-instance locks (see Spool.instance_lock)
     .tmp/receiver-N/, .tmp/worker/ each receiver process's, and the worker's
                                    preprocessed volumes in transit (not durable)
     instances/<study>/<series>/<sop>.dcm
@@ -16,23 +17,30 @@ file is either whole at its final path or absent.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+# Instance locks: files the SOP Instance UIDs are spread over.
+LOCK_STRIPES = 256
 
 
 def safe_name(uid: str) -> str:
     """A file name for a UID; real-world UIDs (``ID_1f6d1e8aeb``) may hold any character.
 
-    Characters outside ``[0-9A-Za-z._-]`` are replaced and a short hash keeps
-    replaced names unique.
+    Characters outside ``[0-9A-Za-z._-]`` are replaced, and so is a leading
+    dot: a sender's UID must never name ``..`` or a hidden folder such as
+    ``.tmp``. A short hash keeps replaced names unique.
     """
     cleaned = _UNSAFE.sub("_", uid.strip())[:96]
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
     if cleaned != uid or not cleaned:
         cleaned += "-" + hashlib.sha1(uid.encode()).hexdigest()[:8]
     return cleaned
@@ -48,7 +56,8 @@ class Spool:
         self.tmp_dir = self.root / ".tmp"
         self.instances_dir = self.root / "instances"
         self.reports_dir = self.root / "reports"
-        for folder in (self.tmp_dir, self.instances_dir, self.reports_dir):
+        self.locks_dir = self.root / ".locks"
+        for folder in (self.tmp_dir, self.instances_dir, self.reports_dir, self.locks_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- space -----------------------------------------------------------
@@ -57,6 +66,25 @@ class Spool:
 
     def has_room(self) -> bool:
         return self.free_mb() >= self.min_free_mb
+
+    # -- the instance lock ------------------------------------------------
+    @contextmanager
+    def instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Held while an instance's file and row change together.
+
+        Two associations storing the same SOP Instance at once, or a purge
+        meeting a resend, would otherwise interleave their renames, row
+        updates and removals, and leave a row whose file is gone. An
+        ``flock``, so that it also holds between the node's receiver
+        processes; spread over :data:`LOCK_STRIPES` files.
+        """
+        stripe = hashlib.sha1(sop_instance_uid.encode()).digest()[0] % LOCK_STRIPES
+        fd = os.open(self.locks_dir / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- paths -----------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:

@@ -280,11 +280,51 @@ def test_association_log_names_peer_and_ae_titles(start_node: Any, caplog: pytes
 
 
 # -- failures keep the sender's copy authoritative ----------------------------
-def test_full_disk_answers_out_of_resources(start_node: Any) -> None:
+def test_full_disk_refuses_associations_for_now(start_node: Any) -> None:
+    # Before any image is written out: rejected, transient (local limit exceeded).
     node = start_node(storage={"min_free_mb": 10**12})
-    response = store_one(node.port, pydicom_file("CT_small.dcm"))
+    assert_rejected(associate(node.port, "TEST_SCU"), 2, 3, 2)
+    assert_nothing_stored(node)
+
+
+def test_disk_filling_during_an_association_answers_out_of_resources(start_node: Any) -> None:
+    node = start_node()
+    meta = dcmread(pydicom_file("CT_small.dcm"), stop_before_pixels=True).file_meta
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert assoc.is_established
+    try:
+        node.spool.min_free_mb = 10**12  # the disk fills meanwhile
+        response = assoc.send_c_store(pydicom_file("CT_small.dcm"))
+    finally:
+        assoc.release()
     assert response.Status == 0xA700
     assert "min_free_mb" in response.ErrorComment
+    assert_nothing_stored(node)
+
+
+def test_a_transfer_cut_off_leaves_no_partial_file(start_node: Any, tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.PixelData = bytes(64 * 2**20)  # long enough to be cut off midway
+    big = tmp_path / "big.dcm"
+    ds.save_as(big)
+    node = start_node()
+    receiving = node.spool.tmp_dir / "receiver-0"
+    ae = AE(ae_title="TEST_SCU")
+    ae.maximum_pdu_size = 16384
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert assoc.is_established
+    sender = threading.Thread(target=assoc.send_c_store, args=(big,), daemon=True)
+    sender.start()
+    wait_for(lambda: any(receiving.iterdir()), timeout=30, interval=0.005, message="the transfer to start")
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the sender's end of the line is cut
+    sender.join(30)
+    wait_for(lambda: not any(receiving.iterdir()), timeout=10, message="the partial file to be removed")
     assert_nothing_stored(node)
 
 
@@ -381,6 +421,84 @@ def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: 
     assert files == [node.spool.absolute(instance.path)]
     assert dataset_bytes(files[0]) == dataset_bytes(second)
     assert dcmread(files[0]).ImageComments == "second copy"
+
+
+def _ct(sop_uid: str, series_uid: str, study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Any:
+    """pydicom's small CT, as instance ``sop_uid`` of series ``series_uid``."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    return ds
+
+
+def _files_and_rows(node: Any) -> tuple[list[Path], list[Path]]:
+    """The spooled instance files, and the files the rows name: equal when none is lost or stray."""
+    files = sorted(p for p in node.spool.instances_dir.rglob("*") if p.is_file())
+    return files, sorted(node.spool.absolute(i.path) for i in all_instances(node))
+
+
+def test_uids_made_of_dots_stay_inside_the_spool(start_node: Any) -> None:
+    node = start_node()
+    parent = node.spool.root.parent
+    before = sorted(parent.iterdir())
+    statuses = store_files(
+        node.port,
+        [_ct(generate_uid(), "..", study_uid=".."), _ct(generate_uid(), ".tmp", study_uid="..")],
+    )
+    assert statuses == [0, 0]
+    files, rows = _files_and_rows(node)
+    assert len(files) == 2 and files == rows
+    assert sorted(parent.iterdir()) == before  # nothing written beside the spool
+    assert [p for p in node.spool.tmp_dir.rglob("*") if p.is_file()] == []
+
+
+def test_one_instance_stored_by_two_associations_at_once_keeps_its_file(start_node: Any) -> None:
+    # A sender retrying while its first association is still under way, or
+    # two senders with one study: each round sends instance X to its series
+    # and, at the same moment, to another series.
+    import threading
+
+    node = start_node()
+    for _ in range(20):
+        sop, home = generate_uid(), generate_uid()
+        assert store_files(node.port, [_ct(sop, home)]) == [0]
+        start, statuses = threading.Barrier(2), []
+
+        def send(series_uid: str, sop: str = sop) -> None:
+            dataset = _ct(sop, series_uid)
+            start.wait()
+            statuses.extend(store_files(node.port, [dataset]))
+
+        threads = [threading.Thread(target=send, args=(uid,)) for uid in (home, generate_uid())]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert statuses == [0, 0]
+    files, rows = _files_and_rows(node)
+    assert len(rows) == 20  # one row per instance, each with its file, and no other file
+    assert files == rows
+
+
+def test_restart_keeps_the_recorded_copy_of_a_duplicate(start_node: Any, tmp_path: Path) -> None:
+    # A crash after a duplicate was recorded in its new series, before its
+    # copy in the old series was removed.
+    config = parse_config(config_data(tmp_path), base=tmp_path)
+    node = start_node(config=config)
+    sop, old_series, new_series = generate_uid(), generate_uid(), generate_uid()
+    first = _ct(sop, old_series)
+    assert store_files(node.port, [first, _ct(sop, new_series)]) == [0, 0]
+    (instance,) = all_instances(node)
+    node.stop()
+    left = node.spool.absolute(node.spool.instance_path(str(first.StudyInstanceUID), old_series, sop))
+    left.parent.mkdir(parents=True, exist_ok=True)
+    first.save_as(left, enforce_file_format=True)
+
+    restarted = start_node(config=config)
+    (again,) = all_instances(restarted)
+    assert again.path == instance.path
+    files, rows = _files_and_rows(restarted)
+    assert files == rows == [restarted.spool.absolute(instance.path)]
 
 
 def test_non_ct_storage_classes_are_accepted_and_recorded(start_node: Any) -> None:
@@ -520,3 +638,30 @@ def test_new_uid_for_each_store_is_a_new_instance(start_node: Any, tmp_path: Pat
     assert {i.times_received for i in instances} == {1}
     (series,) = all_series(node)
     assert series.instance_count == 3
+
+
+def test_a_host_name_of_access_allow_is_looked_up_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failed lookup is not kept, and an address moves: names are resolved
+    # again after receiver.HOST_LOOKUP_SECONDS.
+    import socket
+
+    from ichnode import receiver
+    from ichnode.config import AccessConfig
+
+    answers = [OSError("temporary failure in name resolution"), "10.0.0.5", "10.0.0.5", "10.0.0.6"]
+
+    def getaddrinfo(host: str, port: Any) -> list[Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, 0))]
+
+    monkeypatch.setattr(receiver.socket, "getaddrinfo", getaddrinfo)
+    policy = receiver.AccessPolicy(AccessConfig(allow=[{"ae_title": "CT1", "host": "ct1.example"}]), "ICHNODE")
+    assert policy.check("CT1", "ICHNODE", "10.0.0.5") is not None  # the lookup failed
+    assert policy.check("CT1", "ICHNODE", "10.0.0.5") is None  # tried again
+    assert policy.check("CT1", "ICHNODE", "10.0.0.5") is None  # from the cache: no lookup
+    assert answers == ["10.0.0.5", "10.0.0.6"]
+    monkeypatch.setattr(receiver, "HOST_LOOKUP_SECONDS", 0.0)
+    assert policy.check("CT1", "ICHNODE", "10.0.0.5") is None
+    assert policy.check("CT1", "ICHNODE", "10.0.0.5") is not None  # the name moved to 10.0.0.6

@@ -82,3 +82,30 @@ def test_purge_keeps_the_files_of_a_series_whose_report_is_undelivered(start_nod
         session.execute(update(db.Delivery).values(state=db.SENT))
     assert purge_expired(node.sessions, node.spool, 7, now=later) == 4  # 3 images and the report
     assert not any(path.exists() for path in spooled)
+
+
+def test_purge_keeps_a_series_resent_while_it_runs(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_node()
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
+    assert store_files(node.port, files) == [0, 0, 0]
+    wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
+    _finish(node)
+    # The first image is sent again after the purge chose the series, before
+    # it removes the image: acknowledged, it must stay.
+    # (The receiver in this process takes the same lock: only the purge's first one resends.)
+    lock, resent = node.spool.instance_lock, {}
+
+    def resend_first(sop_uid: str) -> Any:
+        if not resent:
+            resent["statuses"] = None
+            resent["statuses"] = store_files(node.port, files[:1])
+        return lock(sop_uid)
+
+    monkeypatch.setattr(node.spool, "instance_lock", resend_first)
+    later = db.utcnow() + dt.timedelta(days=30)
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
+    assert resent == {"statuses": [0]}
+    instances = all_instances(node)
+    assert len(instances) == 3 and all(node.spool.absolute(i.path).is_file() for i in instances)
+    with node.sessions() as session:
+        assert session.scalars(select(db.Series)).one().state == db.RECEIVING
