@@ -78,6 +78,18 @@ class Peer(_Section):
 class AccessConfig(_Section):
     allow: tuple[Peer, ...] = (Peer(ae_title="*", host="127.0.0.1"),)
 
+    @field_validator("allow")
+    @classmethod
+    def _not_empty(cls, value: tuple[Peer, ...]) -> tuple[Peer, ...]:
+        # Default deny: an empty list would refuse every association, a node
+        # that starts but can never receive anything.
+        if not value:
+            raise ValueError(
+                "an empty list refuses every association; list the calling AEs, "
+                'or write [{ae_title: "*"}] to accept any AE title from any host'
+            )
+        return value
+
 
 class StorageConfig(_Section):
     spool_dir: Path = Path("ichnode-data/spool")
@@ -89,6 +101,35 @@ class StorageConfig(_Section):
 
 class DatabaseConfig(_Section):
     url: str = "sqlite:///ichnode-data/ichnode.db"
+
+    @field_validator("url")
+    @classmethod
+    def _shared(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not an SQLAlchemy database URL, e.g. sqlite:///ichnode-data/ichnode.db") from None
+        if url.get_backend_name() == "sqlite" and _sqlite_in_memory(url.database, url.query):
+            raise ValueError(
+                "an in-memory SQLite database is not shared between threads and processes, but the node's "
+                "stages must all use one database; use a file, e.g. sqlite:///ichnode-data/ichnode.db"
+            )
+        return value
+
+
+def _sqlite_in_memory(database: str | None, query: Any) -> bool:
+    """Whether an SQLite URL's database is in memory (or a per-connection temporary one)."""
+    if not database or database == ":memory:":
+        return True
+    if database.startswith("file:"):
+        path = database[len("file:"):].split("?", 1)[0]
+        mode = query.get("mode", ())
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        return path in ("", ":memory:") or any(m.lower() == "memory" for m in modes)
+    return False
 
 
 class SeriesConfig(_Section):

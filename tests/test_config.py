@@ -34,6 +34,7 @@ def test_shipped_config_yaml_equals_embedded_defaults() -> None:
         ({"series": {"stable_seconds": 0}}, "series.stable_seconds", "0"),
         ({"model": {"thresholds": {"subdurall": 0.5}}}, "model.thresholds", "subdurall"),
         ({"logging": {"level": "LOUD"}}, "logging.level", "LOUD"),
+        ({"database": {"url": "not a url"}}, "database.url", "not a url"),
     ],
 )
 def test_bad_value_names_key_and_value(tmp_path: Path, data: dict, key: str, value: str) -> None:
@@ -42,6 +43,45 @@ def test_bad_value_names_key_and_value(tmp_path: Path, data: dict, key: str, val
     message = str(info.value)
     assert key in message
     assert value in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///:memory:",
+        "sqlite://",
+        "sqlite+pysqlite:///:memory:",
+        "sqlite:///file:ichnode?mode=memory&cache=shared&uri=true",
+        "sqlite:///file::memory:?uri=true",
+    ],
+)
+def test_in_memory_sqlite_database_is_refused(tmp_path: Path, url: str) -> None:
+    # Each thread (and process) of the node would get its own empty database:
+    # every C-STORE would then fail with "no such table".
+    with pytest.raises(ConfigError) as info:
+        parse_config({"database": {"url": url}}, tmp_path)
+    message = str(info.value)
+    assert "database.url" in message
+    assert "in-memory" in message
+    assert "use a file" in message
+
+
+def test_sqlite_file_urls_are_accepted(tmp_path: Path) -> None:
+    for url in (f"sqlite:///{tmp_path / 'node.db'}", f"sqlite:///file:{tmp_path / 'node.db'}?uri=true"):
+        assert parse_config({"database": {"url": url}}, tmp_path).database.url == url
+
+
+def test_empty_allow_list_is_refused(tmp_path: Path) -> None:
+    # Default deny: an empty list would refuse every association.
+    with pytest.raises(ConfigError) as info:
+        parse_config({"access": {"allow": []}}, tmp_path)
+    message = str(info.value)
+    assert "access.allow" in message
+    assert "refuses every association" in message
+    assert 'ae_title: "*"' in message
+    # The explicit entry the message names is accepted and means any AE title from anywhere.
+    config = parse_config({"access": {"allow": [{"ae_title": "*"}]}}, tmp_path)
+    assert [(peer.ae_title, peer.host) for peer in config.access.allow] == [("*", None)]
 
 
 def test_not_a_mapping_is_refused(tmp_path: Path) -> None:
