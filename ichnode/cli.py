@@ -88,12 +88,13 @@ def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
     from .model import ModelCardError
     from .service import Node
+    from .spool import SpoolInUse
 
     config = _load(config_path)
     _setup_logging(config.logging.level)
     try:
         node = Node(config, components=[c.strip() for c in components.split(",") if c.strip()])
-    except (ModelCardError, FileNotFoundError, ValueError) as exc:
+    except (ModelCardError, FileNotFoundError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     node.run()
 

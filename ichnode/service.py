@@ -13,6 +13,7 @@ import ctypes
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
 from .series import InstanceHeader, complete_stable_series, register_instance
-from .spool import Spool
+from .spool import Spool, SpoolInUse
 from .worker import Worker, describe_device, requeue_interrupted
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,15 @@ class Node:
             min_free_mb=config.storage.min_free_mb,
             fsync=config.storage.fsync,
         )
+        # One of each stage per spool (the extra receiver processes are the first's).
+        roles = [c for c in self.components if c != RECEIVER or receiver_index == 0]
+        self._roles: list[int] = []
+        try:
+            for role in roles:
+                self._roles.append(self.spool.hold_role(role))
+        except SpoolInUse:
+            self._let_go()
+            raise
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"coalesce": True, "max_instances": 1},
@@ -87,14 +97,18 @@ class Node:
         self.server = None
         self.worker: Worker | None = None
         self.dispatcher: Dispatcher | None = None
-        if WORKER in self.components:
-            # Loaded before anything starts: a bad model or card refuses to start.
-            self.worker = Worker(config, self.sessions, self.spool, model or load_model(config.model.path))
-            logger.info("scoring on %s", describe_device())
-        if DISPATCHER in self.components:
-            self.dispatcher = Dispatcher(
-                self.sessions, self.spool, config.reports.retry, calling_ae=config.node.ae_title
-            )
+        try:
+            if WORKER in self.components:
+                # Loaded before anything starts: a bad model or card refuses to start.
+                self.worker = Worker(config, self.sessions, self.spool, model or load_model(config.model.path))
+                logger.info("scoring on %s", describe_device())
+            if DISPATCHER in self.components:
+                self.dispatcher = Dispatcher(
+                    self.sessions, self.spool, config.reports.retry, calling_ae=config.node.ae_title
+                )
+        except BaseException:
+            self._let_go()
+            raise
         self._stopped = threading.Event()
 
     @property
@@ -195,8 +209,14 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.worker is not None:
             self.worker.close()
-        self.engine.dispose()
+        self._let_go()
         logger.info("stopped")
+
+    def _let_go(self) -> None:
+        for fd in self._roles:
+            os.close(fd)
+        self._roles = []
+        self.engine.dispose()
 
     def run(self) -> None:
         """Start and block until SIGTERM or SIGINT, then stop cleanly."""

@@ -46,6 +46,10 @@ def safe_name(uid: str) -> str:
     return cleaned
 
 
+class SpoolInUse(RuntimeError):
+    """Another process already holds this role (receiver, worker, dispatcher) of the spool."""
+
+
 class Spool:
     """The spool folder and its free-space guard."""
 
@@ -85,6 +89,22 @@ class Spool:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def hold_role(self, role: str) -> int:
+        """Claim ``role`` (receiver, worker, dispatcher) of this spool while this
+        process runs; returns the file descriptor to close to let it go.
+
+        A second receiver or worker on one spool would remove the first's
+        files in transit at its start, and a second worker or dispatcher would
+        requeue the first's work: it is refused with :class:`SpoolInUse`.
+        """
+        fd = os.open(self.locks_dir / f"{role}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolInUse(f"another ichnode {role} is running on the spool {self.root}") from None
+        return fd
 
     # -- paths -----------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:

@@ -665,3 +665,16 @@ def test_a_host_name_of_access_allow_is_looked_up_again(monkeypatch: pytest.Monk
     monkeypatch.setattr(receiver, "HOST_LOOKUP_SECONDS", 0.0)
     assert policy.check("CT1", "ICHNODE", "10.0.0.5") is None
     assert policy.check("CT1", "ICHNODE", "10.0.0.5") is not None  # the name moved to 10.0.0.6
+
+
+def test_a_second_node_on_the_same_spool_is_refused(start_node: Any, tmp_path: Path) -> None:
+    # It would remove the first one's files in transit at its start.
+    from ichnode.spool import SpoolInUse
+
+    config = parse_config(config_data(tmp_path), base=tmp_path)
+    first = start_node(config=config)
+    with pytest.raises(SpoolInUse, match="another ichnode receiver is running on the spool"):
+        start_node(config=config)
+    assert echo_ok(first.port)
+    first.stop()
+    assert echo_ok(start_node(config=config).port)  # once the first has stopped
