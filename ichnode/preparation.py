@@ -114,9 +114,10 @@ class PreparedVolume:
     def paths(self) -> list[str]:
         return [row.path for row in self.rows]
 
-    def receive_volume(self) -> None:
+    def receive_volume(self, min_slices: int = 1) -> None:
         """Map the volume the helpers left in a file, delete the file, and drop
-        the rows of slices that could not be decoded.
+        the rows of slices that could not be decoded; fewer than ``min_slices``
+        left, the series is skipped, as one received with fewer would be.
 
         A volume is large (300 slices: ~240 MB): mapped from the page cache
         it costs the worker nothing until its batches are gathered (on the
@@ -135,6 +136,9 @@ class PreparedVolume:
         if not keep:
             self.rows = []
             self.skip = "no slice could be decoded"
+        elif len(keep) < min_slices:
+            self.rows = []
+            self.skip = f"{len(keep)} slices could be decoded, fewer than series.min_slices ({min_slices})"
         elif len(keep) < len(self.rows):
             self.rows = [self.rows[index] for index in keep]
             self.volume = volume[keep]  # a copy, only when slices were quarantined

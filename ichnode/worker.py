@@ -250,7 +250,7 @@ class Worker:
                         preparing[more] = (item, next_step)
                     if any(other is item for other, _ in preparing.values()):
                         continue  # parts of it still being decoded
-                    item.prepared.receive_volume()
+                    item.prepared.receive_volume(self.config.series.min_slices)
                 except Exception as exc:
                     fail(item, exc)
                 else:

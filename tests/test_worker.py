@@ -187,6 +187,23 @@ def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> Non
     assert sr.CompletionFlagDescription == "1 slice could not be used and was not scored"
 
 
+def test_too_few_decodable_slices_are_skipped_with_the_reason(nodes: Nodes) -> None:
+    # 12 slices received, 3 of them undecodable: fewer than series.min_slices (10) left.
+    series = phantom(58, n_slices=12)
+    datasets = series.datasets
+    for index in (2, 5, 8):
+        datasets = _with_a_truncated_slice(datasets, index)
+    series_uid = _uid(datasets[0])
+    node = nodes.start()
+    assert store_files(node.port, datasets) == [0x0000] * 12
+    result = wait_result(node.sessions, series_uid, instances=12)
+    assert result.status == db.SKIPPED
+    assert result.skip_reason == "9 slices could be decoded, fewer than series.min_slices (10)"
+    assert result.quarantined_count == 3
+    reasons = [row.quarantine_reason for row in instances_of(node.sessions, series_uid)]
+    assert sum(1 for reason in reasons if reason and reason.startswith("cannot decode pixels")) == 3
+
+
 @pytest.mark.parametrize("stray", ["localizer", "reformat"])
 def test_an_image_filed_in_the_series_that_is_not_one_of_its_slices_is_left_out(nodes: Nodes, stray: str) -> None:
     series = phantom(57, n_slices=14)
