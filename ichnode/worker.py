@@ -127,8 +127,12 @@ class Worker:
         self._processes = process_pool(self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
         self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-gather")
-        # Series whose outcome the database refused to record (store thread), put back next round.
-        self._unrecorded: list[ClaimedSeries] = []
+        # Series to put back to complete at the next round's start: the database
+        # refused to record their outcome (store thread), or a helper died.
+        self._put_back: list[ClaimedSeries] = []
+        # Series a dying helper took down once: the second time they fail (a
+        # file that crashes the decoder must not crash the helpers forever).
+        self._crashed_once: set[tuple[int, int]] = set()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -200,7 +204,7 @@ class Worker:
         helper processes and results recorded by another thread while the
         model moves on.
         """
-        self._requeue_unrecorded()
+        self._put_back_series()
         handled = 0
         # Helper-process work under way, and the series and step it is for.
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
@@ -211,12 +215,14 @@ class Worker:
 
         def fail(item: ClaimedSeries, exc: Exception) -> None:
             nonlocal handled
-            logger.exception("preparing series %s failed", item.series_uid)
             item.failed = True
             if item.volume_file is not None:
                 Path(item.volume_file).unlink(missing_ok=True)
-            stores.append(self._store_pool.submit(self._fail_or_keep, item, f"preparing failed: {exc!r}"))
             handled += 1
+            if self._scored_again_after_a_crash(item, exc):
+                return
+            logger.exception("preparing series %s failed", item.series_uid)
+            stores.append(self._store_pool.submit(self._fail_or_keep, item, f"preparing failed: {exc!r}"))
 
         def prepare(claimed: list[ClaimedSeries]) -> None:
             for item in claimed:
@@ -450,8 +456,20 @@ class Worker:
         try:
             self._store(item, scored)
         except Exception as exc:
+            if self._scored_again_after_a_crash(item, exc):  # its reports were being built
+                return
             logger.exception("storing the result of series %s failed", item.series_uid)
             self._fail_or_keep(item, f"{type(exc).__name__}: {exc}")
+
+    def _scored_again_after_a_crash(self, item: ClaimedSeries, exc: Exception) -> bool:
+        """A helper died (out of memory, a decoder crash) and took all its
+        pool's work with it: each series is scored again, once."""
+        if not isinstance(exc, BrokenProcessPool) or (item.series_id, item.version) in self._crashed_once:
+            return False
+        logger.warning("a helper process died while working on series %s; it is scored again", item.series_uid)
+        self._crashed_once.add((item.series_id, item.version))
+        self._put_back.append(item)
+        return True
 
     def _fail_or_keep(self, item: ClaimedSeries, reason: str) -> None:
         """:meth:`_fail`; where even that cannot be recorded (the database
@@ -460,15 +478,15 @@ class Worker:
             self._fail(item, reason)
         except Exception:
             logger.exception("recording series %s failed did not succeed either; it is scored again", item.series_uid)
-            self._unrecorded.append(item)
+            self._put_back.append(item)
 
-    def _requeue_unrecorded(self) -> None:
-        """Series whose outcome could not be recorded go back to complete, to be scored again."""
-        if not self._unrecorded:
+    def _put_back_series(self) -> None:
+        """Series kept to be scored again (see ``_put_back``) go back to complete."""
+        if not self._put_back:
             return
         try:
             with db.transaction(self.sessions) as session:
-                for item in self._unrecorded:
+                for item in self._put_back:
                     session.execute(
                         update(db.Series)
                         .where(
@@ -479,9 +497,9 @@ class Worker:
                         .values(state=db.COMPLETE, claimed_at=None)
                     )
         except Exception:
-            logger.exception("putting back %d series whose outcome was not recorded failed", len(self._unrecorded))
+            logger.exception("putting back %d series to be scored again failed", len(self._put_back))
             return
-        self._unrecorded.clear()
+        self._put_back.clear()
 
     def _store(self, item: ClaimedSeries, scored: Scored | None) -> None:
         if scored is None:

@@ -640,6 +640,38 @@ def test_a_dead_helper_process_is_replaced_and_scoring_goes_on(nodes: Nodes) -> 
     assert result.status == db.SCORED and result.slice_count == len(series.datasets)
 
 
+@pytest.mark.parametrize("deaths", [1, 2])
+def test_a_series_a_dying_helper_took_down_is_scored_again_once(nodes: Nodes, deaths: int) -> None:
+    # A helper dies while preparing the series (as if the out-of-memory killer
+    # took it): the series is scored again at the next round; if that kills
+    # a helper too (a file that crashes the decoder), it fails, with why.
+    series = phantom(59)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submit, died = worker._submit, []
+
+    def die_preparing(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is preparation.prepare_series and len(died) < deaths:
+            died.append(fn)
+            return submit(os._exit, 1)
+        return submit(fn, *args, **kwargs)
+
+    worker._submit = die_preparing
+    try:
+        assert worker.run_once() == 1
+        assert results_of(receiver.sessions, series_uid) == []  # not failed: put back
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    if deaths == 1:
+        assert (result.status, result.version, result.slice_count) == (db.SCORED, 1, len(series.datasets))
+    else:
+        assert result.status == db.FAILED
+        assert "BrokenProcessPool" in result.skip_reason
+
+
 def _resident_bytes_freed() -> int:
     """How much resident memory a 12 MiB array gives back to the system when freed."""
 
