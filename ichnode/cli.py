@@ -94,7 +94,7 @@ def serve(config_path: Path | None, components: str) -> None:
     _setup_logging(config.logging.level)
     try:
         node = Node(config, components=[c.strip() for c in components.split(",") if c.strip()])
-    except (ModelCardError, FileNotFoundError, ValueError, SpoolInUse) as exc:
+    except (ModelCardError, OSError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     node.run()
 

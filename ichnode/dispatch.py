@@ -68,6 +68,9 @@ class Dispatcher:
         self.timeout = timeout
         # Runs from the scheduler and when the worker wakes it: never twice at once.
         self._lock = threading.Lock()
+        # Claimed deliveries whose failed try the database refused to record:
+        # queued again at the next round's start, not left sending.
+        self._put_back: list[int] = []
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Try every due delivery, one association per destination; returns how many were stored."""
@@ -75,6 +78,7 @@ class Dispatcher:
             return self._run(now or db.utcnow())
 
     def _run(self, now: dt.datetime) -> int:
+        self._put_back_claims()
         with self.sessions() as session:
             due = session.scalars(
                 select(db.Delivery)
@@ -89,8 +93,27 @@ class Dispatcher:
             except Exception as exc:  # none may stay sending until a restart
                 logger.exception("sending to %s@%s:%d failed", ae_title, host, port)
                 for delivery in claimed:
-                    self._failed(delivery, f"sending failed: {exc!r}")
+                    try:
+                        self._failed(delivery, f"sending failed: {exc!r}")
+                    except Exception:
+                        logger.exception("recording the failed try of %s failed too", delivery.sop_instance_uid)
+                        self._put_back.append(delivery.id)
         return sent
+
+    def _put_back_claims(self) -> None:
+        if not self._put_back:
+            return
+        try:
+            with db.transaction(self.sessions) as session:
+                session.execute(
+                    update(db.Delivery)
+                    .where(db.Delivery.id.in_(self._put_back), db.Delivery.state == db.SENDING)
+                    .values(state=db.QUEUED)
+                )
+        except Exception:
+            logger.exception("queueing %d claimed deliveries again failed", len(self._put_back))
+            return
+        self._put_back.clear()
 
     def _claim(self, due: list[db.Delivery], now: dt.datetime) -> list[db.Delivery]:
         """Move each delivery still due from queued to sending; returns the ones this call moved.

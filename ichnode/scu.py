@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 # A peer may propose at most 128 presentation contexts in one association.
 MAX_CONTEXTS = 128
+# The longest a failed association's TCP probe (which says why) waits.
+CONNECT_PROBE_SECONDS = 5.0
 
 
 def disable_nagle(assoc: Any) -> None:
@@ -87,16 +89,16 @@ def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
         return f"{ae_title}@{host}:{port} accepted no presentation context for {', '.join(offered)}"
     if assoc.is_aborted:
         # pynetdicom reports a failed TCP connect as an abort; say which it was.
-        unreachable = _connect_error(host, port, assoc.connection_timeout)
+        probe = min(CONNECT_PROBE_SECONDS, assoc.connection_timeout or CONNECT_PROBE_SECONDS)
+        unreachable = _connect_error(host, port, probe)
         if unreachable:
             return f"cannot connect to {ae_title}@{host}:{port}: {unreachable}"
         return f"association with {ae_title}@{host}:{port} aborted"
     return f"cannot associate with {ae_title}@{host}:{port} (no answer)"
 
 
-def _connect_error(host: str, port: int, timeout: float | None) -> str | None:
-    """Why a TCP connection to ``host:port`` fails (within the association's
-    connect timeout); None when it succeeds."""
+def _connect_error(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to ``host:port`` fails; None when it succeeds."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None

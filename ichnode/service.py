@@ -33,7 +33,7 @@ from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
 from .series import InstanceHeader, complete_stable_series, register_instance
-from .spool import Spool, SpoolInUse
+from .spool import Spool
 from .worker import Worker, describe_device, requeue_interrupted
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Node:
         try:
             for role in roles:
                 self._roles.append(self.spool.hold_role(role))
-        except SpoolInUse:
+        except BaseException:
             self._let_go()
             raise
         self.scheduler = BackgroundScheduler(

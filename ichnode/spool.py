@@ -104,6 +104,9 @@ class Spool:
         except BlockingIOError:
             os.close(fd)
             raise SpoolInUse(f"another ichnode {role} is running on the spool {self.root}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     # -- paths -----------------------------------------------------------

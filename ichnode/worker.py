@@ -80,8 +80,8 @@ class ClaimedSeries:
     volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
     # Slices quarantined by earlier versions: not read again, still not scored.
     quarantined_before: int = 0
-    # The latest earlier version whose SR went (or is going) to a destination:
-    # the new SR names it as its predecessor.
+    # The latest earlier version whose SR was stored at a destination: the new
+    # SR names it as its predecessor.
     previous_sr_version: int | None = None
 
     @property
@@ -341,7 +341,7 @@ class Worker:
                     db.SeriesResult.series_id == item.series_id,
                     db.SeriesResult.version < item.version,
                     db.Delivery.kind == "sr",
-                    db.Delivery.state.in_((db.SENDING, db.SENT)),
+                    db.Delivery.state == db.SENT,
                 )
             )
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
@@ -556,11 +556,6 @@ class Worker:
         card = self.model.card
         now = db.utcnow()
         with db.transaction(self.sessions) as session:
-            for instance_id, reason in item.quarantined.items():
-                session.execute(
-                    update(db.Instance).where(db.Instance.id == instance_id).values(quarantine_reason=reason)
-                )
-                logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
             # Only a series still in the state we claimed it in moves on; if
             # slices arrived meanwhile it is receiving again and this result
             # is superseded at once by the next version.
@@ -575,7 +570,13 @@ class Worker:
             ).rowcount
             if current:
                 # A stale result (a newer version is on its way, or already
-                # recorded) must touch nothing of the newer one.
+                # recorded) must touch nothing of the newer one: not even the
+                # slices it quarantined, which may have been sent again since.
+                for instance_id, reason in item.quarantined.items():
+                    session.execute(
+                        update(db.Instance).where(db.Instance.id == instance_id).values(quarantine_reason=reason)
+                    )
+                    logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
                 _supersede_older_results(session, item.series_id)
             result = db.SeriesResult(
                 series_id=item.series_id,

@@ -406,6 +406,27 @@ def test_a_node_started_after_a_dispatcher_crash_sends_what_it_left_sending(
     assert pacs.stored_counts() == {row.sop_instance_uid: 1}
 
 
+def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(tmp_path: Path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    engine, sessions, spool = _queue(tmp_path, 2, free_port())  # nobody listens there
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
+    failed = dispatcher._failed
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("UPDATE delivery", {}, Exception("database is locked"))
+
+    dispatcher._failed = locked
+    try:
+        assert dispatcher.run_once() == 0  # nothing escapes the round
+        assert [r.state for r in deliveries(sessions)] == [db.SENDING] * 2
+        dispatcher._failed = failed
+        assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
+        assert [(r.state, r.attempts) for r in deliveries(sessions)] == [(db.QUEUED, 1)] * 2
+    finally:
+        engine.dispose()
+
+
 # -- where reports go -------------------------------------------------------------------
 def test_reports_return_to_the_sender(nodes: Nodes, recorder) -> None:
     scanner = recorder("CT_SCANNER")

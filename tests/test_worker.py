@@ -326,6 +326,8 @@ def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, 
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
 
     def record_stale() -> None:
+        # Version 1 found a slice bad; it has been sent again since (version 2).
+        stale.prepared.quarantined[instances_of(receiver.sessions, series_uid)[5].id] = "cannot decode pixels"
         if outcome == "failed":
             worker._fail(stale, "preparing failed: it took too long")
         else:
@@ -349,7 +351,9 @@ def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, 
     old, new = sorted(results_of(receiver.sessions, series_uid), key=lambda result: result.version)
     assert (old.version, old.status, old.superseded) == (1, outcome, True)
     assert (new.version, new.status, new.superseded) == (2, db.SCORED, False)
+    assert (new.slice_count, new.quarantined_count) == (14, 0)
     assert [d.state for d in new.deliveries] == [db.QUEUED] * 2
+    assert {row.quarantine_reason for row in instances_of(receiver.sessions, series_uid)} == {None}
 
 
 def test_an_outcome_the_database_refuses_is_scored_again_next_round(nodes: Nodes) -> None:
