@@ -101,6 +101,7 @@ class Dispatcher:
         return sent
 
     def _put_back_claims(self) -> None:
+        """Deliveries left sending by a round that could not record their failure go back to queued."""
         if not self._put_back:
             return
         try:
