@@ -143,14 +143,16 @@ class AccessPolicy:
 def handle_requested(event: evt.Event, policy: AccessPolicy, spool: Spool) -> None:
     """EVT_REQUESTED: answer A-ASSOCIATE-RJ with the right reason for a refused peer,
     and for now (transient) while the spool is below ``storage.min_free_mb``: each
-    image would be written out before it could be refused."""
+    image would be written out before it could be refused. A C-ECHO still gets
+    through: the node is up, its disk is full."""
     assoc = event.assoc
     request = assoc.requestor.primitive
     calling = str(request.calling_ae_title)
     called = str(request.called_ae_title)
     host = assoc.requestor.address
     rejection = policy.check(calling, called, host)
-    if rejection is None and not spool.has_room():
+    echo_only = all(cx.abstract_syntax == Verification for cx in assoc.requestor.requested_contexts)
+    if rejection is None and not echo_only and not spool.has_room():
         reason = f"{spool.free_mb():.0f} MB free in the spool, storage.min_free_mb is {spool.min_free_mb}"
         rejection = Rejection(2, 3, 2, reason)  # transient: local limit exceeded
     if rejection is None:

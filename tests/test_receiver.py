@@ -281,9 +281,13 @@ def test_association_log_names_peer_and_ae_titles(start_node: Any, caplog: pytes
 
 # -- failures keep the sender's copy authoritative ----------------------------
 def test_full_disk_refuses_associations_for_now(start_node: Any) -> None:
-    # Before any image is written out: rejected, transient (local limit exceeded).
+    # Before any image is written out: rejected, transient (local limit
+    # exceeded). A C-ECHO still answers: the node is up.
     node = start_node(storage={"min_free_mb": 10**12})
-    assert_rejected(associate(node.port, "TEST_SCU"), 2, 3, 2)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(CT)
+    assert_rejected(ae.associate("127.0.0.1", node.port, ae_title="ICHNODE"), 2, 3, 2)
+    assert echo_ok(node.port)
     assert_nothing_stored(node)
 
 
