@@ -288,11 +288,11 @@ class Worker:
 
     def _score_all(self, items: list[ClaimedSeries]) -> list[Future[None]]:
         """Score the prepared ``items`` together and hand their results (or
-        skips) to the store thread; a model that fails fails them all, with why."""
+        skips) to the store thread; a model that fails fails them all, with
+        why, and a series whose scores cannot be made fails alone."""
         scorable = [item for item in items if item.prepared.volume is not None]
         try:
             probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
-            scored = {id(item): self._score(item, probabilities[id(item)]) for item in scorable}
         except Exception as exc:
             logger.exception("scoring %d series failed", len(scorable))
             reason = f"scoring failed: {type(exc).__name__}: {exc}"
@@ -302,7 +302,19 @@ class Worker:
                 else self._store_pool.submit(self._store_or_fail, item, None)
                 for item in items
             ]
-        return [self._store_pool.submit(self._store_or_fail, item, scored.get(id(item))) for item in items]
+        stores = []
+        for item in items:
+            scored = None
+            if item.prepared.volume is not None:
+                try:
+                    scored = self._score(item, probabilities[id(item)])
+                except Exception as exc:
+                    logger.exception("scoring series %s failed", item.series_uid)
+                    reason = f"scoring failed: {type(exc).__name__}: {exc}"
+                    stores.append(self._store_pool.submit(self._fail_or_keep, item, reason))
+                    continue
+            stores.append(self._store_pool.submit(self._store_or_fail, item, scored))
+        return stores
 
     def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Hand work to the helper processes, replacing them if one died."""

@@ -559,6 +559,34 @@ def test_a_step_that_fails_fails_the_series_with_the_reason(
     _fails_the_series(worker, receiver, series_uid, reason)
 
 
+def test_a_series_whose_scores_cannot_be_made_fails_alone(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two series in one model batch (batches padded, as under JAX); making the
+    # scores of the first raises: it fails with why, the second is scored.
+    monkeypatch.setattr(HemorrhageModel, "pads_batches", True)
+    first, second = phantom(60), phantom(61)
+    config, receiver = _received_complete(nodes, first, second, model={"worker_processes": 2, "batch_size": 64})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    score, batches = worker._score, []
+    score_all = worker._score_all
+    worker._score_all = lambda items: batches.append(len(items)) or score_all(items)
+
+    def broken_for_the_first(item: Any, probs: Any) -> Any:
+        if item.series_uid == _uid(first.datasets[0]):
+            raise ValueError("no scores")
+        return score(item, probs)
+
+    worker._score = broken_for_the_first
+    try:
+        assert worker.run_once() == 2
+    finally:
+        worker.close()
+    assert [count for count in batches if count] == [2]  # one batch
+    (failed,) = results_of(receiver.sessions, _uid(first.datasets[0]))
+    assert (failed.status, failed.skip_reason) == (db.FAILED, "scoring failed: ValueError: no scores")
+    (scored,) = results_of(receiver.sessions, _uid(second.datasets[0]))
+    assert scored.status == db.SCORED
+
+
 def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: str) -> None:
     """One round of ``worker`` records the series failed with ``reason``, and leaves no volume behind."""
     try:
