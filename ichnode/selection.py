@@ -79,9 +79,8 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
 
     A localizer or derived image filed in the series, an image oriented
     otherwise than most (its reformat, say) or one without a position is
-    left out of the volume. Only
-    a minority can be stray: a series made mostly of such images is judged
-    whole by :func:`skip_reason`.
+    left out of the volume. Only a minority can be stray: a series made
+    mostly of such images is judged whole by :func:`skip_reason`.
     """
     strays: dict[int, str] = {}
     normals: dict[int, np.ndarray] = {}

@@ -80,15 +80,7 @@ class Node:
             min_free_mb=config.storage.min_free_mb,
             fsync=config.storage.fsync,
         )
-        # One of each stage per spool (the extra receiver processes are the first's).
-        roles = [c for c in self.components if c != RECEIVER or receiver_index == 0]
-        self._roles: list[int] = []
-        try:
-            for role in roles:
-                self._roles.append(self.spool.hold_role(role))
-        except BaseException:
-            self._let_go()
-            raise
+        self._roles: list[int] = []  # file descriptors of the spool roles held (Spool.hold_role)
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"coalesce": True, "max_instances": 1},
@@ -97,7 +89,11 @@ class Node:
         self.server = None
         self.worker: Worker | None = None
         self.dispatcher: Dispatcher | None = None
-        try:
+        try:  # a node that cannot start lets go of what it took
+            # One of each stage per spool (the extra receiver processes are the first's).
+            for role in self.components:
+                if role != RECEIVER or receiver_index == 0:
+                    self._roles.append(self.spool.hold_role(role))
             if WORKER in self.components:
                 # Loaded before anything starts: a bad model or card refuses to start.
                 self.worker = Worker(config, self.sessions, self.spool, model or load_model(config.model.path))

@@ -3,9 +3,9 @@
 Layout under ``storage.spool_dir``::
 
     .tmp/                          temporary files, same filesystem as the rest
-    .locks/                        the per-instance locks (see Spool.instance_lock)
     .tmp/receiver-N/, .tmp/worker/ each receiver process's, and the worker's
                                    preprocessed volumes in transit (not durable)
+    .locks/                        lock files (Spool.instance_lock, Spool.hold_role)
     instances/<study>/<series>/<sop>.dcm
     reports/<study>/<sop>.dcm      report objects waiting for or after delivery
 
@@ -83,7 +83,7 @@ class Spool:
         processes; spread over :data:`LOCK_STRIPES` files.
         """
         stripe = hashlib.sha1(sop_instance_uid.encode()).digest()[0] % LOCK_STRIPES
-        fd = os.open(self.locks_dir / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._lock_file(f"{stripe:02x}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -98,7 +98,7 @@ class Spool:
         files in transit at its start, and a second worker or dispatcher would
         requeue the first's work: it is refused with :class:`SpoolInUse`.
         """
-        fd = os.open(self.locks_dir / f"{role}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._lock_file(role)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -108,6 +108,9 @@ class Spool:
             os.close(fd)
             raise
         return fd
+
+    def _lock_file(self, name: str) -> int:
+        return os.open(self.locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
 
     # -- paths -----------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:

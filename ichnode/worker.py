@@ -500,13 +500,7 @@ class Worker:
             with db.transaction(self.sessions) as session:
                 for item in self._put_back:
                     session.execute(
-                        update(db.Series)
-                        .where(
-                            db.Series.id == item.series_id,
-                            db.Series.state == db.PROCESSING,
-                            db.Series.version == item.version,
-                        )
-                        .values(state=db.COMPLETE, claimed_at=None)
+                        update(db.Series).where(*_as_claimed(item)).values(state=db.COMPLETE, claimed_at=None)
                     )
         except Exception:
             logger.exception("putting back %d series to be scored again failed", len(self._put_back))
@@ -571,15 +565,7 @@ class Worker:
             # Only a series still in the state we claimed it in moves on; if
             # slices arrived meanwhile it is receiving again and this result
             # is superseded at once by the next version.
-            current = session.execute(
-                update(db.Series)
-                .where(
-                    db.Series.id == item.series_id,
-                    db.Series.state == db.PROCESSING,
-                    db.Series.version == item.version,
-                )
-                .values(state=status)
-            ).rowcount
+            current = session.execute(update(db.Series).where(*_as_claimed(item)).values(state=status)).rowcount
             if current:
                 # A stale result (a newer version is on its way, or already
                 # recorded) must touch nothing of the newer one: not even the
@@ -642,15 +628,7 @@ class Worker:
 
     def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:
-            current = session.execute(
-                update(db.Series)
-                .where(
-                    db.Series.id == item.series_id,
-                    db.Series.state == db.PROCESSING,
-                    db.Series.version == item.version,
-                )
-                .values(state=db.FAILED)
-            ).rowcount
+            current = session.execute(update(db.Series).where(*_as_claimed(item)).values(state=db.FAILED)).rowcount
             session.add(
                 db.SeriesResult(
                     series_id=item.series_id,
@@ -662,6 +640,12 @@ class Worker:
                     superseded=not current,
                 )
             )
+
+
+def _as_claimed(item: ClaimedSeries) -> tuple[Any, ...]:
+    """Conditions on the series row that hold while it is as ``item`` claimed
+    it: processing, the same version (late slices make a new one)."""
+    return (db.Series.id == item.series_id, db.Series.state == db.PROCESSING, db.Series.version == item.version)
 
 
 def _supersede_older_results(session: Session, series_id: int) -> None:

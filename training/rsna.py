@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 
 from ichnode import imaging
-from ichnode.selection import stray_slices
 from ichnode.config import LABELS
+from ichnode.selection import stray_slices
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +270,8 @@ def build_index(
     if left_out:
         bad = np.zeros(len(table), dtype=bool)
         bad[list(left_out)] = True
-        skipped = pd.concat(
-            [skipped, pd.DataFrame({"path": table["path"].to_numpy()[bad], "error": [left_out[i] for i in np.flatnonzero(bad)]})]
-        )
+        reasons = [left_out[i] for i in np.flatnonzero(bad)]
+        skipped = pd.concat([skipped, pd.DataFrame({"path": table["path"].to_numpy()[bad], "error": reasons})])
         table = table[~bad]
         slice_index = slice_index[~bad]
     table["slice_index"] = slice_index
