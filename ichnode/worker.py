@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -85,6 +85,10 @@ class ClaimedSeries:
     previous_sr_version: int | None = None
 
     @property
+    def key(self) -> tuple[int, int]:
+        return self.series_id, self.version
+
+    @property
     def sop_uids(self) -> list[str]:
         return self.prepared.sop_uids
 
@@ -125,6 +129,8 @@ class Worker:
         spool.clear_tmp(self._handoff)
         self._process_count = config.model.worker_processes or default_processes()
         self._processes = process_pool(self._process_count)
+        # Enough series in preparation at once to keep every helper process busy.
+        self._in_flight = max(CLAIM_BATCH, self._process_count)
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
         self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-gather")
         # Series to put back to complete at the next round's start: the database
@@ -205,6 +211,32 @@ class Worker:
         model moves on.
         """
         self._put_back_series()
+        # Series a dying helper took down are scored after the others, each
+        # alone: if one crashes the helpers again, it fails, and nothing with it.
+        suspects: list[ClaimedSeries] = []
+
+        def set_aside(claimed: list[ClaimedSeries]) -> list[ClaimedSeries]:
+            suspects.extend(item for item in claimed if item.key in self._crashed_once)
+            return [item for item in claimed if item.key not in self._crashed_once]
+
+        def claim_more(limit: int) -> list[ClaimedSeries]:
+            return [] if suspects else set_aside(self._claim_more(limit))  # suspects wait for no newcomer
+
+        try:
+            handled = self._process(set_aside(self.claim(self._in_flight)), claim_more)
+            while suspects:
+                handled += self._process([suspects[0]], None)
+                self._crashed_once.discard(suspects.pop(0).key)
+        except BaseException:
+            self._put_back.extend(suspects)
+            raise
+        return handled
+
+    def _process(
+        self, claimed: list[ClaimedSeries], claim_more: Callable[[int], list[ClaimedSeries]] | None
+    ) -> int:
+        """Prepare, score and store ``claimed``, and what ``claim_more`` gives
+        while the model works (None: nothing more); returns the series handled."""
         handled = 0
         # Helper-process work under way, and the series and step it is for.
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
@@ -236,9 +268,7 @@ class Worker:
                 for future, step in started:
                     preparing[future] = (item, step)
 
-        # Enough series in preparation at once to keep every helper process busy.
-        in_flight = max(CLAIM_BATCH, self._process_count)
-        prepare(self.claim(in_flight))
+        prepare(claimed)
         held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
         held_since = 0.0
         while preparing:
@@ -264,8 +294,8 @@ class Worker:
                     handled += 1
             # Claim more while the model works, so the processes never idle.
             in_hand = len(in_preparation())
-            if in_hand < in_flight:
-                prepare(self._claim_more(in_flight - in_hand))
+            if claim_more is not None and in_hand < self._in_flight:
+                prepare(claim_more(self._in_flight - in_hand))
             # Where a partial batch costs the model as much as a full one,
             # series wait until they fill one, unless no more are coming or
             # they waited long enough; elsewhere none waits. Skipped series
@@ -476,10 +506,10 @@ class Worker:
     def _scored_again_after_a_crash(self, item: ClaimedSeries, exc: Exception) -> bool:
         """A helper died (out of memory, a decoder crash) and took all its
         pool's work with it: each series is scored again, once."""
-        if not isinstance(exc, BrokenProcessPool) or (item.series_id, item.version) in self._crashed_once:
+        if not isinstance(exc, BrokenProcessPool) or item.key in self._crashed_once:
             return False
         logger.warning("a helper process died while working on series %s; it is scored again", item.series_uid)
-        self._crashed_once.add((item.series_id, item.version))
+        self._crashed_once.add(item.key)
         self._put_back.append(item)
         return True
 

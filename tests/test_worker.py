@@ -704,6 +704,35 @@ def test_a_series_a_dying_helper_took_down_is_scored_again_once(nodes: Nodes, de
         assert "BrokenProcessPool" in result.skip_reason
 
 
+def test_a_series_that_crashes_the_helpers_fails_alone(nodes: Nodes) -> None:
+    # Every time the helper prepares series A it dies (as on a file that
+    # crashes the decoder). B, queued behind A the first time, is taken down
+    # too; the next round scores each alone, so only A fails.
+    poison, innocent = phantom(61), phantom(60)
+    poison_uid = _uid(poison.datasets[0])
+    config, receiver = _received_complete(nodes, poison, innocent, model={"worker_processes": 1})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submit = worker._submit
+
+    def die_preparing_the_poison(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is preparation.prepare_series and safe_name(poison_uid) in args[1][0].path:
+            # Killed once B is queued behind it (the shell's parent is the helper).
+            return submit(os.system, "sleep 0.5; kill -9 $PPID")
+        return submit(fn, *args, **kwargs)
+
+    worker._submit = die_preparing_the_poison
+    try:
+        assert worker.run_once() == 2
+        assert results_of(receiver.sessions, poison_uid) == []  # both put back, neither failed
+        assert worker.run_once() == 2
+    finally:
+        worker.close()
+    (scored,) = results_of(receiver.sessions, _uid(innocent.datasets[0]))
+    (failed,) = results_of(receiver.sessions, poison_uid)
+    assert (scored.status, scored.slice_count) == (db.SCORED, len(innocent.datasets))
+    assert failed.status == db.FAILED and "BrokenProcessPool" in failed.skip_reason
+
+
 def _resident_bytes_freed() -> int:
     """How much resident memory a 12 MiB array gives back to the system when freed."""
 
