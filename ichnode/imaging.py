@@ -15,7 +15,8 @@ Conventions
 - Images are ``(H, W)`` and windowed images ``(H, W, C)`` float32, one
   channel per ``(center, width)`` window in the order given.
 - Volumes are ``(N, H, W, C)``, slices in ascending position along the slice
-  normal (ascending patient z, i.e. feet to head, for axial series).
+  normal turned towards the head (ascending patient z, i.e. feet to head,
+  whichever way the scanner's row and column cosines point).
 
 Limitations
 -----------
@@ -48,6 +49,7 @@ __all__ = [
     "context_indices",
     "fix_bad_intercept",
     "header_windows",
+    "image_position",
     "keep_freed_memory",
     "needs_intercept_fix",
     "order_slices",
@@ -421,6 +423,18 @@ def _vector(ds: Dataset, keyword: str, length: int) -> np.ndarray:
     return vector
 
 
+def image_position(ds: Dataset) -> np.ndarray:
+    """Return ImagePositionPatient as a float64 ``(3,)`` vector, in mm.
+
+    Raises
+    ------
+    ValueError
+        If it is missing or does not hold three finite numbers.
+    """
+    _check_dataset(ds)
+    return _vector(ds, "ImagePositionPatient", 3)
+
+
 def slice_normal(ds: Dataset) -> np.ndarray:
     """Return the unit slice normal, row cosines x column cosines.
 
@@ -456,8 +470,11 @@ def slice_positions(datasets: Sequence[Dataset]) -> np.ndarray:
 
     The common normal is the normalised mean of the slices' normals (they
     are expected to share one orientation; series selection rejects mixed
-    ones).  Projecting ImagePositionPatient on the normal, rather than
-    taking its z, gives the true slice spacing under gantry tilt.
+    ones), turned towards the head: row and column cosines whose cross
+    product points to the feet (some feet-first or mirrored reconstructions)
+    still give positions that ascend from feet to head.  Projecting
+    ImagePositionPatient on the normal, rather than taking its z, gives the
+    true slice spacing under gantry tilt.
 
     Parameters
     ----------
@@ -485,13 +502,15 @@ def slice_positions(datasets: Sequence[Dataset]) -> np.ndarray:
         _check_dataset(ds, f"datasets[{i}]")
         try:
             normals[i] = slice_normal(ds)
-            origins[i] = _vector(ds, "ImagePositionPatient", 3)
+            origins[i] = image_position(ds)
         except ValueError as exc:
             raise ValueError(f"datasets[{i}]: {exc}") from None
     normal = normals.mean(axis=0)
     norm = float(np.linalg.norm(normal))
     if norm < 0.5:
         raise ValueError("The slices' orientations disagree: their normals cancel out")
+    if normal[2] < 0:
+        normal = -normal
     return origins @ (normal / norm)
 
 

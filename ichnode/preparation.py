@@ -13,6 +13,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import warnings
@@ -52,6 +53,11 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
 
 def _start_helper(parent: int) -> None:
     """What each helper process does first."""
+    # The node stops its helpers itself, once their series are done: Ctrl-C in
+    # a terminal, or a stop signal sent to the node's whole process group, must
+    # not kill one mid-series.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     imaging.keep_freed_memory()
     # highdicom warns of a person name of one component ("ANONYMOUS", "REMOVED"
     # in de-identified data). The reports copy the source's names as they are:
@@ -195,7 +201,12 @@ def _read_and_order(
     prepared.skip = skip_reason([ds for _, ds in readable], [row.sop_class_uid for row, _ in readable], rules)
     if prepared.skip is not None:
         return []
-    ordered = [readable[index] for index in imaging.order_slices([ds for _, ds in readable])]
+    try:
+        order = imaging.order_slices([ds for _, ds in readable])
+    except ValueError as exc:
+        prepared.skip = f"slices cannot be ordered: {exc}"
+        return []
+    ordered = [readable[index] for index in order]
     prepared.rows = [row for row, _ in ordered]
     return ordered
 

@@ -8,6 +8,7 @@ reason a PACS administrator can read in ``ichnode results``.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -16,14 +17,25 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type: ignore[attr-defined]
 
 from .config import SeriesConfig
-from .imaging import slice_normal, tilt_degrees
+from .imaging import image_position, slice_normal, slice_positions, tilt_degrees
 
-_DESCRIPTIONS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
+# Word starts in a series description that name a part of the body other
+# than the head: such a series is not scored even in a study described as
+# a head study.
+_OTHER_BODY_PARTS = (
+    "CHEST", "THORA", "LUNG", "ABD", "PELVI", "SPINE", "CSPINE", "TSPINE", "LSPINE", "NECK",
+    "CARDI", "HEART", "CORONAR", "LIVER", "KIDNEY", "RENAL", "KNEE", "SHOULDER", "EXTREMIT",
+)  # fmt: skip
+# A head CT covers about 150-250 mm; a series much longer is of more than the
+# head (a whole-body or chest-to-pelvis scan in a study described as "head").
+_LONGEST_HEAD_MM = 350.0
 # ImageType values (value 3 onwards) that mark images the model must not see.
 _EXCLUDED_IMAGE_TYPES = {"LOCALIZER": "a localizer (scout)", "SCOUT": "a localizer (scout)", "REF_SURVIEW": "a survey image"}
 # Slices of one acquisition share their orientation (a gantry tilt included);
 # one further off than this is another kind of image (a reformat, say).
 _SAME_ORIENTATION_DEGREES = 1.0
+# Slices closer than this along the normal are at one position.
+_SAME_POSITION_MM = 0.01
 
 
 def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: SeriesConfig) -> str | None:
@@ -53,43 +65,119 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
         return f"{len(headers)} slices, fewer than series.min_slices ({rules.min_slices})"
     if "ImageOrientationPatient" not in first:
         return "no ImageOrientationPatient: cannot tell the slice orientation"
-    tilt = tilt_degrees(first)
+    try:
+        tilt = tilt_degrees(first)
+    except ValueError as exc:
+        return f"ImageOrientationPatient unusable: {exc}"
     if tilt > rules.axial_tolerance_degrees:
         return (
             f"not axial: slice normal {tilt:.1f} degrees from the patient axis "
             f"(series.axial_tolerance_degrees is {rules.axial_tolerance_degrees:g})"
         )
-    keywords = [word.upper() for word in rules.head_keywords]
-    # BodyPartExamined names what this series imaged and decides when it is
-    # set: a study described "CT HEAD CHEST" also holds a chest series.
-    body_part = str(first.get("BodyPartExamined", "") or "").strip().upper()
+    not_head = _not_head(first, rules.head_keywords)
+    if not_head:
+        return not_head
+    mixed = mixed_series(headers)
+    if mixed:
+        return mixed
+    extent = float(np.ptp(slice_positions(headers)))
+    if extent > _LONGEST_HEAD_MM:
+        return f"not a head series: its slices span {extent:.0f} mm, more than a head ({_LONGEST_HEAD_MM:.0f} mm)"
+    return None
+
+
+def _not_head(ds: Dataset, head_keywords: Sequence[str]) -> str | None:
+    """Why the series is not of the head, if its descriptions say so.
+
+    BodyPartExamined names what this series imaged and decides when it is
+    set. Else a series description or protocol naming the head decides, and
+    one naming another part of the body ("C-SPINE 2.5 BONE" in a head and
+    spine study); else the study description. A series described, but
+    nowhere as of the head, is not scored. A keyword matches the start of a
+    word ("CRANI" in "CRANIAL", not "HEAD" in "FOREHEAD").
+    """
+    keywords = [word.upper() for word in head_keywords]
+
+    def texts(*attributes: str) -> list[str]:
+        return [text for text in (str(ds.get(a, "") or "").strip().upper() for a in attributes) if text]
+
+    def names(texts: list[str], prefixes: Sequence[str]) -> bool:
+        words = [word for text in texts for word in re.split(r"[^A-Z0-9]+", text)]
+        return any(word.startswith(prefix) for word in words for prefix in prefixes)
+
+    body_part = texts("BodyPartExamined")
     if body_part:
-        if not any(word in body_part for word in keywords):
-            return f"not a head series: BodyPartExamined {body_part} names none of series.head_keywords"
+        if names(body_part, keywords):
+            return None
+        return f"not a head series: BodyPartExamined {body_part[0]} names none of series.head_keywords"
+    series = texts("SeriesDescription", "ProtocolName")
+    if names(series, keywords):
         return None
-    described = [str(first.get(keyword, "")).upper() for keyword in _DESCRIPTIONS]
-    described = [text for text in described if text.strip()]
-    if described and not any(word in text for text in described for word in keywords):
-        return f"not a head series: {' / '.join(described)} names none of series.head_keywords"
+    if names(series, _OTHER_BODY_PARTS):
+        return f"not a head series: {' / '.join(series)} names another part of the body"
+    study = texts("StudyDescription")
+    if names(study, keywords) or not (study or series):
+        return None
+    return f"not a head series: {' / '.join(study + series)} names none of series.head_keywords"
+
+
+def mixed_series(headers: Sequence[Dataset]) -> str | None:
+    """Why the images cannot make one volume, if they cannot.
+
+    Images of several kinds or orientations with none a majority (so that
+    :func:`stray_slices` leaves none out), or several images at one slice
+    position: a dynamic (perfusion) series or several reconstructions filed
+    as one series, which would be scored as if their images were slices.
+    """
+    strays = _strays(headers)
+    if strays:
+        index, why = next(iter(strays.items()))
+        return f"{len(strays)} of {len(headers)} images are not slices of one volume (image {index + 1}: {why})"
+    try:
+        positions = np.sort(slice_positions(headers))
+    except ValueError as exc:
+        return f"slice positions unusable: {exc}"
+    distinct = 1 + int(np.count_nonzero(np.diff(positions) > _SAME_POSITION_MM)) if len(positions) else 0
+    if distinct < len(headers):
+        return (
+            f"{len(headers)} images at {distinct} slice positions: several images per position "
+            "(a dynamic or perfusion series, or several reconstructions in one series)"
+        )
     return None
 
 
 def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
     """The images of a series that are not slices of its volume, and why, by index.
 
-    A localizer or derived image filed in the series, an image oriented
-    otherwise than most (its reformat, say) or one without a position is
-    left out of the volume. Only a minority can be stray: a series made
-    mostly of such images is judged whole by :func:`skip_reason`.
+    A localizer or derived image filed in the series, an image of another
+    study or patient than most, one oriented otherwise than most (its
+    reformat, say) or one without a usable position is left out of the
+    volume. Only a minority can be stray: a
+    series made mostly of such images is judged whole by :func:`skip_reason`
+    (see :func:`mixed_series`).
     """
+    strays = _strays(headers)
+    return strays if 2 * len(strays) < len(headers) else {}
+
+
+def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
+    """Every image that is not a slice of the volume most images share, and why."""
     strays: dict[int, str] = {}
     normals: dict[int, np.ndarray] = {}
+    # One Series Instance UID for images of two patients or studies: a series
+    # re-filed by the PACS, or a mistake. Most of it decides which it is.
+    identities = [(str(ds.get("StudyInstanceUID", "")), str(ds.get("PatientID", ""))) for ds in headers]
+    common_identity = Counter(identities).most_common(1)[0][0] if identities else None
     for index, ds in enumerate(headers):
         reason = _excluded_image_type(ds)
+        if reason is None and identities[index] != common_identity:
+            study, patient = identities[index]
+            reason = f"of study {study}, patient {patient}, unlike most images of the series"
         if reason is None and not ds.get("ImagePositionPatient"):
             reason = "no ImagePositionPatient: its place in the volume is unknown"
         if reason is None:
             try:
+                image_position(ds)
                 normals[index] = slice_normal(ds)
             except ValueError as exc:
                 reason = str(exc)
@@ -103,7 +191,7 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
             angle = math.degrees(math.acos(min(1.0, abs(float(normal @ reference)))))
             if angle > _SAME_ORIENTATION_DEGREES:
                 strays[index] = f"oriented {angle:.0f} degrees from the series' other slices"
-    return strays if 2 * len(strays) < len(headers) else {}
+    return dict(sorted(strays.items()))
 
 
 def _excluded_image_type(ds: Dataset) -> str | None:

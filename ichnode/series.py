@@ -135,9 +135,29 @@ def _register(
     instance_t = db.Instance.__table__
     with db.transaction(factory) as session:
         conn = session.connection()
-        series_id = conn.execute(
-            select(series_t.c.id).where(series_t.c.series_uid == header.series_uid)
-        ).scalar_one_or_none()
+        series = conn.execute(
+            select(series_t.c.id, series_t.c.study_uid, series_t.c.patient_id).where(
+                series_t.c.series_uid == header.series_uid
+            )
+        ).first()
+        series_id = series.id if series is not None else None
+        identity = {}
+        if series is not None and (series.study_uid, series.patient_id) != (header.study_uid, header.patient_id):
+            # The PACS re-filed the series (a corrected patient or study) and
+            # sends it again: the series goes by its newest identity. Images of
+            # another study or patient than most of it stay out of its volume
+            # (selection.stray_slices).
+            identity = dict(
+                study_uid=header.study_uid, patient_id=header.patient_id, accession_number=header.accession_number
+            )
+            logger.warning(
+                "series %s now arrives as study %s, patient %s (was study %s, patient %s)",
+                header.series_uid,
+                header.study_uid,
+                header.patient_id,
+                series.study_uid,
+                series.patient_id,
+            )
         if series_id is None:
             series_id = conn.execute(
                 insert(series_t).values(
@@ -214,6 +234,7 @@ def _register(
                 last_received_at=now,
                 state=db.RECEIVING,
                 claimed_at=None,
+                **identity,
             )
         )
         return Registration(instance_id, series_id, existing is not None, replaced_path)
@@ -231,10 +252,11 @@ def complete_stable_series(
                 db.Series.state == db.RECEIVING, db.Series.last_received_at <= cutoff
             )
         ).all()
+        completed = []
         for series_id, series_uid, count in rows:
             # The state condition makes this safe against a slice arriving
             # (or another node completing it) since the select above.
-            session.execute(
+            won = session.execute(
                 update(db.Series)
                 .where(
                     db.Series.id == series_id,
@@ -242,6 +264,8 @@ def complete_stable_series(
                     db.Series.last_received_at <= cutoff,
                 )
                 .values(state=db.COMPLETE, completed_at=now, version=db.Series.version + 1)
-            )
-            logger.info("series %s complete with %d instances", series_uid, count)
-    return [series_uid for _, series_uid, _ in rows]
+            ).rowcount
+            if won:
+                logger.info("series %s complete with %d instances", series_uid, count)
+                completed.append(series_uid)
+    return completed

@@ -353,6 +353,15 @@ def test_order_uses_projection_on_normal_not_z() -> None:
     assert order_slices([b, a]) == [1, 0]
 
 
+@pytest.mark.parametrize("orientation", [[1, 0, 0, 0, 1, 0], [-1, 0, 0, 0, 1, 0], [1, 0, 0, 0, -1, 0]])
+def test_order_runs_feet_to_head_whichever_way_the_normal_points(orientation: list[int]) -> None:
+    # Row x column points to the head for the first orientation and to the
+    # feet for the two mirrored ones (some feet-first reconstructions).
+    slices = [_positioned([0, 0, z], orientation) for z in (30.0, 10.0, 20.0)]
+    assert order_slices(slices) == [1, 2, 0]
+    np.testing.assert_allclose(slice_positions(slices), [30.0, 10.0, 20.0])
+
+
 def test_order_ties_and_fallbacks() -> None:
     axial = [1, 0, 0, 0, 1, 0]
     same = [_positioned([0, 0, 5], axial, InstanceNumber=n) for n in (3, 1, 2)]

@@ -561,6 +561,68 @@ def test_late_slice_reopens_a_complete_series(start_node: Any) -> None:
     assert second.completed_at > first.completed_at
 
 
+def test_a_series_sent_again_under_a_corrected_patient_goes_by_it(start_node: Any, tmp_path: Path) -> None:
+    # The PACS re-files a misfiled series (other patient, other study) and
+    # sends it again: results name the corrected patient and study.
+    node = start_node()
+    series_uid, sop_uid = generate_uid(), generate_uid()
+    first = _ct(sop_uid, series_uid, study_uid="1.2.826.0.1.3680043.8.498.11")
+    first.PatientID, first.AccessionNumber = "WRONG-PATIENT", "ACC-1"
+    corrected = _ct(sop_uid, series_uid, study_uid="1.2.826.0.1.3680043.8.498.12")
+    corrected.PatientID, corrected.AccessionNumber = "RIGHT-PATIENT", "ACC-2"
+    for ds in (first, corrected):
+        ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+        assert store_one(node.port, tmp_path / "one.dcm").Status == 0
+    series = series_by_uid(node, series_uid)
+    assert (series.study_uid, series.patient_id, series.accession_number, series.instance_count) == (
+        "1.2.826.0.1.3680043.8.498.12",
+        "RIGHT-PATIENT",
+        "ACC-2",
+        1,
+    )
+    files, rows = _files_and_rows(node)
+    assert files == rows and "1.2.826.0.1.3680043.8.498.12" in str(files[0])
+
+
+def test_completion_names_only_the_series_it_completed(tmp_path: Path) -> None:
+    # A slice arrives between the completion check's query and its update:
+    # the series stays receiving, and is not reported complete (which would
+    # wake the worker for nothing and log a completion that did not happen).
+    import time
+
+    from sqlalchemy import event
+
+    from ichnode.series import InstanceHeader, complete_stable_series, register_instance
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    db.init_db(engine)
+    sessions = db.session_factory(engine)
+    series_uid = generate_uid()
+
+    def register() -> None:
+        header = InstanceHeader(generate_uid(), "1.2.840.10008.5.1.4.1.1.2", "1.2.3", series_uid, "")
+        register_instance(sessions, header, path="x.dcm", size_bytes=1, calling_ae="CT", peer_host="127.0.0.1")
+
+    register()
+    time.sleep(0.2)
+    arrived = []
+
+    def slice_arrives(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE series SET state") and not arrived:
+            arrived.append(True)
+            register()
+
+    event.listen(engine, "before_cursor_execute", slice_arrives)
+    try:
+        assert complete_stable_series(sessions, 0.1) == []
+    finally:
+        event.remove(engine, "before_cursor_execute", slice_arrives)
+        engine.dispose()
+    assert arrived
+    with sessions() as session:
+        assert session.query(db.Series.state).one() == (db.RECEIVING,)
+
+
 def test_restart_completes_a_series_left_receiving(start_node: Any, tmp_path: Path) -> None:
     files = ge_files()
     series_uid = ge_series_uid()

@@ -1,0 +1,129 @@
+"""Which series and images the model scores (``ichnode.selection``): the skip
+reasons and left-out images a PACS administrator reads in ``ichnode results``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from ichnode.config import SeriesConfig
+from ichnode.imaging import slice_normal
+from ichnode.selection import skip_reason, stray_slices
+from tests.pipeline_support import phantom
+
+RULES = SeriesConfig()
+
+
+def _series(seed: int = 70, n_slices: int = 12) -> list[Any]:
+    return [copy.deepcopy(ds) for ds in phantom(seed, n_slices=n_slices).datasets]
+
+
+def _reason(headers: list[Any]) -> str | None:
+    """What the worker records: images left out first, then the rest judged."""
+    strays = stray_slices(headers)
+    kept = [ds for index, ds in enumerate(headers) if index not in strays]
+    return skip_reason(kept, [CTImageStorage] * len(kept), RULES)
+
+
+def test_the_phantom_series_is_eligible() -> None:
+    assert _reason(_series()) is None
+
+
+def test_a_perfusion_series_is_skipped_not_scored_as_one_volume() -> None:
+    # The same 12 positions imaged 3 times (a dynamic series): each image is a
+    # valid axial head slice, but their volume is not a head.
+    series = _series()
+    timed = []
+    for _ in range(3):
+        for ds in series:
+            again = copy.deepcopy(ds)
+            again.SOPInstanceUID = generate_uid()
+            timed.append(again)
+    assert stray_slices(timed) == {}
+    assert _reason(timed) == (
+        "36 images at 12 slice positions: several images per position "
+        "(a dynamic or perfusion series, or several reconstructions in one series)"
+    )
+
+
+def test_half_axial_half_reformatted_is_skipped_not_scored_mixed() -> None:
+    axial, coronal = _series(71), _series(72)
+    for ds in coronal:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = axial[0].StudyInstanceUID, axial[0].SeriesInstanceUID
+        ds.PatientID = axial[0].PatientID
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    headers = [ds for pair in zip(axial, coronal) for ds in pair]
+    assert stray_slices(headers) == {}  # neither kind is a minority
+    reason = _reason(headers)
+    assert reason is not None and reason.startswith("12 of 24 images are not slices of one volume")
+    assert "oriented 90 degrees" in reason
+
+
+@pytest.mark.parametrize("orientation", ["", [1, 0, 0, 0, 1], [1, 0, 0, 1, 0, 0]])
+def test_an_unusable_orientation_on_every_image_is_a_skip_reason(orientation: Any) -> None:
+    series = _series()
+    for ds in series:
+        ds.ImageOrientationPatient = orientation
+    reason = _reason(series)
+    assert reason is not None and reason.startswith("ImageOrientationPatient unusable"), reason
+
+
+def test_an_image_with_a_malformed_position_is_left_out_and_the_rest_scored() -> None:
+    series = _series()
+    series[3].ImagePositionPatient = [-112.0, -9.8]
+    strays = stray_slices(series)
+    assert list(strays) == [3] and "ImagePositionPatient must hold 3 finite numbers" in strays[3]
+    assert _reason(series) is None
+
+
+def test_an_image_of_another_patient_filed_in_the_series_is_left_out() -> None:
+    series = _series()
+    series[5].PatientID = "SOMEONE-ELSE"
+    strays = stray_slices(series)
+    assert list(strays) == [5] and "patient SOMEONE-ELSE" in strays[5]
+
+
+@pytest.mark.parametrize(
+    ("study", "series_description", "eligible", "why"),
+    [
+        # The common case once BodyPartExamined is removed: only the study says head.
+        ("CT HEAD WO CONTRAST", "AXIAL 5mm", True, None),
+        ("", "BRAIN STND 5mm", True, None),
+        ("CT CRANIAL", "", True, None),
+        ("", "", True, None),
+        # The spine series of a head and spine study.
+        ("CT HEAD C-SPINE", "C-SPINE 2.5 BONE", False, "names another part of the body"),
+        ("CT CHEST ABD PELVIS", "CHEST 5mm", False, "names another part of the body"),
+        # A keyword is the start of a word, not any part of one.
+        ("FOREHEAD LESION", "", False, "names none of series.head_keywords"),
+        ("", "AXIAL 5mm", False, "names none of series.head_keywords"),
+    ],
+)
+def test_head_series_by_description_when_body_part_is_empty(
+    study: str, series_description: str, eligible: bool, why: str | None
+) -> None:
+    series = _series()
+    for ds in series:
+        ds.BodyPartExamined = ""
+        ds.StudyDescription = study
+        ds.SeriesDescription = series_description
+    reason = _reason(series)
+    if eligible:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith("not a head series") and why in reason, reason
+
+
+def test_a_series_longer_than_a_head_is_skipped() -> None:
+    # Described as a head study, but 12 slices 40 mm apart: 440 mm of body.
+    series = _series()
+    normal = slice_normal(series[0])  # the phantom's gantry is tilted
+    first = [float(v) for v in series[0].ImagePositionPatient]
+    for index, ds in enumerate(series):
+        ds.ImagePositionPatient = [first[axis] + 40 * index * normal[axis] for axis in range(3)]
+    reason = _reason(series)
+    assert reason == "not a head series: its slices span 440 mm, more than a head (350 mm)"
