@@ -412,15 +412,17 @@ def _vector(ds: Dataset, keyword: str, length: int) -> np.ndarray:
         value = None if item is None else item.get(keyword)
     if value is None or value == "":
         raise ValueError(f"Dataset has no {keyword}")
+    # Python floats, not numpy calls: selection and ordering run this several
+    # times per slice, where numpy's per-call cost on six numbers dominates.
     try:
-        vector = np.array([float(v) for v in value], dtype=np.float64)
+        numbers = [float(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(
             f"Attribute {keyword} must hold {length} numbers, got {value!r}"
         ) from None
-    if vector.shape != (length,) or not np.all(np.isfinite(vector)):
+    if len(numbers) != length or not all(map(math.isfinite, numbers)):
         raise ValueError(f"Attribute {keyword} must hold {length} finite numbers, got {value!r}")
-    return vector
+    return np.array(numbers, dtype=np.float64)
 
 
 def image_position(ds: Dataset) -> np.ndarray:
@@ -455,14 +457,13 @@ def slice_normal(ds: Dataset) -> np.ndarray:
         If ImageOrientationPatient is missing, malformed or degenerate.
     """
     _check_dataset(ds)
-    iop = _vector(ds, "ImageOrientationPatient", 6)
-    normal = np.cross(iop[:3], iop[3:])
-    norm = float(np.linalg.norm(normal))
+    iop = _vector(ds, "ImageOrientationPatient", 6).tolist()
+    r0, r1, r2, c0, c1, c2 = iop
+    normal = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)  # rows x columns
+    norm = math.hypot(*normal)
     if norm < 1e-6:
-        raise ValueError(
-            f"ImageOrientationPatient has parallel row and column cosines: {iop.tolist()}"
-        )
-    return normal / norm
+        raise ValueError(f"ImageOrientationPatient has parallel row and column cosines: {iop}")
+    return np.array(normal) / norm
 
 
 def slice_positions(datasets: Sequence[Dataset]) -> np.ndarray:
