@@ -9,7 +9,10 @@ reloads the export with ``ichnode.model.load_model``.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -195,6 +198,78 @@ def test_the_index_leaves_out_the_images_the_node_leaves_out(tmp_path):
     }
 
 
+def test_the_index_and_slice_cache_are_rebuilt_when_their_data_change(tmp_path):
+    import pydicom
+
+    from training import phantoms
+
+    first, second, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    phantoms.write_dataset(first, 1, seed=12, layout="rsna", matrix=64, progress=False)
+    phantoms.write_dataset(second, 1, seed=13, layout="rsna", matrix=64, progress=False)
+    index = rsna.build_index(first, cache, workers=1, progress=False)
+
+    # A corrected label, in a CSV of the same size and mtime: its content decides.
+    csv = first / rsna.TRAIN_CSV
+    image = index["image_id"].iat[0]
+    was = int(index["subdural"].iat[0])
+    stat = csv.stat()
+    csv.write_text(csv.read_text().replace(f"{image}_subdural,{was}", f"{image}_subdural,{1 - was}"))
+    os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    index = rsna.build_index(first, cache, workers=1, progress=False)
+    assert index.set_index("image_id").loc[image, "subdural"] == 1 - was
+
+    # Another data folder with the same cache folder.
+    other = rsna.build_index(second, cache, workers=1, progress=False)
+    assert sorted(other["image_id"]) == sorted(f.stem for f in (second / "stage_2_train").glob("*.dcm"))
+    assert not set(other["image_id"]) & set(index["image_id"])
+
+    # A file regenerated under its name (same size, other pixels): decoded anew.
+    windows, size = imaging.DEFAULT_WINDOWS, (32, 32)
+    old = rsna.build_slice_cache(index, first, cache, windows, size, dtype="float32", workers=1, progress=False)
+    path = first / index["path"].iat[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+        ds.save_as(path)
+        expected = imaging.preprocess_slice(pydicom.dcmread(path), windows, size)
+    index = rsna.build_index(first, cache, workers=1, progress=False)
+    new = rsna.build_slice_cache(index, first, cache, windows, size, dtype="float32", workers=1, progress=False)
+    row = int(np.flatnonzero(index["path"] == index["path"].iat[3])[0])
+    assert not np.array_equal(old.images()[row], expected)
+    np.testing.assert_array_equal(new.images()[row], expected)
+
+
+def test_training_without_the_cache_leaves_out_a_slice_that_cannot_be_decoded(tmp_path):
+    from tests.conftest import require_data
+    from training import train
+
+    series = require_data("rsna-series")
+    data = tmp_path / "data"
+    images = data / "stage_2_train"
+    images.mkdir(parents=True)
+    files = sorted(series.glob("ID_*.dcm"))
+    for f in files:  # a temporary copy: one of them is broken below
+        shutil.copyfile(f, images / f.name)
+    broken = images / files[10].name
+    broken.write_bytes(broken.read_bytes()[:300_000])  # header intact, pixels cut short
+    rows = ["ID,Label"] + [f"{f.stem}_{label},0" for f in files for label in LABELS]
+    (data / rsna.TRAIN_CSV).write_text("\n".join(rows) + "\n")
+    (tmp_path / "c.yaml").write_text(
+        TINY_CONFIG.replace("data: {split: {train: 0.6, val: 0.4}, workers: 2}",
+                            "data: {split: {train: 1.0, val: 0.0}, cache: false, workers: 1}")
+    )
+    run = train.Run(data, train.TrainConfig.load(tmp_path / "c.yaml"), tmp_path / "run", "test", progress=False)
+    run.prepare_data()
+    assert run.cache is None
+    assert run.index.loc[~run.ok, "image_id"].tolist() == [broken.stem]
+    failures = pd.concat(pd.read_csv(f) for f in (tmp_path / "run" / "cache").glob("*/failures.csv"))
+    assert failures["path"].str.contains(broken.stem).tolist() == [True]
+    # What training streams: every other slice, straight from DICOM.
+    batches = list(run.dataset("train", training=True, repeat=False, batch_size=32))
+    assert [x.shape for x, _ in batches] == [(31, 32, 32, 9)]
+
+
 # -- end to end -----------------------------------------------------------------------
 
 
@@ -209,7 +284,9 @@ def phantom_data(tmp_path_factory) -> Path:
     phantoms.write_dataset(data, 6, seed=11, layout="rsna", matrix=128, progress=False)
     images = data / "stage_2_train"
     (images / "ID_0000garbage.dcm").write_bytes(b"not a DICOM file at all")
-    # a slice whose header is fine but whose pixels are truncated
+    # a slice whose header is fine but whose pixels are truncated; it takes a
+    # slice's place (a copy beside it would put two images at one position,
+    # and the node leaves such a series out whole)
     source = sorted(images.glob("ID_*.dcm"))[5]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,9 +295,9 @@ def phantom_data(tmp_path_factory) -> Path:
         ds.file_meta.MediaStorageSOPInstanceUID = "ID_badpixels"
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
         ds.save_as(images / "ID_badpixels.dcm")
-    with (data / "stage_2_train.csv").open("a") as fh:
-        for label in LABELS:
-            fh.write(f"ID_badpixels_{label},0\n")
+    source.unlink()
+    csv = data / "stage_2_train.csv"
+    csv.write_text(csv.read_text().replace(f"{source.stem}_", "ID_badpixels_"))
     return data
 
 
@@ -381,6 +458,58 @@ def test_interrupted_stage_resumes_from_backup(phantom_data, tmp_path):
     assert logged == [0, 1, 2]
 
 
+def test_a_rerun_with_another_seed_keeps_the_split_of_the_run(phantom_data, tmp_path, caplog):
+    from training import train
+
+    config = TINY_CONFIG.replace("workers: 2", "workers: 1")
+    (tmp_path / "a.yaml").write_text(config)
+    (tmp_path / "b.yaml").write_text(config.replace("seed: 3", "seed: 4"))
+    out = tmp_path / "run"
+    first = train.Run(phantom_data, train.TrainConfig.load(tmp_path / "a.yaml"), out, "test", progress=False)
+    first.prepare_data()
+    written = (out / "split.csv").read_text()
+    # seed 4 alone splits these patients otherwise
+    assert not rsna.split_by_patient(first.index, {"train": 0.6, "val": 0.4}, 4).equals(first.index["split"])
+    second = train.Run(phantom_data, train.TrainConfig.load(tmp_path / "b.yaml"), out, "test", progress=False)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        second.prepare_data()
+    pd.testing.assert_series_equal(second.index["split"], first.index["split"])
+    assert (out / "split.csv").read_text() == written
+    assert f"kept {out / 'split.csv'}" in caplog.text
+
+
+def test_a_resumed_stage_keeps_the_best_checkpoint_of_its_earlier_epochs(tmp_path):
+    import keras
+
+    from training import train
+
+    run = train.Run(tmp_path / "data", train.TrainConfig(), tmp_path / "run", "test", progress=False)
+    best = tmp_path / "best.keras"
+    x = np.ones((8, 1), dtype="float32")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def fit(epochs, *extra):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+        # Learns to say 1 and is validated on 0: its val_loss worsens every epoch.
+        model.fit(x, np.ones((8, 1)), validation_data=(x, np.zeros((8, 1))), epochs=epochs, verbose=0,
+                  callbacks=run._callbacks("slice", best) + list(extra))
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(3, Interrupt())
+    fit(3)
+    losses = [e["val_loss"] for e in json.loads((tmp_path / "run" / "history.json").read_text())["slice"]]
+    assert len(losses) == 3 and losses[0] < losses[1] < losses[2]
+    kept = keras.saving.load_model(best)
+    assert kept.evaluate(x, np.zeros((8, 1)), verbose=0) == pytest.approx(losses[0], rel=1e-5)
+    keras.backend.clear_session()
+
+
 def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     from training import evaluate
 
@@ -403,9 +532,39 @@ def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     assert any("ID_0000garbage" in s["path"] for s in data["skipped"])  # its header, left out of the index
     sub = pd.read_csv(submission)
     assert list(sub.columns) == ["ID", "Label"]
-    assert len(sub) == 6 * (data["n_slices"])
-    assert sub["ID"].str.match(r"^ID_[0-9a-f]+_(any|epidural|intraparenchymal|intraventricular|subarachnoid|subdural)$").all()
+    # every file, scored or not (its header or its pixels unreadable): Kaggle rejects a file missing one
+    files = sorted((trained["data"] / "stage_2_train").glob("*.dcm"))
+    assert sorted(sub["ID"]) == sorted(f"{f.stem}_{label}" for f in files for label in LABELS)
+    assert data["n_slices"] == len(files) - 2 and data["submission_filled"] == 2
+    assert sub["ID"].str.match(r"^ID_[0-9a-z]+_(any|epidural|intraparenchymal|intraventricular|subarachnoid|subdural)$").all()
     assert sub["Label"].between(0, 1).all()
+
+
+def test_a_submission_for_the_test_layout_has_every_image(trained, tmp_path):
+    from training import evaluate
+
+    # The Kaggle test layout: stage_2_test/ and no labels.
+    images = tmp_path / "kaggle" / "stage_2_test"
+    images.mkdir(parents=True)
+    files = sorted((trained["data"] / "stage_2_train").glob("*.dcm"))
+    for f in files:
+        (images / f.name).symlink_to(f)
+    submission = tmp_path / "submission.csv"
+    result = evaluate.evaluate(load_model(trained["model"]), tmp_path / "kaggle", tmp_path / "report.json",
+                               submission=submission, predictions=tmp_path / "slices.csv",
+                               cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert "series_auc" not in result and result["submission_filled"] == 2
+    sub = pd.read_csv(submission)
+    assert sorted(sub["ID"]) == sorted(f"{f.stem}_{label}" for f in files for label in LABELS)
+    assert sub["Label"].between(0, 1).all()
+    # The slice whose pixels cannot be decoded: its series' mean; the file that is no DICOM: the mean of all.
+    slices = pd.read_csv(tmp_path / "slices.csv")
+    scores = slices[[f"p_{label}" for label in LABELS]]
+    label = sub.set_index("ID")["Label"]
+    series = slices.loc[slices["image_id"] == "ID_badpixels", "series_uid"].iat[0]
+    expected = scores[slices["series_uid"] == series].mean()
+    np.testing.assert_allclose([label[f"ID_badpixels_{x}"] for x in LABELS], expected, atol=1e-6)
+    np.testing.assert_allclose([label[f"ID_0000garbage_{x}"] for x in LABELS], scores.mean(), atol=1e-6)
 
 
 def test_evaluate_pools_several_folders_with_intervals(trained, tmp_path):

@@ -3,7 +3,7 @@
 Usage::
 
     python -m training.evaluate --model PATH|default --data DIR [--data DIR2 ...] --out REPORT.json \
-        [--submission SUB.csv] [--predictions SLICES.csv] [--workers N] [--batch-size 32]
+        [--image-dir stage_2_test] [--submission SUB.csv] [--predictions SLICES.csv] [--workers N] [--batch-size 32]
 
 Each series is read, ordered and preprocessed by
 ``ichnode.imaging.preprocess_series`` with the card's windows, size and
@@ -18,8 +18,15 @@ phantom set moves a subtype's series AUC by up to 0.1).
 (label -> AUC), ``series_auc_ci95`` (label -> [low, high], bootstrap over
 series), sensitivity/specificity at the card thresholds at slice and
 series level, counts and throughput; ``REPORT.roc.png`` the ROC curves.
-``--submission`` writes a Kaggle submission (``ID,Label`` with
-``ID_<sop>_<label>``), which also works for data without labels.
+The images are read from ``DIR/stage_2_train`` (labels from
+``DIR/stage_2_train.csv``), or from ``DIR/stage_2_test`` when the folder has
+no labels CSV but that folder (the Kaggle test layout); ``--image-dir``
+names another.  ``--submission`` writes a Kaggle submission (``ID,Label``
+with ``ID_<sop>_<label>``) with a row per label for every ``.dcm`` of the
+image folder: an image that was not scored (left out of the index, or its
+pixels could not be decoded) gets the mean of its series' scores, else the
+mean of all scores (0.5 when none); the report counts them
+(``submission_filled``).
 """
 
 from __future__ import annotations
@@ -157,18 +164,39 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
     plt.close(fig)
 
 
-def write_submission(path: Path, index: pd.DataFrame, probs: np.ndarray) -> None:
-    """Kaggle format: ``ID,Label`` rows ``ID_<sop>_<label>,<probability>``."""
-    keep = np.isfinite(probs).all(axis=1)
-    ids = index["image_id"].to_numpy()[keep]
-    p = probs[keep]
-    frame = pd.DataFrame(
-        {
-            "ID": [f"{i}_{label}" for i in ids for label in LABELS],
-            "Label": p.reshape(-1),
-        }
-    )
+def image_dir_for(folder: Path) -> str:
+    """``stage_2_train``, or ``stage_2_test`` where the folder has that and no labels CSV."""
+    if not (folder / rsna.TRAIN_CSV).exists() and (folder / rsna.TEST_DIR).is_dir():
+        return rsna.TEST_DIR
+    return rsna.TRAIN_DIR
+
+
+def write_submission(path: Path, index: pd.DataFrame, probs: np.ndarray, image_ids: Sequence[str]) -> int:
+    """Kaggle format: ``ID,Label`` rows ``ID_<sop>_<label>,<probability>``, six for
+    every image of ``image_ids`` (Kaggle rejects a file that lacks one).
+
+    An image without a score gets the mean score of its series when the rest
+    of the series was scored, else the mean of all scores (0.5 when there are
+    none).  Returns how many images were filled so.
+    """
+    probs = np.array(probs, dtype=np.float64)
+    scored = np.isfinite(probs).all(axis=1)
+    overall = probs[scored].mean(axis=0) if scored.any() else np.full(len(LABELS), 0.5)
+    series = index["series_key" if "series_key" in index.columns else "series_uid"].to_numpy()
+    means = pd.DataFrame(probs[scored]).groupby(series[scored]).mean()
+    for row in np.flatnonzero(~scored):
+        probs[row] = means.loc[series[row]].to_numpy() if series[row] in means.index else overall
+    known = dict(zip(index["image_id"].to_numpy()[::-1], probs[::-1]))  # the first of an ID listed twice
+    have = set(index["image_id"].to_numpy()[scored])
+    ids = list(dict.fromkeys(image_ids))
+    p = np.array([known.get(i, overall) for i in ids]).reshape(-1, len(LABELS))
+    frame = pd.DataFrame({"ID": [f"{i}_{label}" for i in ids for label in LABELS], "Label": p.reshape(-1)})
     frame.to_csv(path, index=False, float_format="%.6f")
+    filled = sum(i not in have for i in ids)
+    if filled:
+        logger.warning("submission: %d of %d images had no score; filled with their series' mean, else the mean "
+                       "of all scores", filled, len(ids))
+    return filled
 
 
 def evaluate(
@@ -179,23 +207,31 @@ def evaluate(
     submission: Path | None = None,
     predictions: Path | None = None,
     cache_dir: Path | None = None,
+    image_dir: str | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every slice of ``data_dir`` (one folder, or several pooled into one
-    report); write ``out`` (JSON), the ROC plot and the submission."""
+    report); write ``out`` (JSON), the ROC plot and the submission.  Images are
+    read from each folder's ``image_dir`` (None: :func:`image_dir_for`); labels
+    only with ``stage_2_train``."""
     folders = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
     if cache_dir is not None and len(folders) > 1:
         raise ValueError("cache_dir names one folder's header index; give it for a single data folder only")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or rsna.default_workers()
-    parts, all_probs, skipped = [], [], []
+    parts, all_probs, skipped, image_ids = [], [], [], []
     timing = {"wall_s": 0.0, "model_s": 0.0}
     for number, folder in enumerate(folders):
         folder_cache = cache_dir or rsna.default_cache_dir(folder)
-        index = rsna.build_index(folder, folder_cache, workers=workers, progress=progress)
+        images = image_dir or image_dir_for(folder)
+        index = rsna.build_index(
+            folder, folder_cache, image_dir=images, labels_csv=rsna.TRAIN_CSV if images == rsna.TRAIN_DIR else None,
+            workers=workers, progress=progress,
+        )
+        image_ids += sorted(p.stem for p in (folder / images).iterdir() if p.suffix.lower() == ".dcm")
         # What the index left out is part of the report, not only of a log.
         skipped += rsna.index_skipped(folder_cache)
         probs, folder_skipped, folder_timing = predict_dataset(
@@ -234,7 +270,7 @@ def evaluate(
     else:
         logger.info("%s has no labels: writing predictions only", ", ".join(map(str, folders)))
     if submission is not None:
-        write_submission(submission, index, probs)
+        result["submission_filled"] = write_submission(submission, index, probs, image_ids)
         result["submission"] = str(submission)
     if predictions is not None:
         columns = ["data", "image_id", "patient_id", "series_uid", "slice_index"]
@@ -255,8 +291,11 @@ def evaluate(
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Data folder in the RSNA layout (stage_2_train.csv optional); repeat to pool several.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report JSON.")
+@click.option("--image-dir", default=None,
+              help="Image folder inside each DIR [default: stage_2_train, or stage_2_test in a folder "
+                   "with that and no stage_2_train.csv].")
 @click.option("--submission", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a Kaggle submission CSV here.")
+              help="Also write a Kaggle submission CSV here: six rows for every .dcm of the image folder.")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every slice's probabilities (and labels) to this CSV.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -264,8 +303,8 @@ def evaluate(
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(1), help="Decoding processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(model_arg: str, data_dirs: tuple[Path, ...], out: Path, submission: Path | None, predictions: Path | None,
-         cache_dir: Path | None,
+def main(model_arg: str, data_dirs: tuple[Path, ...], out: Path, image_dir: str | None, submission: Path | None,
+         predictions: Path | None, cache_dir: Path | None,
          batch_size: int, workers: int | None, quiet: bool) -> None:
     """Evaluate a model on RSNA-layout data folders."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -273,7 +312,7 @@ def main(model_arg: str, data_dirs: tuple[Path, ...], out: Path, submission: Pat
     if cache_dir is not None and len(data_dirs) > 1:
         raise click.BadParameter("give --cache-dir with a single --data folder", param_hint="--cache-dir")
     result = evaluate(model, list(data_dirs), out, submission=submission, predictions=predictions, cache_dir=cache_dir,
-                      batch_size=batch_size, workers=workers, progress=not quiet)
+                      image_dir=image_dir, batch_size=batch_size, workers=workers, progress=not quiet)
     if "series_auc" in result:
         click.echo(f"weighted log loss {result['weighted_log_loss']:.4f}")
         for label in LABELS:

@@ -13,7 +13,8 @@ slices, ~120 GB):
 2. :func:`build_index` reads every header once (parallel, progress bar) and
    caches a table (``index.csv``) grouping slices by patient, study and
    series, in z order (``ichnode.imaging.order_slices``); unreadable files
-   are skipped and listed in ``index_skipped.csv``.
+   are skipped and listed in ``index_skipped.csv``.  The table is rebuilt
+   when the folder, its files or the labels CSV change.
 3. :func:`split_by_patient` assigns whole patients to splits (seeded).
 4. :func:`build_slice_cache` writes each slice once, preprocessed by
    ``ichnode.imaging`` (HU, windows, resize; no context), into an on-disk
@@ -47,13 +48,15 @@ import pandas as pd
 
 from ichnode import imaging
 from ichnode.config import LABELS
-from ichnode.selection import stray_slices
+from ichnode.selection import mixed_series, stray_slices
 
 logger = logging.getLogger(__name__)
 
 TRAIN_CSV = "stage_2_train.csv"
 TRAIN_DIR = "stage_2_train"
+TEST_DIR = "stage_2_test"  # the Kaggle test images: no labels
 INDEX_FILE = "index.csv"
+INDEX_FINGERPRINT = "index_fingerprint.json"
 SKIPPED_FILE = "index_skipped.csv"
 HEADER_TAGS = (
     "PatientID",
@@ -183,6 +186,39 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _dicom_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every ``.dcm`` file of ``root``: path -> (size, mtime in ns), links followed."""
+    files = {}
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.lower().endswith(".dcm"):
+                stat = entry.stat()
+                files[entry.path] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _fingerprint(data_dir: Path, image_dir: str, files: dict[str, tuple[int, int]], csv: Path | None) -> dict:
+    """What an index was built from: the folder, each file's name, size and
+    mtime, and the labels' content (a corrected CSV may keep its size)."""
+    listing = hashlib.sha256()
+    for path in sorted(files):
+        listing.update(f"{os.path.basename(path)}\t{files[path][0]}\t{files[path][1]}\n".encode())
+    labels = None
+    if csv is not None and csv.exists():
+        digest = hashlib.sha256()
+        with csv.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        labels = {"name": csv.name, "sha256": digest.hexdigest()}
+    return {
+        "data_dir": str(data_dir.resolve()),
+        "image_dir": image_dir,
+        "files": len(files),
+        "files_sha256": listing.hexdigest(),
+        "labels": labels,
+    }
+
+
 def build_index(
     data_dir: Path,
     cache_dir: Path,
@@ -193,12 +229,16 @@ def build_index(
     progress: bool = True,
     rebuild: bool = False,
 ) -> pd.DataFrame:
-    """Index every slice of ``data_dir`` once; later calls read ``cache_dir/index.csv``.
+    """Index every slice of ``data_dir`` once; later calls read ``cache_dir/index.csv``
+    while its fingerprint (``index_fingerprint.json``: the resolved folder, the
+    image files' names, sizes and mtimes, the labels CSV's hash) still matches,
+    and rebuild it otherwise.
 
     Columns: ``image_id`` (file stem), ``path`` (relative to ``data_dir``),
     ``patient_id``, ``study_uid``, ``series_uid``, ``slice_index`` (z order
     within the series, by ``ichnode.imaging.order_slices``), ``n_slices``,
-    ``rows``, ``cols``, and the six labels when ``labels_csv`` exists (images
+    ``rows``, ``cols``, ``file_size``, ``file_mtime_ns`` (what the slice cache
+    is keyed on), and the six labels when ``labels_csv`` exists (images
     without labels are then dropped).  Rows are sorted by series then z.
     Files whose header cannot be read are skipped and written, with the
     reason, to ``cache_dir/index_skipped.csv``.
@@ -208,17 +248,27 @@ def build_index(
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     index_path = cache_dir / INDEX_FILE
-    if index_path.exists() and not rebuild:
-        index = pd.read_csv(index_path, dtype={"patient_id": str, "study_uid": str, "series_uid": str})
-        logger.info("read index of %d slices from %s", len(index), index_path)
-        return index
-
+    fingerprint_path = cache_dir / INDEX_FINGERPRINT
     root = data_dir / image_dir
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    paths = sorted(str(p) for p in root.iterdir() if p.suffix.lower() == ".dcm")
-    if not paths:
+    files = _dicom_files(root)
+    if not files:
         raise ValueError(f"no .dcm files in {root}")
+    csv = data_dir / labels_csv if labels_csv else None
+    fingerprint = _fingerprint(data_dir, image_dir, files, csv)
+    if index_path.exists() and not rebuild:
+        stored = json.loads(fingerprint_path.read_text()) if fingerprint_path.exists() else None
+        if stored == fingerprint:
+            index = pd.read_csv(index_path, dtype={"patient_id": str, "study_uid": str, "series_uid": str})
+            logger.info("read index of %d slices from %s", len(index), index_path)
+            return index
+        changed = [key for key in fingerprint if (stored or {}).get(key) != fingerprint[key]]
+        logger.info("rebuilding %s: it was built from other data (%s changed)", index_path, ", ".join(changed))
+    # Gone first: an index rebuilt only in part must not pass for the old one.
+    fingerprint_path.unlink(missing_ok=True)
+
+    paths = sorted(files)
     workers = workers or default_workers()
     chunk = 256
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
@@ -239,6 +289,8 @@ def build_index(
     skipped = table[table["error"] != ""][["path", "error"]].copy()
     table = table[table["error"] == ""].drop(columns="error")
     table["image_id"] = [Path(p).stem for p in table["path"]]
+    table["file_size"] = [files[p][0] for p in table["path"]]
+    table["file_mtime_ns"] = [files[p][1] for p in table["path"]]
     table["path"] = [os.path.relpath(p, data_dir) for p in table["path"]]
     table = table.rename(
         columns={
@@ -260,12 +312,13 @@ def build_index(
         strays = stray_slices(datasets)
         left_out.update({rows[i]: f"not a slice of the series' volume: {why}" for i, why in strays.items()})
         kept = np.array([i for i in range(len(rows)) if i not in strays])
-        try:
-            order = imaging.order_slices([datasets[i] for i in kept])
-        except ValueError as exc:
-            left_out.update({rows[i]: "series cannot be ordered" for i in kept})
-            logger.warning("series %s cannot be ordered (%s); skipped", series_uid, exc)
+        # What the node would not score as one volume is left out whole.
+        mixed = mixed_series([datasets[i] for i in kept])
+        if mixed:
+            left_out.update({rows[i]: f"series left out: {mixed}" for i in kept})
+            logger.warning("series %s left out: %s", series_uid, mixed)
             continue
+        order = imaging.order_slices([datasets[i] for i in kept])
         slice_index[rows[kept[order]]] = np.arange(len(order))
     if left_out:
         bad = np.zeros(len(table), dtype=bool)
@@ -276,7 +329,6 @@ def build_index(
         slice_index = slice_index[~bad]
     table["slice_index"] = slice_index
 
-    csv = data_dir / labels_csv if labels_csv else None
     if csv is not None and csv.exists():
         labels = read_labels(csv)
         missing = ~table["image_id"].isin(labels.index)
@@ -294,6 +346,7 @@ def build_index(
     table = finalize_index(table)
     table.to_csv(index_path, index=False)
     skipped.to_csv(cache_dir / SKIPPED_FILE, index=False)
+    fingerprint_path.write_text(json.dumps(fingerprint, indent=1))
     if len(skipped):
         logger.warning("skipped %d files, listed in %s", len(skipped), cache_dir / SKIPPED_FILE)
     logger.info("indexed %d slices of %d series into %s", len(table), table["series_uid"].nunique(), index_path)
@@ -415,21 +468,30 @@ class SliceCache:
         return np.load(self.ok_path)
 
 
-def cache_key(index: pd.DataFrame, windows: Sequence[Sequence[float]], size: Sequence[int], dtype: str) -> str:
-    """A short hash of what the cache holds (the index rows and the preprocessing)."""
+def cache_key(
+    index: pd.DataFrame, windows: Sequence[Sequence[float]], size: Sequence[int], dtype: str,
+    data_dir: Path | None = None,
+) -> str:
+    """A short hash of what the cache holds: the files of the index rows (with
+    their size and mtime, so a regenerated file of the same name is not taken
+    for the old one), their folder, and the preprocessing."""
     h = hashlib.sha256()
     h.update(json.dumps([[list(map(float, w)) for w in windows], list(size), dtype]).encode())
-    h.update("\n".join(index["path"]).encode())
+    if data_dir is not None:
+        h.update(str(Path(data_dir).resolve()).encode())
+    columns = [c for c in ("path", "file_size", "file_mtime_ns") if c in index.columns]
+    h.update("\n".join("\t".join(map(str, row)) for row in index[columns].itertuples(index=False)).encode())
     return h.hexdigest()[:16]
 
 
 def _cache_series(job: tuple[str, str, list[int], list[str], list, tuple[int, int], str]) -> list[tuple[int, str]]:
-    """Preprocess one series into the memory map; return ``(row, error)`` failures."""
+    """Preprocess one series into the memory map (only check that it decodes
+    when ``images_path`` is empty); return ``(row, error)`` failures."""
     import pydicom
 
     _quiet_pydicom()
     images_path, data_dir, rows, paths, windows, size, _ = job
-    images = np.load(images_path, mmap_mode="r+")
+    images = np.load(images_path, mmap_mode="r+") if images_path else None
     failures: list[tuple[int, str]] = []
     datasets, kept = [], []
     for row, path in zip(rows, paths):
@@ -441,15 +503,19 @@ def _cache_series(job: tuple[str, str, list[int], list[str], list, tuple[int, in
     if datasets:
         try:
             volume, order = imaging.preprocess_series(datasets, windows, size, 0)
-            for j, i in enumerate(order):
-                images[kept[i]] = volume[j]
+            if images is not None:
+                for j, i in enumerate(order):
+                    images[kept[i]] = volume[j]
         except Exception:  # noqa: BLE001 - fall back slice by slice to find the bad ones
             for ds, row in zip(datasets, kept):
                 try:
-                    images[row] = imaging.preprocess_slice(ds, windows, size)
+                    image = imaging.preprocess_slice(ds, windows, size)
+                    if images is not None:
+                        images[row] = image
                 except Exception as exc:  # noqa: BLE001
                     failures.append((row, f"{type(exc).__name__}: {exc}"))
-    images.flush()
+    if images is not None:
+        images.flush()
     return failures
 
 
@@ -463,28 +529,32 @@ def build_slice_cache(
     dtype: str = "float16",
     workers: int | None = None,
     progress: bool = True,
+    pixels: bool = True,
 ) -> SliceCache:
     """Preprocess every slice of ``index`` once into ``cache_root/<key>/``.
 
     Resumable: series already written (``done.npy``) are skipped, so an
     interrupted build continues where it stopped.  Decoding failures are
-    written to ``failures.csv`` and their rows marked not ok.
+    written to ``failures.csv`` and their rows marked not ok.  With
+    ``pixels=False`` every slice is only decoded, not stored: ``ok`` and
+    ``failures.csv`` for training straight from DICOM (one slice that cannot
+    be decoded would stop it mid-epoch), and the cache has no ``images``.
     """
     from tqdm import tqdm
 
     windows = tuple((float(c), float(w)) for c, w in windows)
     size = (int(size[0]), int(size[1]))
-    key = cache_key(index, windows, size, dtype)
+    key = cache_key(index, windows, size, dtype if pixels else "decode-check", data_dir)
     directory = Path(cache_root) / key
     directory.mkdir(parents=True, exist_ok=True)
     cache = SliceCache(directory, windows, size, dtype)
-    meta = {"windows": windows, "size": size, "dtype": dtype, "rows": len(index)}
+    meta = {"windows": windows, "size": size, "dtype": dtype, "rows": len(index), "pixels": pixels}
     (directory / "meta.json").write_text(json.dumps(meta))
     if (directory / "complete").exists():
         return cache
 
     shape = (len(index), *size, len(windows))
-    if not cache.images_path.exists():
+    if pixels and not cache.images_path.exists():
         np.lib.format.open_memmap(cache.images_path, mode="w+", dtype=dtype, shape=shape).flush()
     done_path = directory / "done.npy"
     series = index.groupby("series_uid", sort=False).indices
@@ -495,7 +565,7 @@ def build_slice_cache(
     todo = [i for i in range(len(series_ids)) if not done[i]]
     jobs = (
         (
-            str(cache.images_path),
+            str(cache.images_path) if pixels else "",
             str(data_dir),
             [int(r) for r in series[series_ids[i]]],
             [index["path"].iat[r] for r in series[series_ids[i]]],
@@ -507,7 +577,7 @@ def build_slice_cache(
     )
     workers = workers or default_workers()
     bar = tqdm(total=len(index), initial=int(sum(len(series[series_ids[i]]) for i in range(len(series_ids)) if done[i])),
-               desc="cache slices", unit="slice", disable=not progress)
+               desc="cache slices" if pixels else "check decoding", unit="slice", disable=not progress)
 
     def record(i: int, result: list[tuple[int, str]]) -> None:
         for row, error in result:

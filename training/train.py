@@ -212,22 +212,16 @@ class Run:
         )
         if not rsna.has_labels(self.index):
             raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
-        if cfg.data.split_from is None:
-            self.index["split"] = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
-        else:
-            self.index["split"] = rsna.split_like(self.index, cfg.data.split_from, cfg.data.split, cfg.seed)
-        self.index[["patient_id", "study_uid", "series_uid", "image_id", "split"]].to_csv(
-            self.out / "split.csv", index=False
+        self.index["split"] = self.split()
+        # Without the cache every slice is still decoded once up front (and not
+        # kept): one that cannot be would otherwise stop training mid-epoch.
+        checked = rsna.build_slice_cache(
+            self.index, self.data_dir, self.cache_dir, cfg.input.windows, cfg.input.size,
+            dtype=cfg.data.cache_dtype, workers=cfg.data.workers, progress=self.progress,
+            pixels=cfg.data.cache,
         )
-        self.cache = None
-        if cfg.data.cache:
-            self.cache = rsna.build_slice_cache(
-                self.index, self.data_dir, self.cache_dir, cfg.input.windows, cfg.input.size,
-                dtype=cfg.data.cache_dtype, workers=cfg.data.workers, progress=self.progress,
-            )
-            self.ok = self.cache.ok()
-        else:
-            self.ok = np.ones(len(self.index), dtype=bool)
+        self.cache = checked if cfg.data.cache else None
+        self.ok = checked.ok()
         k = cfg.input.context_slices
         self.neighbours = rsna.neighbour_rows(self.index, k, self.ok)
         self.loader = rsna.SliceLoader(
@@ -240,6 +234,36 @@ class Run:
         logger.info(
             "slices: %s", {name: len(rows) for name, rows in self.rows.items()}
         )
+
+    def split(self) -> pd.Series:
+        """Each index row's split, kept in ``split.csv``: a stage artefact like the
+        models, so a run resumed with another ``seed`` or ``data.split`` keeps the
+        patients its slice CNN was trained on out of validation."""
+        cfg, path = self.config, self.out / "split.csv"
+        columns = ["patient_id", "study_uid", "series_uid", "image_id", "split"]
+        if cfg.data.split_from is None:
+            split = rsna.split_by_patient(self.index, cfg.data.split, cfg.seed)
+        else:
+            split = rsna.split_like(self.index, cfg.data.split_from, cfg.data.split, cfg.seed)
+        gone = None
+        if path.exists():
+            try:
+                kept = rsna.split_like(self.index, path, cfg.data.split, cfg.seed)
+            except ValueError as exc:
+                raise click.ClickException(f"{exc}: {self.out} is a run on other data; use a new run folder") from exc
+            logger.info("split: kept %s of this run's earlier stages", path)
+            if not kept.equals(split):
+                logger.warning(
+                    "split: seed, data.split or data.split_from now split the patients otherwise; %s is kept "
+                    "(only new patients are split anew). Use a new run folder to split anew.", path,
+                )
+            split = kept
+            # Patients no longer in the data keep their line, should they come back.
+            earlier = pd.read_csv(path, dtype=str, keep_default_na=False)
+            gone = earlier.loc[~earlier["patient_id"].isin(self.index["patient_id"]), columns]
+        table = self.index.assign(split=split)[columns]
+        pd.concat([table, gone] if gone is not None else [table]).to_csv(path, index=False)
+        return split
 
     def dataset(self, split: str, *, training: bool, repeat: bool, batch_size: int) -> Any:
         stage = self.config.slice_stage
@@ -328,13 +352,36 @@ class Run:
     def _callbacks(self, stage: str, best: Path) -> list:
         import keras
 
+        backup = self.out / "backup" / stage
         return [
-            keras.callbacks.BackupAndRestore(str(self.out / "backup" / stage)),
-            keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True),
+            keras.callbacks.BackupAndRestore(str(backup)),
+            keras.callbacks.ModelCheckpoint(
+                str(best), monitor="val_loss", save_best_only=True,
+                initial_value_threshold=self._best_val_loss(stage, backup, best),
+            ),
             keras.callbacks.CSVLogger(str(self.out / f"history_{stage}.csv"), append=True),
             JsonHistory(self.out / "history.json", stage).callback,
             keras.callbacks.TerminateOnNaN(),
         ]
+
+    def _best_val_loss(self, stage: str, backup: Path, best: Path) -> float | None:
+        """The lowest val_loss of the epochs an interrupted stage has behind it,
+        or None when it starts afresh.  ModelCheckpoint forgets its best value
+        with the process (BackupAndRestore does not keep it), so without this
+        the first epoch after a resume replaces a better checkpoint."""
+        state, history = backup / "training_metadata.json", self.out / "history.json"
+        if not (state.exists() and best.exists() and history.exists()):
+            return None
+        done = json.loads(state.read_text())["epoch"]
+        # Entries of epochs not yet redone may be of an earlier, finished training.
+        losses = [
+            e["val_loss"] for e in json.loads(history.read_text()).get(stage, [])
+            if e["epoch"] < done and math.isfinite(e.get("val_loss", math.nan))
+        ]
+        if not losses:
+            return None
+        logger.info("%s stage resumes after epoch %d; best val_loss so far %.5f", stage, done, min(losses))
+        return min(losses)
 
     # ---------------------------------------------------------- embeddings
     def embeddings(self, slice_model: Any) -> np.ndarray:
