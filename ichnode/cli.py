@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -87,7 +89,7 @@ def main() -> None:
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
     from .model import ModelCardError
-    from .service import Node
+    from .service import CannotListen, Node
     from .spool import SpoolInUse
 
     config = _load(config_path)
@@ -96,7 +98,10 @@ def serve(config_path: Path | None, components: str) -> None:
         node = Node(config, components=[c.strip() for c in components.split(",") if c.strip()])
     except (ModelCardError, OSError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
-    node.run()
+    try:
+        node.run()
+    except CannotListen as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("check-config")
@@ -111,15 +116,27 @@ def check_config(config_path: Path | None) -> None:
     click.echo(config.to_yaml(), nl=False)
 
 
+# The node's own AE title by default: a PACS that checks calling AE titles
+# then answers these as it answers the node's reports.
+calling_ae_option = click.option(
+    "--calling-ae", default=None, help="Our AE title (default: node.ae_title of the configuration)."
+)
+
+
+def _calling_ae(calling_ae: str | None, config_path: Path | None) -> str:
+    return calling_ae or _load(config_path).node.ae_title
+
+
 @main.command()
 @click.argument("address")
-@click.option("--calling-ae", default="ICHNODE_SCU", show_default=True, help="Our AE title.")
-def echo(address: str, calling_ae: str) -> None:
+@calling_ae_option
+@config_option
+def echo(address: str, calling_ae: str | None, config_path: Path | None) -> None:
     """C-ECHO a peer given as AE@HOST:PORT; exit 1 unless it answers Success."""
     from .scu import echo as do_echo
 
     ae_title, host, port = parse_address(address)
-    ok, message = do_echo(ae_title, host, port, calling_ae=calling_ae)
+    ok, message = do_echo(ae_title, host, port, calling_ae=_calling_ae(calling_ae, config_path))
     click.echo(message)
     sys.exit(0 if ok else 1)
 
@@ -127,9 +144,12 @@ def echo(address: str, calling_ae: str) -> None:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "address", required=True, help="Destination as AE@HOST:PORT.")
-@click.option("--calling-ae", default="ICHNODE_SCU", show_default=True, help="Our AE title.")
+@calling_ae_option
+@config_option
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def send(paths: tuple[Path, ...], address: str, calling_ae: str, progress: bool) -> None:
+def send(
+    paths: tuple[Path, ...], address: str, calling_ae: str | None, config_path: Path | None, progress: bool
+) -> None:
     """C-STORE DICOM files (or folders, recursively) to AE@HOST:PORT.
 
     Prints a summary of the response statuses; exit 1 if any file was not stored.
@@ -137,6 +157,7 @@ def send(paths: tuple[Path, ...], address: str, calling_ae: str, progress: bool)
     from .scu import send_files
 
     ae_title, host, port = parse_address(address)
+    calling_ae = _calling_ae(calling_ae, config_path)
     summary = send_files(list(paths), ae_title, host, port, calling_ae=calling_ae, progress=progress)
     for line in summary.lines():
         click.echo(line)
@@ -150,10 +171,9 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Instances and series by state, spool size and free disk."""
     from .status import collect_status, format_status
 
-    try:
-        report = collect_status(_load(config_path))
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = _load(config_path)
+    with _reading(config):
+        report = collect_status(config)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
@@ -170,7 +190,7 @@ format_option = click.option(
 @results.command("list")
 @config_option
 @click.option("--positive", is_flag=True, help="Only series with at least one flagged finding.")
-@click.option("--since", help="Only series received since then: 30m, 2h, 7d, or an ISO date/time (UTC).")
+@click.option("--since", help="Only series received since then: 30m, 2h, 7d, 4w, or an ISO date/time (UTC).")
 @format_option
 def results_list(config_path: Path | None, positive: bool, since: str | None, fmt: str) -> None:
     """One line per series, newest first."""
@@ -180,7 +200,8 @@ def results_list(config_path: Path | None, positive: bool, since: str | None, fm
         since_time = parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    with _session(_load(config_path)) as session:
+    config = _load(config_path)
+    with _reading(config), _session(config) as session:
         rows = list_results(session, positive=positive, since=since_time)
     click.echo(format_results(rows, fmt))
 
@@ -190,24 +211,42 @@ def results_list(config_path: Path | None, positive: bool, since: str | None, fm
 @config_option
 @format_option
 def results_show(uid: str, config_path: Path | None, fmt: str) -> None:
-    """Every series of a study (Study Instance UID) or one series (Series Instance UID)."""
-    from .results import format_results, show_results
+    """Every series of a study (Study Instance UID) or one series (Series Instance UID).
 
-    with _session(_load(config_path)) as session:
+    The table also lists each series' reports (destination, state, attempts,
+    last error) and its slices' scores, in z order.
+    """
+    from .results import format_show, show_results
+
+    config = _load(config_path)
+    with _reading(config), _session(config) as session:
         rows = show_results(session, uid)
     if not rows:
         raise click.ClickException(f"no study or series {uid!r} in the database")
-    click.echo(format_results(rows, fmt))
+    click.echo(format_show(rows, fmt))
 
 
 def _session(config: Config):
     from . import db
 
+    return db.session_factory(db.open_existing(config.database.url))()
+
+
+@contextmanager
+def _reading(config: Config) -> Iterator[None]:
+    """Errors reading the node's database become one line naming it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from .db import DatabaseUnreadable
+
     try:
-        engine = db.open_existing(config.database.url)
-    except FileNotFoundError as exc:
+        yield
+    except (FileNotFoundError, DatabaseUnreadable) as exc:
         raise click.ClickException(str(exc)) from None
-    return db.session_factory(engine)()
+    except DBAPIError as exc:
+        where = make_url(config.database.url).render_as_string(hide_password=True)
+        raise click.ClickException(f"cannot read the database {where}: {exc.orig}") from None
 
 
 @main.command()

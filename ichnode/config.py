@@ -7,6 +7,7 @@ equal).  Every error names the key and the bad value.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,24 @@ def _check_ae_title(value: str) -> str:
     # Leading and trailing spaces are not significant (PS3.5 6.2) and the
     # receiver compares stripped titles, so store the stripped value.
     stripped = value.strip(" ")
-    if not 0 < len(stripped) <= 16 or "\\" in value or not value.isprintable():
-        raise ValueError(f"AE title must be 1 to 16 printable characters, got {value!r}")
+    # ASCII only: pynetdicom refuses any other title, but only once the node
+    # starts or first sends a report.
+    if not 0 < len(stripped) <= 16 or "\\" in value or not value.isprintable() or not value.isascii():
+        raise ValueError(f"AE title must be 1 to 16 printable ASCII characters, got {value!r}")
     return stripped
+
+
+def _check_peer_host(value: str | None) -> str | None:
+    # "10.1.2.10:104" would be looked up as a host name and never match or
+    # connect; an IPv6 address is the one host with colons.
+    if value is not None and ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise ValueError(
+                f"host must be a name or an address without a port (give that as port), got {value!r}"
+            ) from None
+    return value
 
 
 class NodeConfig(_Section):
@@ -73,6 +89,8 @@ class Peer(_Section):
     @classmethod
     def _ae(cls, value: str) -> str:
         return value if value == "*" else _check_ae_title(value)
+
+    _host = field_validator("host")(_check_peer_host)
 
 
 class AccessConfig(_Section):
@@ -168,6 +186,7 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_peer_host)
 
 
 class RetryConfig(_Section):
@@ -263,7 +282,34 @@ def parse_config(data: Any, base: Path) -> Config:
             value = error.get("input")
             problems.append(f"{key}: {error['msg']} (got {value!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
-    return config.resolve_paths(base)
+    config = config.resolve_paths(base)
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _cross_check(config: Config) -> list[str]:
+    """What each key's own check cannot see: files the keys name, keys that depend on each other."""
+    problems = []
+    model = config.model.path
+    if model is not None:
+        from .model import card_path_for
+
+        found = sorted(model.glob("*.keras")) if model.is_dir() else [model]
+        if len(found) != 1 or not found[0].is_file():
+            what = f"found {len(found)} in the folder" if model.is_dir() else "no such file"
+            problems.append(f"model.path: expected a .keras file or a folder holding one, {what} (got {str(model)!r})")
+        elif not card_path_for(found[0]).is_file():
+            problems.append(f"model.path: the model card {card_path_for(found[0])} is missing (got {str(model)!r})")
+    if config.reports.return_to_sender and not any(
+        peer.ae_title != "*" and peer.host and peer.port for peer in config.access.allow
+    ):
+        problems.append(
+            "reports.return_to_sender: no access.allow entry names an AE title with host and port, so no sender "
+            "can be sent reports; wildcard entries (ae_title \"*\") cannot be return addresses (got True)"
+        )
+    return problems
 
 
 def load_config(path: Path | str | None = None) -> Config:

@@ -15,6 +15,9 @@ Series life cycle (``Series.state``)::
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,10 +33,13 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.pool import NullPool
 
 SCHEMA_VERSION = 1
 
@@ -205,17 +211,66 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class DatabaseUnreadable(Exception):
+    """The node's database cannot be read, or is not one; the message names it and why."""
+
+
 def open_existing(url: str) -> Engine:
     """An engine on the node's database for commands that only read it
     (``status``, ``results``): a missing SQLite file is an error, not a new
-    empty database in the wrong place."""
+    empty database in the wrong place, and an SQLite file is opened read-only.
+
+    Raises :class:`FileNotFoundError` (no such file) or :class:`DatabaseUnreadable`.
+    """
     path = sqlite_file(url)
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(
-            f"no database at {path}: has the node run with this configuration? "
-            "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
-        )
-    return make_engine(url)
+    if path is None:
+        engine = make_engine(url)
+        where = make_url(url).render_as_string(hide_password=True)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no database at {path}: has the node run with this configuration? "
+                "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
+            )
+        where = str(path)
+        unreadable = [str(p) for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if _exists_unreadable(p)]
+        if unreadable:
+            raise DatabaseUnreadable(
+                f"cannot read the database {where}: permission denied on {', '.join(unreadable)} "
+                "(status and results need read access to the database and its -wal and -shm files)"
+            )
+        engine = _read_only_sqlite(path)
+    try:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+    except DBAPIError as exc:
+        engine.dispose()
+        raise DatabaseUnreadable(f"cannot read the database {where}: {exc.orig}") from None
+    missing = sorted(set(Base.metadata.tables) - tables)
+    if missing:
+        engine.dispose()
+        raise DatabaseUnreadable(f"{where} is not an ichnode database (it has no table {', '.join(missing)})")
+    return engine
+
+
+def _exists_unreadable(path: Path) -> bool:
+    return path.exists() and not os.access(path, os.R_OK)
+
+
+def _read_only_sqlite(path: Path) -> Engine:
+    """An engine that cannot write the file: no journal mode switch, no new
+    -wal or -shm files, so it works on a read-only mount and leaves no file
+    behind owned by whoever ran the command."""
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+    if not Path(f"{path}-wal").exists():
+        # No node has the database open (the last connection removes the
+        # -wal file); "immutable" keeps SQLite from creating one.
+        uri += "&immutable=1"
+    return create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False),
+        poolclass=NullPool,
+    )
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -20,20 +20,23 @@ from sqlalchemy.orm import Session, selectinload
 from . import db
 from .config import LABELS
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """``30m``, ``2h``, ``7d`` (ago) or an ISO date/time (UTC) -> naive UTC datetime."""
+    """``30m``, ``2h``, ``7d``, ``4w`` (ago) or an ISO date/time (UTC) -> naive UTC datetime."""
     now = now or db.utcnow()
     match = _DURATION.match(text.strip())
     if match:
-        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        try:
+            return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        except OverflowError:
+            raise ValueError(f"--since {text!r} reaches back before the year 1") from None
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"--since expects e.g. 30m, 2h, 7d or an ISO time, got {text!r}") from None
+        raise ValueError(f"--since expects e.g. 30m, 2h, 7d, 4w or an ISO time, got {text!r}") from None
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
@@ -139,8 +142,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         "positive": ",".join(label for label in LABELS if row["flags"].get(label)),
     }
     for label in LABELS:
-        score = row["scores"].get(label)
-        flat[label] = "" if score is None else f"{score:.3f}"
+        flat[label] = _score(row["scores"].get(label))
     flat["delivery"] = _delivery_text(row)
     return flat
 
@@ -165,9 +167,50 @@ def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
     for r in shown:
         # Long UIDs and reasons would push the scores off the screen.
         r["series_uid"] = r["series_uid"] if len(r["series_uid"]) <= 28 else "..." + r["series_uid"][-25:]
-    widths = {c: max(len(c), *(len(r[c]) for r in shown)) for c in columns}
+    return _table(columns, shown)
+
+
+def format_show(rows: list[dict[str, Any]], fmt: str) -> str:
+    """:func:`format_results`; a table also lists each series' reports and slices."""
+    if fmt != "table" or not rows:
+        return format_results(rows, fmt)
+    parts = [format_results(rows, fmt)]
+    for row in rows:
+        parts.append(f"series {row['series_uid']} ({row['status']}, version {row['version'] or '-'})")
+        if row["delivery"]:
+            deliveries = [
+                {
+                    "report": d["kind"],
+                    "destination": d["destination"],
+                    "state": d["state"],
+                    "attempts": str(d["attempts"]),
+                    "last_error": d["last_error"] or "",
+                }
+                for d in row["delivery"]
+            ]
+            parts.append(_table(list(deliveries[0]), deliveries))
+        slices = [
+            {
+                "slice": str(s["position"]),
+                "sop_instance_uid": s["sop_instance_uid"],
+                **{label: _score(s["scores"].get(label)) for label in LABELS},
+            }
+            for s in row.get("slices", [])
+        ]
+        if slices:
+            parts.append(_table(list(slices[0]), slices))
+    return "\n\n".join(parts)
+
+
+def _score(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _table(columns: list[str], rows: list[dict[str, str]]) -> str:
+    """Aligned columns under an upper-case header."""
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in shown]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
     return "\n".join(lines)
 
 

@@ -26,9 +26,9 @@ _OTHER_BODY_PARTS = (
     "CHEST", "THORA", "LUNG", "ABD", "PELVI", "SPINE", "CSPINE", "TSPINE", "LSPINE", "NECK",
     "CARDI", "HEART", "CORONAR", "LIVER", "KIDNEY", "RENAL", "KNEE", "SHOULDER", "EXTREMIT",
 )  # fmt: skip
-# A head CT covers about 150-250 mm; a series much longer is of more than the
-# head (a whole-body or chest-to-pelvis scan in a study described as "head").
-_LONGEST_HEAD_MM = 350.0
+# A head CT covers about 150-250 mm (with the neck, up to ~350); a series
+# longer is of more (a whole-body or chest-to-pelvis scan described as "head").
+_LONGEST_HEAD_MM = 400.0
 # ImageType values (value 3 onwards) that mark images the model must not see.
 _EXCLUDED_IMAGE_TYPES = {"LOCALIZER": "a localizer (scout)", "SCOUT": "a localizer (scout)", "REF_SURVIEW": "a survey image"}
 # Slices of one acquisition share their orientation (a gantry tilt included);

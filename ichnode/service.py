@@ -23,6 +23,7 @@ from types import FrameType
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
 from . import db
@@ -50,6 +51,10 @@ RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
 # next one in the same process wakes that job at once instead.
 COMPLETION_JOB, SCORING_JOB, DELIVERY_JOB, RETENTION_JOB = "completion", "scoring", "delivery", "retention"
 ALL_COMPONENTS = (RECEIVER, WORKER, DISPATCHER)
+
+
+class CannotListen(Exception):
+    """The receiver cannot listen as configured; the message names the keys."""
 
 
 class Node:
@@ -106,6 +111,9 @@ class Node:
             self._let_go()
             raise
         self._stopped = threading.Event()
+        # Jobs running now (see _run_job); stop waits for them to finish.
+        self._running_jobs = 0
+        self._jobs_idle = threading.Condition()
 
     @property
     def port(self) -> int:
@@ -138,11 +146,24 @@ class Node:
             if requeued:
                 logger.warning("delivery of %d reports was interrupted; sending them again", requeued)
             self._add_job(DELIVERY_JOB, self.dispatcher.run_once, interval)
-        self.scheduler.start()
         if RECEIVER in self.components:
-            self.server = start_receiver(self.config, self.spool, self.sessions, index=self.receiver_index)
-            if primary:
-                self._start_extra_receivers()
+            # Bound before the scheduler starts: a node that cannot listen
+            # stops here with nothing running.
+            self.server = self._listen()
+        self.scheduler.start()
+        if RECEIVER in self.components and primary:
+            self._start_extra_receivers()
+
+    def _listen(self) -> ThreadedAssociationServer:
+        node = self.config.node
+        try:
+            return start_receiver(self.config, self.spool, self.sessions, index=self.receiver_index)
+        except ValueError as exc:  # pynetdicom refuses the AE title
+            raise CannotListen(f"cannot listen as {node.ae_title!r} (node.ae_title): {exc}") from exc
+        except OSError as exc:  # port in use, address not ours, host unknown
+            raise CannotListen(
+                f"cannot listen on {node.host}:{node.port} (node.host/node.port): {exc.strerror or exc}"
+            ) from exc
 
     def _start_extra_receivers(self) -> None:
         # The others bind the port the first one got (it may have been 0).
@@ -157,10 +178,27 @@ class Node:
             self._extra_receivers.append(process)
 
     def _add_job(self, job_id: str, func: Callable[[], object], seconds: float) -> None:
-        self.scheduler.add_job(func, "interval", seconds=seconds, id=job_id, name=job_id)
+        self.scheduler.add_job(self._run_job, "interval", args=(func,), seconds=seconds, id=job_id, name=job_id)
+
+    def _run_job(self, func: Callable[[], object]) -> object:
+        # Counted here, not left to the scheduler's shutdown(wait=True): that
+        # waits holding the scheduler's lock, which a running job needs to wake
+        # the next one, and the node would never stop.
+        with self._jobs_idle:
+            if self._stopped.is_set():
+                return None  # queued before the stop, started after it
+            self._running_jobs += 1
+        try:
+            return func()
+        finally:
+            with self._jobs_idle:
+                self._running_jobs -= 1
+                self._jobs_idle.notify_all()
 
     def _wake(self, job_id: str) -> None:
         """Run a job now rather than at its next tick (the next stage has work)."""
+        if self._stopped.is_set():
+            return  # no next tick is coming
         job = self.scheduler.get_job(job_id)
         if job is not None:
             job.modify(next_run_time=dt.datetime.now(dt.UTC))
@@ -202,7 +240,9 @@ class Node:
             if process.is_alive():
                 process.kill()
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
+            self.scheduler.shutdown(wait=False)
+        with self._jobs_idle:
+            self._jobs_idle.wait_for(lambda: self._running_jobs == 0)
         if self.worker is not None:
             self.worker.close()
         self._let_go()
@@ -224,7 +264,11 @@ class Node:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop(grace_seconds=0)  # let go of what did start
+            raise
         wake.wait()
         self.stop()
 

@@ -9,10 +9,19 @@ cd "$(dirname "$0")/.."
 install -D -m 0644 systemd/ichnode.sysusers.conf /usr/lib/sysusers.d/ichnode.conf
 systemd-sysusers /usr/lib/sysusers.d/ichnode.conf
 
-python3 -m venv /opt/ichnode/venv
+# ichnode needs Python 3.11 or newer (setup.cfg); PYTHON names another interpreter.
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "ichnode needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1). Set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+"$PYTHON" -m venv /opt/ichnode/venv
 /opt/ichnode/venv/bin/pip install -q --upgrade pip
 /opt/ichnode/venv/bin/pip install -q .
 install -m 0644 README.md /opt/ichnode/README.md
+# The administrators' commands (check-config, echo, status, results) on PATH.
+ln -sfn /opt/ichnode/venv/bin/ichnode /usr/local/bin/ichnode
 
 if [ ! -e /etc/ichnode/config.yaml ]; then
     install -d -m 0755 /etc/ichnode

@@ -257,6 +257,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.config_path.parent,
+            start_new_session=True,  # its own process group, as under systemd or in a terminal
         )
         log.close()
 
@@ -274,6 +275,11 @@ class NodeProcess:
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the node and its helper processes, as Ctrl-C in a terminal does."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signum)
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -130,6 +131,48 @@ def test_echo_to_a_peer_that_drops_syns_times_out(silent_port: int) -> None:
     assert f"cannot connect to PEER@127.0.0.1:{silent_port}: timed out" in line
 
 
+@pytest.fixture
+def picky_pacs() -> Iterator[int]:
+    """A PACS that answers only the calling AE title ICHNODE, as PACSs that check calling AE titles do; its port."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    pacs = AE("PICKY_PACS")
+    pacs.require_calling_aet = ["ICHNODE"]
+    pacs.add_supported_context(Verification)
+    pacs.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def test_echo_and_send_call_as_the_node(tmp_path: Path, picky_pacs: int) -> None:
+    # The documented check, `ichnode echo PACS@host:port`, calls with the AE
+    # title the node's reports are sent with: node.ae_title of the configuration.
+    address = f"PICKY_PACS@127.0.0.1:{picky_pacs}"
+    defaults = {k: v for k, v in os.environ.items() if k != "ICHNODE_CONFIG"}
+    result = run_cli(["echo", address], cwd=tmp_path, env=defaults)  # no config file: the embedded defaults
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"C-ECHO {address}: 0x0000 (Success)" in result.stdout
+    one_file = sorted(require_data("ge-head-ct").glob("*.dcm"))[:1]
+    result = run_cli(["send", str(one_file[0]), "--to", address, "--no-progress"], cwd=tmp_path, env=defaults)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: 1" in result.stdout.splitlines()
+
+    # --config names the node whose AE title is used; --calling-ae still overrides it.
+    other = write_config(tmp_path / "other.yaml", {"node": {"ae_title": "OTHER_NODE"}})
+    result = run_cli(["echo", address, "--config", str(other)], cwd=tmp_path, env=defaults)
+    assert result.returncode == 1
+    assert "reason 0x03" in result.stdout  # calling AE title not recognised
+    result = run_cli(["send", str(one_file[0]), "--to", address, "--config", str(other), "--no-progress"])
+    assert result.returncode == 1
+    assert "Not sent: 1" in result.stdout.splitlines()
+    result = run_cli(["echo", address, "--config", str(other), "--calling-ae", "ICHNODE"], cwd=tmp_path, env=defaults)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_echo_needs_an_address() -> None:
     result = run_cli(["echo", "ICHNODE-127.0.0.1-11112"])
     assert result.returncode == 2
@@ -251,6 +294,41 @@ def test_reading_commands_do_not_create_a_database(tmp_path: Path) -> None:
         assert result.returncode == 1, command
         assert f"no database at {tmp_path / 'nowhere' / 'ichnode.db'}" in result.stderr
     assert not (tmp_path / "nowhere" / "ichnode.db").exists()
+
+
+def _foreign_sqlite(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+    other.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        (lambda path: path.write_bytes(b""), "is not an ichnode database"),
+        (_foreign_sqlite, "is not an ichnode database"),
+        (lambda path: path.write_bytes(b"not SQLite at all " * 300), "file is not a database"),
+    ],
+    ids=["empty file", "another program's SQLite", "not SQLite"],
+)
+def test_reading_commands_name_a_database_that_is_not_the_nodes(tmp_path: Path, make: Any, cause: str) -> None:
+    database = tmp_path / "data" / "ichnode.db"
+    database.parent.mkdir()
+    make(database)
+    before = database.read_bytes()
+    path = write_config(tmp_path / "node.yaml", {"database": {"url": f"sqlite:///{database}"}})
+    for command in (["status"], ["results", "list"], ["results", "show", "1.2.3"]):
+        result = run_cli([*command, "--config", str(path)])
+        assert result.returncode == 1, command
+        assert result.stderr.startswith("Error: "), result.stderr
+        assert str(database) in result.stderr
+        assert cause in result.stderr
+        assert "Traceback" not in result.stderr
+    # Commands that only read leave the file as it was, and add none beside it.
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in database.parent.iterdir()) == ["ichnode.db"]
 
 
 def test_status_with_a_bad_config_exits_1(tmp_path: Path) -> None:

@@ -35,6 +35,26 @@ def test_shipped_config_yaml_equals_embedded_defaults() -> None:
         ({"model": {"thresholds": {"subdurall": 0.5}}}, "model.thresholds", "subdurall"),
         ({"logging": {"level": "LOUD"}}, "logging.level", "LOUD"),
         ({"database": {"url": "not a url"}}, "database.url", "not a url"),
+        # pynetdicom refuses any AE title that is not ASCII, but only when the node starts or sends.
+        ({"node": {"ae_title": "ICHNÖDE"}}, "node.ae_title", "ICHNÖDE"),
+        ({"access": {"allow": [{"ae_title": "CT_SCÄNNER"}]}}, "access.allow.0.ae_title", "CT_SCÄNNER"),
+        (
+            {"reports": {"destinations": [{"ae_title": "PACS_Ü", "host": "10.1.2.10", "port": 104}]}},
+            "reports.destinations.0.ae_title",
+            "PACS_Ü",
+        ),
+        # A port written into host: a name that is never resolved, a peer that never matches.
+        (
+            {"reports": {"destinations": [{"ae_title": "PACS", "host": "10.1.2.10:104", "port": 104}]}},
+            "reports.destinations.0.host",
+            "10.1.2.10:104",
+        ),
+        (
+            {"access": {"allow": [{"ae_title": "PACS", "host": "10.1.2.10:104", "port": 104}]}},
+            "access.allow.0.host",
+            "10.1.2.10:104",
+        ),
+        ({"model": {"path": "models/absent.keras"}}, "model.path", "absent.keras"),
     ],
 )
 def test_bad_value_names_key_and_value(tmp_path: Path, data: dict, key: str, value: str) -> None:
@@ -177,3 +197,59 @@ def test_check_config_honours_the_environment_variable(tmp_path: Path) -> None:
     result = run_cli(["check-config"], env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert "node.ae_title" in result.stderr
+
+
+def test_ae_titles_must_be_ascii_in_check_config(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("node:\n  ae_title: ICHNÖDE\n", encoding="utf-8")
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 1
+    assert "node.ae_title" in result.stderr
+    assert "ASCII" in result.stderr
+
+
+def test_an_ipv6_address_is_a_host(tmp_path: Path) -> None:
+    destination = {"ae_title": "PACS", "host": "fd00::10", "port": 104}
+    config = parse_config({"reports": {"destinations": [destination]}}, tmp_path)
+    assert config.reports.destinations[0].host == "fd00::10"
+
+
+def test_model_path_needs_the_model_and_its_card(tmp_path: Path) -> None:
+    from ichnode.model import card_path_for, default_model_path
+
+    bundled = default_model_path()
+    # The bundled model, named by file or by its folder, is accepted.
+    assert parse_config({"model": {"path": str(bundled)}}, tmp_path).model.path == bundled
+    assert parse_config({"model": {"path": str(bundled.parent)}}, tmp_path).model.path == bundled.parent
+    # A copy without its card is not; the message names the card it looked for.
+    (tmp_path / "models").mkdir()
+    copy = tmp_path / "models" / "mine.keras"
+    copy.write_bytes(bundled.read_bytes())
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"path": "models/mine.keras"}}, tmp_path)
+    assert "model.path" in str(info.value)
+    assert str(card_path_for(copy)) in str(info.value)
+    # A folder with no model in it is not either.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.path: expected a .keras file or a folder holding one, found 0"):
+        parse_config({"model": {"path": "empty"}}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "allow",
+    [
+        [{"ae_title": "*", "host": "127.0.0.1"}],
+        [{"ae_title": "*", "host": "10.1.2.3", "port": 104}],
+        [{"ae_title": "CT_SCANNER_1", "host": "10.1.2.3"}],
+        [{"ae_title": "CT_SCANNER_1", "port": 104}],
+    ],
+)
+def test_return_to_sender_needs_a_named_sender_with_host_and_port(tmp_path: Path, allow: list) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"access": {"allow": allow}, "reports": {"return_to_sender": True}}, tmp_path)
+    message = str(info.value)
+    assert "reports.return_to_sender" in message
+    assert "wildcard entries" in message
+    allow = [*allow, {"ae_title": "PACS", "host": "10.1.2.10", "port": 104}]
+    config = parse_config({"access": {"allow": allow}, "reports": {"return_to_sender": True}}, tmp_path)
+    assert config.reports.return_to_sender

@@ -132,6 +132,14 @@ def test_list_since(filled: Filled) -> None:
     assert _json(filled, "--since", future) == []
     bad = run_cli(["results", "list", "--since", "yesterday", "--config", str(filled.config)])
     assert bad.returncode != 0 and "--since" in bad.stderr
+    assert len(_json(filled, "--since", "2w")) == 3
+
+
+def test_list_since_further_back_than_dates_go_is_a_usage_error(filled: Filled) -> None:
+    out = run_cli(["results", "list", "--since", "1000000d", "--config", str(filled.config)])
+    assert out.returncode == 2
+    assert "Invalid value for --since: --since '1000000d' reaches back before the year 1" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_list_csv_has_a_header_and_a_row_per_series(filled: Filled) -> None:
@@ -160,6 +168,28 @@ def test_show_a_study_and_a_series(filled: Filled) -> None:
 
     (series,) = json.loads(_results(filled, "show", filled.skipped, "--format", "json"))
     assert series["status"] == "skipped" and series["slices"] == []
+
+
+def test_show_table_has_reports_and_per_slice_scores(filled: Filled) -> None:
+    (series,) = json.loads(_results(filled, "show", filled.ge_series, "--format", "json"))
+    lines = _results(filled, "show", filled.ge_series).splitlines()
+    assert lines[0].split()[:3] == ["SERIES_UID", "SERIES_DESCRIPTION", "STATUS"]
+    assert f"series {filled.ge_series} (scored, version 1)" in lines
+
+    header = lines.index(next(line for line in lines if line.startswith("REPORT")))
+    assert lines[header].split() == ["REPORT", "DESTINATION", "STATE", "ATTEMPTS", "LAST_ERROR"]
+    reports = [line.split() for line in lines[header + 1 : header + 3]]
+    assert sorted(r[0] for r in reports) == ["sr", "summary"]
+    for report in reports:
+        assert report[1].startswith("TEST_PACS@127.0.0.1:") and report[2:] == ["sent", "1"]
+
+    header = lines.index(next(line for line in lines if line.startswith("SLICE")))
+    assert lines[header].split() == ["SLICE", "SOP_INSTANCE_UID", *(label.upper() for label in LABELS)]
+    slices = [line.split() for line in lines[header + 1 :]]
+    assert len(slices) == 28
+    for shown, stored in zip(slices, series["slices"], strict=True):
+        assert shown[:2] == [str(stored["position"]), stored["sop_instance_uid"]]
+        assert [float(v) for v in shown[2:]] == pytest.approx([stored["scores"][label] for label in LABELS], abs=5e-4)
 
 
 def test_show_an_unknown_uid_fails_clearly(filled: Filled) -> None:

@@ -126,4 +126,4 @@ def test_a_series_longer_than_a_head_is_skipped() -> None:
     for index, ds in enumerate(series):
         ds.ImagePositionPatient = [first[axis] + 40 * index * normal[axis] for axis in range(3)]
     reason = _reason(series)
-    assert reason == "not a head series: its slices span 440 mm, more than a head (350 mm)"
+    assert reason == "not a head series: its slices span 440 mm, more than a head (400 mm)"

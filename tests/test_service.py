@@ -1,0 +1,81 @@
+"""``ichnode serve`` as a process: stopping it while it works, and starting it where it cannot listen."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from ichnode import db
+from tests.conftest import config_data, open_db, run_cli, store_files, wait_for, write_config
+from tests.pipeline_support import PIPELINE_WARNINGS, phantom, write_series
+
+pytestmark = PIPELINE_WARNINGS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["node", "group"])
+def test_sigterm_while_a_series_is_scored_exits_cleanly(node_process: Any, tmp_path: Path, to: str) -> None:
+    # The scoring job wakes the delivery job when it is done; a shutdown that
+    # waited for it while holding the scheduler's lock never returned. Sent
+    # to the whole process group (Ctrl-C in a terminal, or systemd's default
+    # kill mode), the signal must not kill the helper processes mid-series.
+    series = phantom(7, n_slices=53)
+    files = write_series(series.datasets, tmp_path / "series")
+    node = node_process()
+    node.components = "receiver,worker,dispatcher"
+    node.start(timeout=180)
+    assert set(store_files(node.port, files)) == {0x0000}
+    engine, sessions = open_db(f"sqlite:///{tmp_path / 'ichnode.db'}")
+
+    def being_scored() -> bool:
+        with sessions() as session:
+            return session.scalar(select(db.Series.state)) == db.PROCESSING
+
+    try:
+        wait_for(being_scored, timeout=60, interval=0.005, message="the worker to take the series")
+    finally:
+        engine.dispose()
+    if to == "node":
+        node.signal(signal.SIGTERM)
+    else:
+        node.signal_group(signal.SIGINT)
+    # The scoring under way finishes first (a few seconds here); a hang fails at the timeout.
+    assert node.wait(timeout=90) == 0, node.log()
+    log = node.log()
+    assert ("received SIGTERM" if to == "node" else "received SIGINT") in log
+    assert "stopped" in log
+    assert "helper process died" not in log
+
+
+@pytest.fixture
+def taken_port() -> Any:
+    """A port another program listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+@pytest.mark.parametrize("components", ["receiver", "receiver,worker,dispatcher"])
+def test_serve_on_a_port_in_use_names_the_key(tmp_path: Path, taken_port: int, components: str) -> None:
+    path = write_config(tmp_path / "ichnode.yaml", config_data(tmp_path, port=taken_port))
+    result = run_cli(["serve", "--config", str(path), "--components", components], timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert f"Error: cannot listen on 127.0.0.1:{taken_port} (node.host/node.port): Address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert "cannot schedule new futures" not in result.stderr
+
+
+def test_serve_on_an_unknown_host_names_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "ichnode.yaml", config_data(tmp_path, node={"host": "no-such-host.invalid"}))
+    result = run_cli(["serve", "--config", str(path), "--components", "receiver"])
+    assert result.returncode == 1, result.stderr
+    assert "Error: cannot listen on no-such-host.invalid:0 (node.host/node.port)" in result.stderr
+    assert "Traceback" not in result.stderr
