@@ -54,10 +54,10 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
 def _start_helper(parent: int) -> None:
     """What each helper process does first."""
     # The node stops its helpers itself, once their series are done: Ctrl-C in
-    # a terminal, or a stop signal sent to the node's whole process group, must
-    # not kill one mid-series.
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+    # a terminal, which signals the whole process group, must not kill one
+    # mid-series. SIGTERM stays: the pool ends its helpers with it when one
+    # of them dies (systemd's unit signals the main process only).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     imaging.keep_freed_memory()
     # highdicom warns of a person name of one component ("ANONYMOUS", "REMOVED"
     # in de-identified data). The reports copy the source's names as they are:

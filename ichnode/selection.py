@@ -8,7 +8,6 @@ reason a PACS administrator can read in ``ichnode results``.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -19,12 +18,11 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type:
 from .config import SeriesConfig
 from .imaging import image_position, slice_normal, slice_positions, tilt_degrees
 
-# Word starts in a series description that name a part of the body other
-# than the head: such a series is not scored even in a study described as
-# a head study.
+# Words in a series description that name a part of the body other than the
+# head: such a series is not scored even in a study described as a head study.
 _OTHER_BODY_PARTS = (
-    "CHEST", "THORA", "LUNG", "ABD", "PELVI", "SPINE", "CSPINE", "TSPINE", "LSPINE", "NECK",
-    "CARDI", "HEART", "CORONAR", "LIVER", "KIDNEY", "RENAL", "KNEE", "SHOULDER", "EXTREMIT",
+    "CHEST", "THORA", "LUNG", "ABDOM", "PELVI", "SPINE", "NECK", "CARDI", "HEART", "CORONAR",
+    "LIVER", "KIDNEY", "RENAL", "KNEE", "SHOULDER", "EXTREMIT",
 )  # fmt: skip
 # A head CT covers about 150-250 mm (with the neck, up to ~350); a series
 # longer is of more (a whole-body or chest-to-pelvis scan described as "head").
@@ -36,6 +34,7 @@ _EXCLUDED_IMAGE_TYPES = {"LOCALIZER": "a localizer (scout)", "SCOUT": "a localiz
 _SAME_ORIENTATION_DEGREES = 1.0
 # Slices closer than this along the normal are at one position.
 _SAME_POSITION_MM = 0.01
+_SAME_POSITION = "at the slice position of"
 
 
 def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: SeriesConfig) -> str | None:
@@ -90,60 +89,61 @@ def _not_head(ds: Dataset, head_keywords: Sequence[str]) -> str | None:
     """Why the series is not of the head, if its descriptions say so.
 
     BodyPartExamined names what this series imaged and decides when it is
-    set. Else a series description or protocol naming the head decides, and
-    one naming another part of the body ("C-SPINE 2.5 BONE" in a head and
-    spine study); else the study description. A series described, but
-    nowhere as of the head, is not scored. A keyword matches the start of a
-    word ("CRANI" in "CRANIAL", not "HEAD" in "FOREHEAD").
+    set. Else the series description, the protocol name and the study
+    description are read in that order, and the first that names the head,
+    or another part of the body, decides: the spine series of a "HEAD
+    CSPINE" protocol is described "C-SPINE 2.5 BONE". A series described,
+    but nowhere as of the head, is not scored. Keywords match anywhere in a
+    text ("HEAD" in "CTHEAD", "CRANI" in "INTRACRANIAL").
     """
     keywords = [word.upper() for word in head_keywords]
 
-    def texts(*attributes: str) -> list[str]:
-        return [text for text in (str(ds.get(a, "") or "").strip().upper() for a in attributes) if text]
+    def text(attribute: str) -> str:
+        return str(ds.get(attribute, "") or "").strip().upper()
 
-    def names(texts: list[str], prefixes: Sequence[str]) -> bool:
-        words = [word for text in texts for word in re.split(r"[^A-Z0-9]+", text)]
-        return any(word.startswith(prefix) for word in words for prefix in prefixes)
+    def names(text: str, words: Sequence[str]) -> bool:
+        return any(word in text for word in words)
 
-    body_part = texts("BodyPartExamined")
+    body_part = text("BodyPartExamined")
     if body_part:
         if names(body_part, keywords):
             return None
-        return f"not a head series: BodyPartExamined {body_part[0]} names none of series.head_keywords"
-    series = texts("SeriesDescription", "ProtocolName")
-    if names(series, keywords):
-        return None
-    if names(series, _OTHER_BODY_PARTS):
-        return f"not a head series: {' / '.join(series)} names another part of the body"
-    study = texts("StudyDescription")
-    if names(study, keywords) or not (study or series):
-        return None
-    return f"not a head series: {' / '.join(study + series)} names none of series.head_keywords"
+        return f"not a head series: BodyPartExamined {body_part} names none of series.head_keywords"
+    described = []
+    for attribute in ("SeriesDescription", "ProtocolName", "StudyDescription"):
+        said = text(attribute)
+        if not said:
+            continue
+        if names(said, keywords):
+            return None
+        if names(said, _OTHER_BODY_PARTS):
+            return f"not a head series: {attribute} {said} names another part of the body"
+        described.append(said)
+    if described:
+        return f"not a head series: {' / '.join(described)} names none of series.head_keywords"
+    return None
 
 
 def mixed_series(headers: Sequence[Dataset]) -> str | None:
     """Why the images cannot make one volume, if they cannot.
 
     Images of several kinds or orientations with none a majority (so that
-    :func:`stray_slices` leaves none out), or several images at one slice
-    position: a dynamic (perfusion) series or several reconstructions filed
+    :func:`stray_slices` leaves none out), or images that repeat most slice
+    positions: a dynamic (perfusion) series or several reconstructions filed
     as one series, which would be scored as if their images were slices.
     """
     strays = _strays(headers)
-    if strays:
-        index, why = next(iter(strays.items()))
-        return f"{len(strays)} of {len(headers)} images are not slices of one volume (image {index + 1}: {why})"
-    try:
-        positions = np.sort(slice_positions(headers))
-    except ValueError as exc:
-        return f"slice positions unusable: {exc}"
-    distinct = 1 + int(np.count_nonzero(np.diff(positions) > _SAME_POSITION_MM)) if len(positions) else 0
-    if distinct < len(headers):
+    if not strays:
+        return None
+    repeats = [index for index, why in strays.items() if why.startswith(_SAME_POSITION)]
+    if 2 * len(repeats) > len(strays):
+        placed = len(headers) - len(strays) + len(repeats)
         return (
-            f"{len(headers)} images at {distinct} slice positions: several images per position "
+            f"{placed} images at {placed - len(repeats)} slice positions: several images per position "
             "(a dynamic or perfusion series, or several reconstructions in one series)"
         )
-    return None
+    index, why = next(iter(strays.items()))
+    return f"{len(strays)} of {len(headers)} images are not slices of one volume (image {index + 1}: {why})"
 
 
 def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
@@ -151,10 +151,11 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
 
     A localizer or derived image filed in the series, an image of another
     study or patient than most, one oriented otherwise than most (its
-    reformat, say) or one without a usable position is left out of the
-    volume. Only a minority can be stray: a
-    series made mostly of such images is judged whole by :func:`skip_reason`
-    (see :func:`mixed_series`).
+    reformat, say), one without a usable position, or one at the position
+    of an image received after it (a slice sent again under a new UID) is
+    left out of the volume. Only a minority can be stray: a series made
+    mostly of such images is judged whole by :func:`skip_reason` (see
+    :func:`mixed_series`).
     """
     strays = _strays(headers)
     return strays if 2 * len(strays) < len(headers) else {}
@@ -163,21 +164,25 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
 def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
     """Every image that is not a slice of the volume most images share, and why."""
     strays: dict[int, str] = {}
+    origins: dict[int, np.ndarray] = {}
     normals: dict[int, np.ndarray] = {}
     # One Series Instance UID for images of two patients or studies: a series
-    # re-filed by the PACS, or a mistake. Most of it decides which it is.
-    identities = [(str(ds.get("StudyInstanceUID", "")), str(ds.get("PatientID", ""))) for ds in headers]
-    common_identity = Counter(identities).most_common(1)[0][0] if identities else None
+    # re-filed by the PACS, or a mistake. Most of it decides which it is; an
+    # image without a PatientID is taken to be the series' patient.
+    studies = [str(ds.get("StudyInstanceUID", "")) for ds in headers]
+    patients = [str(ds.get("PatientID", "") or "") for ds in headers]
+    study = Counter(studies).most_common(1)[0][0] if studies else ""
+    named = Counter(p for p in patients if p)
+    patient = named.most_common(1)[0][0] if named else ""
     for index, ds in enumerate(headers):
         reason = _excluded_image_type(ds)
-        if reason is None and identities[index] != common_identity:
-            study, patient = identities[index]
-            reason = f"of study {study}, patient {patient}, unlike most images of the series"
+        if reason is None and (studies[index] != study or patients[index] not in ("", patient)):
+            reason = f"of study {studies[index]}, patient {patients[index]}, unlike most images of the series"
         if reason is None and not ds.get("ImagePositionPatient"):
             reason = "no ImagePositionPatient: its place in the volume is unknown"
         if reason is None:
             try:
-                image_position(ds)
+                origins[index] = image_position(ds)
                 normals[index] = slice_normal(ds)
             except ValueError as exc:
                 reason = str(exc)
@@ -191,6 +196,20 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
             angle = math.degrees(math.acos(min(1.0, abs(float(normal @ reference)))))
             if angle > _SAME_ORIENTATION_DEGREES:
                 strays[index] = f"oriented {angle:.0f} degrees from the series' other slices"
+        # Of images at one position (a slice sent again under a new UID), the
+        # one that came last is the slice.
+        placed = sorted((float(origins[i] @ reference), i) for i in normals if i not in strays)
+        groups: list[list[int]] = []
+        previous = -math.inf
+        for position, index in placed:
+            if position - previous > _SAME_POSITION_MM:
+                groups.append([])
+            groups[-1].append(index)
+            previous = position
+        for group in groups:
+            for index in group:
+                if index != max(group):
+                    strays[index] = f"{_SAME_POSITION} image {max(group) + 1}, which came later and is used instead"
     return dict(sorted(strays.items()))
 
 

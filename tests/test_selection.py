@@ -83,8 +83,18 @@ def test_an_image_with_a_malformed_position_is_left_out_and_the_rest_scored() ->
 def test_an_image_of_another_patient_filed_in_the_series_is_left_out() -> None:
     series = _series()
     series[5].PatientID = "SOMEONE-ELSE"
+    series[7].PatientID = ""  # no PatientID: taken to be the series' patient
     strays = stray_slices(series)
     assert list(strays) == [5] and "patient SOMEONE-ELSE" in strays[5]
+
+
+def test_a_slice_sent_again_under_a_new_uid_is_scored_once() -> None:
+    series = _series()
+    again = copy.deepcopy(series[4])
+    again.SOPInstanceUID = generate_uid()
+    series.append(again)  # came after the first copy
+    assert stray_slices(series) == {4: "at the slice position of image 13, which came later and is used instead"}
+    assert _reason(series) is None
 
 
 @pytest.mark.parametrize(
@@ -96,10 +106,10 @@ def test_an_image_of_another_patient_filed_in_the_series_is_left_out() -> None:
         ("CT CRANIAL", "", True, None),
         ("", "", True, None),
         # The spine series of a head and spine study.
+        ("CTHEAD", "", True, None),
+        ("CT INTRACRANIAL", "", True, None),
         ("CT HEAD C-SPINE", "C-SPINE 2.5 BONE", False, "names another part of the body"),
         ("CT CHEST ABD PELVIS", "CHEST 5mm", False, "names another part of the body"),
-        # A keyword is the start of a word, not any part of one.
-        ("FOREHEAD LESION", "", False, "names none of series.head_keywords"),
         ("", "AXIAL 5mm", False, "names none of series.head_keywords"),
     ],
 )
@@ -116,6 +126,13 @@ def test_head_series_by_description_when_body_part_is_empty(
         assert reason is None
     else:
         assert reason is not None and reason.startswith("not a head series") and why in reason, reason
+
+
+def test_the_spine_series_of_a_head_and_spine_protocol_is_not_scored() -> None:
+    series = _series()
+    for ds in series:
+        ds.BodyPartExamined, ds.SeriesDescription, ds.ProtocolName = "", "C-SPINE 2.5 BONE", "TRAUMA HEAD CSPINE"
+    assert _reason(series) == "not a head series: SeriesDescription C-SPINE 2.5 BONE names another part of the body"
 
 
 def test_a_series_longer_than_a_head_is_skipped() -> None:

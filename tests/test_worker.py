@@ -704,6 +704,24 @@ def test_a_series_a_dying_helper_took_down_is_scored_again_once(nodes: Nodes, de
         assert "BrokenProcessPool" in result.skip_reason
 
 
+def test_helpers_outlive_ctrl_c_but_end_on_sigterm() -> None:
+    # Ctrl-C signals the node's whole process group: the helpers go on with
+    # their series. SIGTERM is how the pool ends the others when one dies: a
+    # helper that ignored it would keep the worker from ever closing.
+    import signal
+
+    pool = preparation.process_pool(1)
+    try:
+        pid = pool.submit(os.getpid).result(timeout=60)
+        os.kill(pid, signal.SIGINT)
+        assert pool.submit(os.getpid).result(timeout=60) == pid
+        os.kill(pid, signal.SIGTERM)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(os.getpid).result(timeout=60)
+    finally:
+        pool.shutdown(wait=True)
+
+
 def test_a_series_that_crashes_the_helpers_fails_alone(nodes: Nodes) -> None:
     # Every time the helper prepares series A it dies (as on a file that
     # crashes the decoder). B, queued behind A the first time, is taken down

@@ -164,6 +164,9 @@ def _minimal_dataset(row: Any) -> Any:
     from pydicom.dataset import Dataset
 
     ds = Dataset()
+    # What the node's selection reads: identity, kind and geometry.
+    ds.PatientID = row.patient_id if isinstance(row.patient_id, str) else ""
+    ds.StudyInstanceUID = row.study_uid if isinstance(row.study_uid, str) else ""
     if row.ImageType:
         ds.ImageType = row.ImageType.split("\\")
     if row.ImagePositionPatient:
