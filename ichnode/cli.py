@@ -108,10 +108,16 @@ def serve(config_path: Path | None, components: str) -> None:
 @config_option
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and print the effective values (exit 1 on error)."""
+    from .config import model_path_problem
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    problem = model_path_problem(config)
+    if problem:
+        click.echo(f"error: invalid configuration:\n  {problem}", err=True)
         sys.exit(1)
     click.echo(config.to_yaml(), nl=False)
 

@@ -289,19 +289,29 @@ def parse_config(data: Any, base: Path) -> Config:
     return config
 
 
-def _cross_check(config: Config) -> list[str]:
-    """What each key's own check cannot see: files the keys name, keys that depend on each other."""
-    problems = []
-    model = config.model.path
-    if model is not None:
-        from .model import card_path_for
+def model_path_problem(config: Config) -> str | None:
+    """What is wrong with ``model.path`` on this machine, if anything.
 
-        found = sorted(model.glob("*.keras")) if model.is_dir() else [model]
-        if len(found) != 1 or not found[0].is_file():
-            what = f"found {len(found)} in the folder" if model.is_dir() else "no such file"
-            problems.append(f"model.path: expected a .keras file or a folder holding one, {what} (got {str(model)!r})")
-        elif not card_path_for(found[0]).is_file():
-            problems.append(f"model.path: the model card {card_path_for(found[0])} is missing (got {str(model)!r})")
+    Checked by ``check-config`` (and by a worker as it loads the model), not
+    by every command: a receiver, a dispatcher or ``status`` need no model.
+    """
+    model = config.model.path
+    if model is None:
+        return None
+    from .model import card_path_for
+
+    found = sorted(model.glob("*.keras")) if model.is_dir() else [model]
+    if len(found) != 1 or not found[0].is_file():
+        what = f"found {len(found)} in the folder" if model.is_dir() else "no such file"
+        return f"model.path: expected a .keras file or a folder holding one, {what} (got {str(model)!r})"
+    if not card_path_for(found[0]).is_file():
+        return f"model.path: the model card {card_path_for(found[0])} is missing (got {str(model)!r})"
+    return None
+
+
+def _cross_check(config: Config) -> list[str]:
+    """What each key's own check cannot see: keys that depend on each other."""
+    problems = []
     if config.reports.return_to_sender and not any(
         peer.ae_title != "*" and peer.host and peer.port for peer in config.access.allow
     ):

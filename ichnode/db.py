@@ -224,7 +224,10 @@ def open_existing(url: str) -> Engine:
     """
     path = sqlite_file(url)
     if path is None:
-        engine = make_engine(url)
+        try:
+            engine = make_engine(url)
+        except ImportError as exc:
+            raise DatabaseUnreadable(f"cannot read the database: its driver is not installed ({exc})") from None
         where = make_url(url).render_as_string(hide_password=True)
     else:
         if not path.is_file():
@@ -233,7 +236,8 @@ def open_existing(url: str) -> Engine:
                 "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
             )
         where = str(path)
-        unreadable = [str(p) for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if _exists_unreadable(p)]
+        target = path.resolve()
+        unreadable = [str(p) for p in (target, Path(f"{target}-wal"), Path(f"{target}-shm")) if _exists_unreadable(p)]
         if unreadable:
             raise DatabaseUnreadable(
                 f"cannot read the database {where}: permission denied on {', '.join(unreadable)} "
@@ -258,19 +262,22 @@ def _exists_unreadable(path: Path) -> bool:
 
 
 def _read_only_sqlite(path: Path) -> Engine:
-    """An engine that cannot write the file: no journal mode switch, no new
-    -wal or -shm files, so it works on a read-only mount and leaves no file
-    behind owned by whoever ran the command."""
-    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
-    if not Path(f"{path}-wal").exists():
-        # No node has the database open (the last connection removes the
-        # -wal file); "immutable" keeps SQLite from creating one.
-        uri += "&immutable=1"
-    return create_engine(
-        "sqlite://",
-        creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False),
-        poolclass=NullPool,
-    )
+    """An engine that cannot write the file: no journal mode switch, and no
+    new -wal or -shm files where no node has the database open, so it works
+    on a read-only mount and leaves no file behind owned by whoever ran the
+    command (a root-owned -shm would stop the node's next start)."""
+    target = path.resolve()  # SQLite keeps -wal and -shm beside a link's target
+    base = f"file:{urllib.parse.quote(str(target))}?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        # Decided at each connection: a node may start while the command runs.
+        # With no -wal file no node has it open (the last connection removes
+        # it), and "immutable" keeps SQLite from creating one.
+        immutable = not Path(f"{target}-wal").exists()
+        uri = base + ("&immutable=1" if immutable else "")
+        return sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+
+    return create_engine("sqlite://", creator=connect, poolclass=NullPool)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

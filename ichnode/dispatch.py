@@ -71,6 +71,12 @@ class Dispatcher:
         # Claimed deliveries whose failed try the database refused to record:
         # queued again at the next round's start, not left sending.
         self._put_back: list[int] = []
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Finish the destination in hand and try no other: the node is stopping
+        (each may take a connect timeout; what is left stays queued)."""
+        self._stopping.set()
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Try every due delivery, one association per destination; returns how many were stored."""
@@ -87,6 +93,8 @@ class Dispatcher:
             ).all()
         sent = 0
         for (ae_title, host, port), group in groupby(due, key=lambda d: (d.ae_title, d.host, d.port)):
+            if self._stopping.is_set():
+                break
             claimed = self._claim(list(group), now)
             try:
                 sent += self._send_to(ae_title, host, port, claimed)

@@ -38,7 +38,10 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     except ValueError:
         raise ValueError(f"--since expects e.g. 30m, 2h, 7d, 4w or an ISO time, got {text!r}") from None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        try:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise ValueError(f"--since {text!r} is out of the range of dates") from None
     return value
 
 

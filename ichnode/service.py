@@ -110,7 +110,8 @@ class Node:
         except BaseException:
             self._let_go()
             raise
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # stop has begun
+        self._done = threading.Event()  # stop has ended
         # Jobs running now (see _run_job); stop waits for them to finish.
         self._running_jobs = 0
         self._jobs_idle = threading.Condition()
@@ -222,30 +223,38 @@ class Node:
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let open associations finish (then abort them), stop jobs."""
         if self._stopped.is_set():
+            self._done.wait()  # a second caller returns once the first has stopped it
             return
         self._stopped.set()
-        for process in self._extra_receivers:
-            process.terminate()  # SIGTERM: the same graceful stop as this one
-        if self.server is not None:
-            associations = list(self.server.active_associations)
-            self.server.shutdown()
-            deadline = time.monotonic() + grace_seconds
-            for assoc in associations:
-                assoc.join(max(0.0, deadline - time.monotonic()))
-                if assoc.is_alive():
-                    logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
-                    assoc.abort()
-        for process in self._extra_receivers:
-            process.join(grace_seconds + 5)
-            if process.is_alive():
-                process.kill()
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
-        with self._jobs_idle:
-            self._jobs_idle.wait_for(lambda: self._running_jobs == 0)
-        if self.worker is not None:
-            self.worker.close()
-        self._let_go()
+        try:
+            # The jobs under way finish what they hold and take nothing more.
+            for stage in (self.worker, self.dispatcher):
+                if stage is not None:
+                    stage.stop()
+            for process in self._extra_receivers:
+                process.terminate()  # SIGTERM: the same graceful stop as this one
+            if self.server is not None:
+                associations = list(self.server.active_associations)
+                self.server.shutdown()
+                deadline = time.monotonic() + grace_seconds
+                for assoc in associations:
+                    assoc.join(max(0.0, deadline - time.monotonic()))
+                    if assoc.is_alive():
+                        logger.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+                        assoc.abort()
+            for process in self._extra_receivers:
+                process.join(grace_seconds + 5)
+                if process.is_alive():
+                    process.kill()
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
+            with self._jobs_idle:
+                self._jobs_idle.wait_for(lambda: self._running_jobs == 0)
+            if self.worker is not None:
+                self.worker.close()
+            self._let_go()
+        finally:
+            self._done.set()
         logger.info("stopped")
 
     def _let_go(self) -> None:

@@ -17,6 +17,7 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -139,6 +140,7 @@ class Worker:
         # Series a dying helper took down once: the second time they fail (a
         # file that crashes the decoder must not crash the helpers forever).
         self._crashed_once: set[tuple[int, int]] = set()
+        self._stopping = threading.Event()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -162,6 +164,11 @@ class Worker:
             for length in (2, 3):
                 self.model.score_sequence(np.zeros((length, self.model.embedding_dim), dtype=np.float32))
         wait(started)
+
+    def stop(self) -> None:
+        """Finish the series in hand and claim no more: the node is stopping
+        (what is complete and not claimed waits for the next start)."""
+        self._stopping.set()
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)
@@ -210,6 +217,8 @@ class Worker:
         helper processes and results recorded by another thread while the
         model moves on.
         """
+        if self._stopping.is_set():
+            return 0
         self._put_back_series()
         # Series a dying helper took down are scored after the others, each
         # alone: if one crashes the helpers again, it fails, and nothing with it.
@@ -220,16 +229,17 @@ class Worker:
             return [item for item in claimed if item.key not in self._crashed_once]
 
         def claim_more(limit: int) -> list[ClaimedSeries]:
-            return [] if suspects else set_aside(self._claim_more(limit))  # suspects wait for no newcomer
+            if suspects or self._stopping.is_set():  # suspects wait for no newcomer
+                return []
+            return set_aside(self._claim_more(limit))
 
         try:
             handled = self._process(set_aside(self.claim(self._in_flight)), claim_more)
-            while suspects:
+            while suspects and not self._stopping.is_set():
                 handled += self._process([suspects[0]], None)
                 self._crashed_once.discard(suspects.pop(0).key)
-        except BaseException:
-            self._put_back.extend(suspects)
-            raise
+        finally:
+            self._put_back.extend(suspects)  # not scored this round (a stop, an error): scored later
         return handled
 
     def _process(

@@ -331,6 +331,32 @@ def test_reading_commands_name_a_database_that_is_not_the_nodes(tmp_path: Path, 
     assert sorted(p.name for p in database.parent.iterdir()) == ["ichnode.db"]
 
 
+def test_reading_commands_see_a_running_nodes_database_through_a_link(tmp_path: Path) -> None:
+    # SQLite keeps -wal beside the link's target: a reader that looked
+    # beside the link took the database for closed and read it as immutable,
+    # missing what the running node had committed to its write-ahead log.
+    from pydicom.uid import generate_uid
+
+    from ichnode import db
+    from ichnode.series import InstanceHeader, register_instance
+
+    real = tmp_path / "data" / "ichnode.db"
+    engine = db.make_engine(f"sqlite:///{real}")
+    db.init_db(engine)
+    header = InstanceHeader(generate_uid(), "1.2.840.10008.5.1.4.1.1.2", generate_uid(), generate_uid(), "")
+    register_instance(db.session_factory(engine), header, path="x.dcm", size_bytes=1, calling_ae="CT", peer_host=None)
+    link = tmp_path / "ichnode.db"
+    link.symlink_to(real)
+    try:
+        assert Path(f"{real}-wal").exists()  # the node's connection is still open
+        reader = db.open_existing(f"sqlite:///{link}")
+        with reader.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM series").scalar() == 1
+        reader.dispose()
+    finally:
+        engine.dispose()
+
+
 def test_status_with_a_bad_config_exits_1(tmp_path: Path) -> None:
     path = write_config(tmp_path / "bad.yaml", {"node": {"portt": 1}})
     result = run_cli(["status", "--config", str(path)])

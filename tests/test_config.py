@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ichnode.config import ConfigError, load_config, parse_config
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, config_data, run_cli, write_config
 
 
 def test_shipped_config_yaml_equals_embedded_defaults() -> None:
@@ -54,7 +54,6 @@ def test_shipped_config_yaml_equals_embedded_defaults() -> None:
             "access.allow.0.host",
             "10.1.2.10:104",
         ),
-        ({"model": {"path": "models/absent.keras"}}, "model.path", "absent.keras"),
     ],
 )
 def test_bad_value_names_key_and_value(tmp_path: Path, data: dict, key: str, value: str) -> None:
@@ -215,24 +214,34 @@ def test_an_ipv6_address_is_a_host(tmp_path: Path) -> None:
 
 
 def test_model_path_needs_the_model_and_its_card(tmp_path: Path) -> None:
+    from ichnode.config import model_path_problem
     from ichnode.model import card_path_for, default_model_path
+
+    def problem(path: str) -> str | None:
+        return model_path_problem(parse_config({"model": {"path": path}}, tmp_path))
 
     bundled = default_model_path()
     # The bundled model, named by file or by its folder, is accepted.
-    assert parse_config({"model": {"path": str(bundled)}}, tmp_path).model.path == bundled
-    assert parse_config({"model": {"path": str(bundled.parent)}}, tmp_path).model.path == bundled.parent
+    assert problem(str(bundled)) is None and problem(str(bundled.parent)) is None
     # A copy without its card is not; the message names the card it looked for.
     (tmp_path / "models").mkdir()
     copy = tmp_path / "models" / "mine.keras"
     copy.write_bytes(bundled.read_bytes())
-    with pytest.raises(ConfigError) as info:
-        parse_config({"model": {"path": "models/mine.keras"}}, tmp_path)
-    assert "model.path" in str(info.value)
-    assert str(card_path_for(copy)) in str(info.value)
-    # A folder with no model in it is not either.
+    assert f"model.path: the model card {card_path_for(copy)} is missing" in problem("models/mine.keras")
+    # A folder with no model in it is not either, nor a file that is not there.
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="model.path: expected a .keras file or a folder holding one, found 0"):
-        parse_config({"model": {"path": "empty"}}, tmp_path)
+    assert problem("empty").startswith("model.path: expected a .keras file or a folder holding one, found 0")
+    assert "no such file" in problem("models/absent.keras")
+
+
+def test_check_config_names_a_model_that_is_not_there_other_commands_need_none(tmp_path: Path) -> None:
+    # A receiver or a dispatcher runs where the model is not (a shared folder
+    # of the worker's host, say): only check-config and the worker look.
+    data = config_data(tmp_path, model={"path": "/srv/models/absent.keras"})
+    path = write_config(tmp_path / "ichnode.yaml", data)
+    checked = run_cli(["check-config", "--config", str(path)])
+    assert checked.returncode == 1 and "model.path" in checked.stderr and "absent.keras" in checked.stderr
+    assert parse_config(data, tmp_path).model.path == Path("/srv/models/absent.keras")
 
 
 @pytest.mark.parametrize(

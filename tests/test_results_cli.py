@@ -142,6 +142,14 @@ def test_list_since_further_back_than_dates_go_is_a_usage_error(filled: Filled) 
     assert "Traceback" not in out.stderr
 
 
+def test_since_at_the_edge_of_the_dates_is_an_error_not_a_crash() -> None:
+    from ichnode.results import parse_since
+
+    for text in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(ValueError, match="out of the range of dates"):
+            parse_since(text)
+
+
 def test_list_csv_has_a_header_and_a_row_per_series(filled: Filled) -> None:
     text = _results(filled, "list", "--format", "csv")
     reader = csv.DictReader(io.StringIO(text))

@@ -52,6 +52,39 @@ def test_sigterm_while_a_series_is_scored_exits_cleanly(node_process: Any, tmp_p
     assert "helper process died" not in log
 
 
+@pytest.mark.slow
+def test_a_stop_finishes_the_series_in_hand_and_leaves_the_rest_for_the_next_start(
+    node_process: Any, tmp_path: Path
+) -> None:
+    # A backlog of complete series: the stop waits for the ones being scored,
+    # not for the whole backlog, which could outlast systemd's stop timeout.
+    node = node_process()
+    node.start()
+    for seed in range(12):
+        files = write_series(phantom(100 + seed).datasets, tmp_path / f"series{seed}")
+        assert set(store_files(node.port, files)) == {0x0000}
+    engine, sessions = open_db(f"sqlite:///{tmp_path / 'ichnode.db'}")
+
+    def states() -> list[str]:
+        with sessions() as session:
+            return list(session.scalars(select(db.Series.state)))
+
+    try:
+        wait_for(lambda: states().count(db.COMPLETE) == 12, timeout=30, message="12 complete series")
+        node.signal(signal.SIGTERM)
+        assert node.wait(timeout=30) == 0
+        node.components = "receiver,worker,dispatcher"
+        node.start(timeout=180)
+        wait_for(lambda: db.PROCESSING in states(), timeout=60, interval=0.005, message="the worker to start")
+        node.signal(signal.SIGTERM)
+        assert node.wait(timeout=90) == 0, node.log()
+        left = states()
+    finally:
+        engine.dispose()
+    assert db.PROCESSING not in left  # what the worker held, it finished
+    assert left.count(db.SCORED) >= 1 and left.count(db.COMPLETE) >= 1, left
+
+
 @pytest.fixture
 def taken_port() -> Any:
     """A port another program listens on."""
