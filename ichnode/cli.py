@@ -88,14 +88,19 @@ def main() -> None:
 )
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
+    from .config import model_path_problem
     from .model import ModelCardError
-    from .service import CannotListen, Node
+    from .service import WORKER, CannotListen, Node
     from .spool import SpoolInUse
 
     config = _load(config_path)
+    stages = [c.strip() for c in components.split(",") if c.strip()]
+    problem = model_path_problem(config) if WORKER in stages else None
+    if problem:  # before anything is created or imported for a model that is not there
+        raise click.ClickException(f"invalid configuration:\n  {problem}")
     _setup_logging(config.logging.level)
     try:
-        node = Node(config, components=[c.strip() for c in components.split(",") if c.strip()])
+        node = Node(config, components=stages)
     except (ModelCardError, OSError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     try:

@@ -292,7 +292,7 @@ def parse_config(data: Any, base: Path) -> Config:
 def model_path_problem(config: Config) -> str | None:
     """What is wrong with ``model.path`` on this machine, if anything.
 
-    Checked by ``check-config`` (and by a worker as it loads the model), not
+    Checked by ``check-config`` and by ``serve`` when it runs the worker, not
     by every command: a receiver, a dispatcher or ``status`` need no model.
     """
     model = config.model.path

@@ -242,6 +242,10 @@ def test_check_config_names_a_model_that_is_not_there_other_commands_need_none(t
     checked = run_cli(["check-config", "--config", str(path)])
     assert checked.returncode == 1 and "model.path" in checked.stderr and "absent.keras" in checked.stderr
     assert parse_config(data, tmp_path).model.path == Path("/srv/models/absent.keras")
+    # A worker needs it: serve says which key, before it creates the database.
+    served = run_cli(["serve", "--config", str(path), "--components", "worker"])
+    assert served.returncode == 1 and "model.path: expected a .keras file" in served.stderr, served.stderr
+    assert not (tmp_path / "ichnode.db").exists()
 
 
 @pytest.mark.parametrize(

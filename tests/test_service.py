@@ -58,7 +58,8 @@ def test_a_stop_finishes_the_series_in_hand_and_leaves_the_rest_for_the_next_sta
 ) -> None:
     # A backlog of complete series: the stop waits for the ones being scored,
     # not for the whole backlog, which could outlast systemd's stop timeout.
-    node = node_process()
+    # Two helpers: the worker holds 4 series at once, whatever the machine.
+    node = node_process(model={"worker_processes": 2})
     node.start()
     for seed in range(12):
         files = write_series(phantom(100 + seed).datasets, tmp_path / f"series{seed}")
