@@ -142,19 +142,19 @@ def _register(
         ).first()
         series_id = series.id if series is not None else None
         identity = {}
-        if series is not None and (series.study_uid, series.patient_id) != (header.study_uid, header.patient_id):
+        # An image without a PatientID is taken to be the series' patient.
+        patient_id = header.patient_id or (series.patient_id if series is not None else None)
+        if series is not None and (series.study_uid, series.patient_id) != (header.study_uid, patient_id):
             # The PACS re-filed the series (a corrected patient or study) and
             # sends it again: the series goes by its newest identity. Images of
             # another study or patient than most of it stay out of its volume
             # (selection.stray_slices).
-            identity = dict(
-                study_uid=header.study_uid, patient_id=header.patient_id, accession_number=header.accession_number
-            )
+            identity = dict(study_uid=header.study_uid, patient_id=patient_id, accession_number=header.accession_number)
             logger.warning(
                 "series %s now arrives as study %s, patient %s (was study %s, patient %s)",
                 header.series_uid,
                 header.study_uid,
-                header.patient_id,
+                patient_id,
                 series.study_uid,
                 series.patient_id,
             )

@@ -582,6 +582,12 @@ def test_a_series_sent_again_under_a_corrected_patient_goes_by_it(start_node: An
     )
     files, rows = _files_and_rows(node)
     assert files == rows and "1.2.826.0.1.3680043.8.498.12" in str(files[0])
+    # A later image without a PatientID is the series' patient: nothing changes.
+    unnamed = _ct(generate_uid(), series_uid, study_uid="1.2.826.0.1.3680043.8.498.12")
+    del unnamed.PatientID
+    unnamed.save_as(tmp_path / "two.dcm", enforce_file_format=True)
+    assert store_one(node.port, tmp_path / "two.dcm").Status == 0
+    assert series_by_uid(node, series_uid).patient_id == "RIGHT-PATIENT"
 
 
 def test_completion_names_only_the_series_it_completed(tmp_path: Path) -> None:
