@@ -236,14 +236,14 @@ def open_existing(url: str) -> Engine:
                 "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
             )
         where = str(path)
-        target = path.resolve()
+        target = path.resolve()  # SQLite keeps -wal and -shm beside a link's target
         unreadable = [str(p) for p in (target, Path(f"{target}-wal"), Path(f"{target}-shm")) if _exists_unreadable(p)]
         if unreadable:
             raise DatabaseUnreadable(
                 f"cannot read the database {where}: permission denied on {', '.join(unreadable)} "
                 "(status and results need read access to the database and its -wal and -shm files)"
             )
-        engine = _read_only_sqlite(path)
+        engine = _read_only_sqlite(target)
     try:
         with engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
@@ -261,12 +261,12 @@ def _exists_unreadable(path: Path) -> bool:
     return path.exists() and not os.access(path, os.R_OK)
 
 
-def _read_only_sqlite(path: Path) -> Engine:
+def _read_only_sqlite(target: Path) -> Engine:
     """An engine that cannot write the file: no journal mode switch, and no
     new -wal or -shm files where no node has the database open, so it works
     on a read-only mount and leaves no file behind owned by whoever ran the
-    command (a root-owned -shm would stop the node's next start)."""
-    target = path.resolve()  # SQLite keeps -wal and -shm beside a link's target
+    command (a root-owned -shm would stop the node's next start). ``target``
+    is the database file itself, not a link to it."""
     base = f"file:{urllib.parse.quote(str(target))}?mode=ro"
 
     def connect() -> sqlite3.Connection:

@@ -17,9 +17,24 @@ from tests.pipeline_support import PIPELINE_WARNINGS, phantom, write_series
 pytestmark = PIPELINE_WARNINGS
 
 
+@pytest.fixture
+def series_states(tmp_path: Path) -> Any:
+    """The states of the series in the database of a node made by ``node_process()``."""
+    engine, sessions = open_db(f"sqlite:///{tmp_path / 'ichnode.db'}")
+
+    def states() -> list[str]:
+        with sessions() as session:
+            return list(session.scalars(select(db.Series.state)))
+
+    yield states
+    engine.dispose()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("to", ["node", "group"])
-def test_sigterm_while_a_series_is_scored_exits_cleanly(node_process: Any, tmp_path: Path, to: str) -> None:
+def test_sigterm_while_a_series_is_scored_exits_cleanly(
+    node_process: Any, series_states: Any, tmp_path: Path, to: str
+) -> None:
     # The scoring job wakes the delivery job when it is done; a shutdown that
     # waited for it while holding the scheduler's lock never returned. Sent
     # to the whole process group (Ctrl-C in a terminal, or systemd's default
@@ -30,16 +45,7 @@ def test_sigterm_while_a_series_is_scored_exits_cleanly(node_process: Any, tmp_p
     node.components = "receiver,worker,dispatcher"
     node.start(timeout=180)
     assert set(store_files(node.port, files)) == {0x0000}
-    engine, sessions = open_db(f"sqlite:///{tmp_path / 'ichnode.db'}")
-
-    def being_scored() -> bool:
-        with sessions() as session:
-            return session.scalar(select(db.Series.state)) == db.PROCESSING
-
-    try:
-        wait_for(being_scored, timeout=60, interval=0.005, message="the worker to take the series")
-    finally:
-        engine.dispose()
+    wait_for(lambda: series_states() == [db.PROCESSING], timeout=60, interval=0.005, message="the worker to take it")
     if to == "node":
         node.signal(signal.SIGTERM)
     else:
@@ -54,7 +60,7 @@ def test_sigterm_while_a_series_is_scored_exits_cleanly(node_process: Any, tmp_p
 
 @pytest.mark.slow
 def test_a_stop_finishes_the_series_in_hand_and_leaves_the_rest_for_the_next_start(
-    node_process: Any, tmp_path: Path
+    node_process: Any, series_states: Any, tmp_path: Path
 ) -> None:
     # A backlog of complete series: the stop waits for the ones being scored,
     # not for the whole backlog, which could outlast systemd's stop timeout.
@@ -64,24 +70,15 @@ def test_a_stop_finishes_the_series_in_hand_and_leaves_the_rest_for_the_next_sta
     for seed in range(12):
         files = write_series(phantom(100 + seed).datasets, tmp_path / f"series{seed}")
         assert set(store_files(node.port, files)) == {0x0000}
-    engine, sessions = open_db(f"sqlite:///{tmp_path / 'ichnode.db'}")
-
-    def states() -> list[str]:
-        with sessions() as session:
-            return list(session.scalars(select(db.Series.state)))
-
-    try:
-        wait_for(lambda: states().count(db.COMPLETE) == 12, timeout=30, message="12 complete series")
-        node.signal(signal.SIGTERM)
-        assert node.wait(timeout=30) == 0
-        node.components = "receiver,worker,dispatcher"
-        node.start(timeout=180)
-        wait_for(lambda: db.PROCESSING in states(), timeout=60, interval=0.005, message="the worker to start")
-        node.signal(signal.SIGTERM)
-        assert node.wait(timeout=90) == 0, node.log()
-        left = states()
-    finally:
-        engine.dispose()
+    wait_for(lambda: series_states().count(db.COMPLETE) == 12, timeout=30, message="12 complete series")
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=30) == 0
+    node.components = "receiver,worker,dispatcher"
+    node.start(timeout=180)
+    wait_for(lambda: db.PROCESSING in series_states(), timeout=60, interval=0.005, message="the worker to start")
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=90) == 0, node.log()
+    left = series_states()
     assert db.PROCESSING not in left  # what the worker held, it finished
     assert left.count(db.SCORED) >= 1 and left.count(db.COMPLETE) >= 1, left
 
