@@ -174,7 +174,10 @@ def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
 
 
 def format_show(rows: list[dict[str, Any]], fmt: str) -> str:
-    """:func:`format_results`; a table also lists each series' reports and slices."""
+    """:func:`format_results`; a table also lists each series' reports and
+    slices, and a CSV has each series' row followed by a row per slice."""
+    if fmt == "csv":
+        return _show_csv(rows)
     if fmt != "table" or not rows:
         return format_results(rows, fmt)
     parts = [format_results(rows, fmt)]
@@ -203,6 +206,31 @@ def format_show(rows: list[dict[str, Any]], fmt: str) -> str:
         if slices:
             parts.append(_table(list(slices[0]), slices))
     return "\n\n".join(parts)
+
+
+def _show_csv(rows: list[dict[str, Any]]) -> str:
+    # One table for a spreadsheet or pandas: the ``level`` column tells a
+    # series' own scores from its slices'.
+    fieldnames = ["level", "slice", "sop_instance_uid", *_flat(_EMPTY).keys()]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames, restval="")
+    writer.writeheader()
+    for row in rows:
+        series = _flat(row)
+        writer.writerow({**series, "level": "series"})
+        for s in row.get("slices", []):
+            writer.writerow(
+                {
+                    "level": "slice",
+                    "slice": s["position"],
+                    "sop_instance_uid": s["sop_instance_uid"],
+                    "study_uid": series["study_uid"],
+                    "series_uid": series["series_uid"],
+                    "version": series["version"],
+                    **{label: _score(s["scores"].get(label)) for label in LABELS},
+                }
+            )
+    return out.getvalue().rstrip("\n")
 
 
 def _score(value: float | None) -> str:

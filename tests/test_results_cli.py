@@ -200,6 +200,26 @@ def test_show_table_has_reports_and_per_slice_scores(filled: Filled) -> None:
         assert [float(v) for v in shown[2:]] == pytest.approx([stored["scores"][label] for label in LABELS], abs=5e-4)
 
 
+def test_show_csv_has_the_series_then_a_row_per_slice(filled: Filled) -> None:
+    (study,) = json.loads(_results(filled, "show", filled.ge_study, "--format", "json"))
+    rows = list(csv.DictReader(io.StringIO(_results(filled, "show", filled.ge_study, "--format", "csv"))))
+    assert [r["level"] for r in rows] == ["series"] + ["slice"] * 28
+    assert rows[0]["series_uid"] == filled.ge_series and rows[0]["status"] == "scored"
+    assert float(rows[0]["any"]) == pytest.approx(study["scores"]["any"], abs=5e-4)
+    for row, stored in zip(rows[1:], study["slices"], strict=True):
+        assert (row["series_uid"], row["slice"], row["sop_instance_uid"]) == (
+            filled.ge_series,
+            str(stored["position"]),
+            stored["sop_instance_uid"],
+        )
+        assert [float(row[label]) for label in LABELS] == pytest.approx(
+            [stored["scores"][label] for label in LABELS], abs=5e-4
+        )
+
+    (skipped,) = csv.DictReader(io.StringIO(_results(filled, "show", filled.skipped, "--format", "csv")))
+    assert skipped["level"] == "series" and skipped["status"] == "skipped" and skipped["skip_reason"]
+
+
 def test_show_an_unknown_uid_fails_clearly(filled: Filled) -> None:
     out = run_cli(["results", "show", "1.2.3.4.5.6.7", "--config", str(filled.config)])
     assert out.returncode != 0
