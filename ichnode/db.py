@@ -18,6 +18,7 @@ import datetime as dt
 import os
 import sqlite3
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,6 +297,10 @@ def init_db(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         row = session.get(Meta, "schema_version")
+        if session.get(Meta, "installation") is None:
+            # A new database gets its own; one made before there was an
+            # installation keeps the report UIDs it has derived ("").
+            session.add(Meta(key="installation", value=uuid.uuid4().hex if row is None else ""))
         if row is None:
             session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
         elif int(row.value) > SCHEMA_VERSION:
@@ -303,6 +308,15 @@ def init_db(engine: Engine) -> None:
                 f"database schema version {row.value} is newer than this ichnode "
                 f"({SCHEMA_VERSION}); upgrade ichnode"
             )
+
+
+def installation(factory: sessionmaker[Session]) -> str:
+    """This database's own random identity, mixed into the report UIDs: two
+    nodes, or one whose database was made again, never give one UID to two
+    different reports."""
+    with factory() as session:
+        row = session.get(Meta, "installation")
+        return row.value if row is not None else ""
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

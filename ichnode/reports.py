@@ -18,8 +18,9 @@ into the same study as new series:
   the brain window with the findings written beside it, for viewers that do
   not render SR.
 
-UIDs come from :func:`report_uids`, derived from the scored series and the
-result version, so that a resend reuses the same UIDs and a rescoring
+UIDs come from :func:`report_uids`, derived from the scored series, the
+result version and the node's database, so that a resend reuses the same
+UIDs, another node makes its own, and a rescoring
 (version 2, 3, ...) makes new ones; a later version names the SR it
 supersedes in its Predecessor Documents Sequence.
 
@@ -44,6 +45,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -266,7 +268,12 @@ def _derived_uid(prefix: str, *parts: str) -> str:
 
 
 def report_uids(
-    series_uid: str, version: int, *, previous_version: int | None = None, prefix: str | None = None
+    series_uid: str,
+    version: int,
+    *,
+    previous_version: int | None = None,
+    prefix: str | None = None,
+    installation: str = "",
 ) -> ReportUids:
     """Derive the report UIDs of result ``version`` of the series ``series_uid``.
 
@@ -283,6 +290,9 @@ def report_uids(
         or failed, or whose delivery was superseded, cannot be named).
     prefix: str | None
         UID root ending in ``"."``; pydicom's root by default.
+    installation: str
+        Mixed into every UID (:func:`ichnode.db.installation`): another node
+        scoring the same series makes other UIDs.
 
     Returns
     -------
@@ -297,23 +307,25 @@ def report_uids(
         if previous_version >= version:
             raise ValueError(f"previous_version {previous_version} is not before version {version}")
     root = PYDICOM_ROOT_UID if prefix is None else prefix
+    # Without an installation the UIDs stay those of databases made before there was one.
+    source = [installation, series_uid] if installation else [series_uid]
+
+    def derived(*parts: str) -> str:
+        return _derived_uid(root, *source, *parts)
+
     v, before = str(version), str(previous_version)
     no_predecessor = previous_version is None
     return ReportUids(
         series_uid=series_uid,
         version=version,
         prefix=root,
-        sr_series_uid=_derived_uid(root, series_uid, v, "sr-series"),
-        sr_sop_instance_uid=_derived_uid(root, series_uid, v, "sr-instance"),
-        sc_series_uid=_derived_uid(root, series_uid, v, "sc-series"),
-        sc_sop_instance_uid=_derived_uid(root, series_uid, v, "sc-instance"),
-        tracking_uids=tuple(_derived_uid(root, series_uid, "tracking", label) for label in LABELS),
-        previous_sr_series_uid=(
-            None if no_predecessor else _derived_uid(root, series_uid, before, "sr-series")
-        ),
-        previous_sr_sop_instance_uid=(
-            None if no_predecessor else _derived_uid(root, series_uid, before, "sr-instance")
-        ),
+        sr_series_uid=derived(v, "sr-series"),
+        sr_sop_instance_uid=derived(v, "sr-instance"),
+        sc_series_uid=derived(v, "sc-series"),
+        sc_sop_instance_uid=derived(v, "sc-instance"),
+        tracking_uids=tuple(derived("tracking", label) for label in LABELS),
+        previous_sr_series_uid=None if no_predecessor else derived(before, "sr-series"),
+        previous_sr_sop_instance_uid=None if no_predecessor else derived(before, "sr-instance"),
     )
 
 
@@ -365,7 +377,30 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
         for keyword in _TYPE2_DEFAULTS:
             if keyword not in header:
                 setattr(header, keyword, None)
+        _tidy_checked_values(header)
     return header
+
+
+def _tidy_checked_values(header: Dataset) -> None:
+    """Put Patient/Study values that highdicom checks, and real files often
+    get wrong ("m", "1970", "2015-02-06", "09:34:25"), in their standard form,
+    or leave them empty: a stray value must not cost a series its reports."""
+    sex = str(header.get("PatientSex") or "").strip().upper()
+    header.PatientSex = sex if sex in ("M", "F", "O") else None
+    for keyword, value_class, separators in (
+        ("PatientBirthDate", DA, "-./"),
+        ("StudyDate", DA, "-./"),
+        ("StudyTime", TM, ":"),
+    ):
+        text = str(header.get(keyword) or "").strip()
+        setattr(header, keyword, None)
+        for candidate in (text, text.translate(str.maketrans("", "", separators))):
+            try:
+                if candidate and value_class(candidate) is not None:
+                    setattr(header, keyword, candidate)
+                    break
+            except ValueError:
+                continue
 
 
 def evidence_headers(key: Dataset, slices: Sequence[tuple[str, str]]) -> list[Dataset]:
@@ -611,9 +646,8 @@ def prime() -> None:
 
 
 def _algorithm_parameters(content: ReportContent, finding: Finding) -> list[str]:
+    # The slices left out are the Completion Flag Description's, not a parameter.
     parameters = [f"operating threshold {finding.threshold:.3f}"]
-    if content.quarantined_count:
-        parameters.append(_quarantine_text(content.quarantined_count))
     if content.disclaimer:
         parameters.append(content.disclaimer)
     return parameters
@@ -766,13 +800,14 @@ def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[i
         ((f"ICH AI results v{content.version} - key slice (highest 'any' score)",), _WHITE)
     ]
     for finding in content.findings:
+        probability, threshold = _shown_scores(finding)
         rows.append(
             (
                 (
                     finding.label,
-                    f"{finding.probability:.3f}",
+                    probability,
                     "PRESENT" if finding.present else "absent",
-                    f"threshold {finding.threshold:.2f}",
+                    f"threshold {threshold}",
                 ),
                 _RED if finding.present else _GREY,
             )
@@ -783,6 +818,19 @@ def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[i
     if content.disclaimer:
         rows.append(((content.disclaimer,), _YELLOW))
     return rows
+
+
+def _shown_scores(finding: Finding) -> tuple[str, str]:
+    """Probability and threshold to 0.001, never contradicting the flag beside
+    them: the threshold rounded up, the probability towards its flag
+    (0.4996 absent at 0.5 reads 0.499, not 0.500)."""
+    threshold = math.ceil(round(finding.threshold * 1000, 6))
+    probability = round(finding.probability * 1000, 6)
+    if finding.present:
+        shown = math.ceil(probability)
+    else:
+        shown = min(math.floor(probability), threshold - 1)
+    return f"{shown / 1000:.3f}", f"{threshold / 1000:.3f}"
 
 
 def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:
@@ -855,11 +903,34 @@ def _axis_letter(direction: Sequence[float]) -> str:
 
 
 def _charset(header: Dataset, content: ReportContent, *texts: str | None) -> object:
-    """The source's character set, or UTF-8 when our own text is not ASCII."""
+    """The source's character set, or UTF-8 when our own text is not ASCII or
+    highdicom does not take the source's (``\\ISO 2022 IR 87``, typos)."""
     own = [content.algorithm_name, content.algorithm_version, content.disclaimer, *texts]
-    if all(text is None or text.isascii() for text in own):
-        return header.get("SpecificCharacterSet")
+    source = _source_charset(header)
+    if source is not _UNUSABLE and all(text is None or text.isascii() for text in own):
+        return source
     return _UTF8
+
+
+_UNUSABLE = object()
+_CHARSETS = {value.value for value in hd.enum.SpecificCharacterSetValues}
+
+
+def _source_charset(header: Dataset) -> object:
+    """The source's Specific Character Set as highdicom accepts it: None for
+    the default repertoire, one stand-alone value, or code extensions
+    (an empty first value, as PS3.5 writes it, made explicit); else
+    ``_UNUSABLE``.  pydicom has already decoded the values, so any character
+    set that can hold them will do."""
+    raw = header.get("SpecificCharacterSet")
+    values = [str(v).strip() for v in (raw if isinstance(raw, list | tuple | MultiValue) else [raw or ""])]
+    if not any(values):
+        return None
+    if len(values) == 1:
+        value = values[0]
+        return value if value in _CHARSETS and not value.startswith("ISO 2022") else _UNUSABLE
+    values[0] = values[0] or "ISO 2022 IR 6"
+    return values if all(v in _CHARSETS and v.startswith("ISO 2022") for v in values) else _UNUSABLE
 
 
 def _stamp(ds: Dataset, when: dt.datetime) -> None:

@@ -124,6 +124,7 @@ class Worker:
         card = model.card
         # Config thresholds override the card's, label by label.
         self.thresholds = {**card.thresholds, **config.model.thresholds}
+        self._installation = db.installation(sessions)
         # Helper processes leave volumes here; what a crash left behind is removed.
         self._handoff = spool.tmp_dir / "worker"
         self._handoff.mkdir(exist_ok=True)
@@ -498,7 +499,12 @@ class Worker:
                 item.prepared.paths[key],
                 list(zip(item.prepared.sop_class_uids, item.sop_uids)),
                 content,
-                report_uids(item.series_uid, item.version, previous_version=item.previous_sr_version),
+                report_uids(
+                    item.series_uid,
+                    item.version,
+                    previous_version=item.previous_sr_version,
+                    installation=self._installation,
+                ),
                 sr=wanted.sr,
                 summary_image=wanted.summary_image,
             )
@@ -553,10 +559,11 @@ class Worker:
             self._finish(item, status=db.SKIPPED, skip_reason=skip)
             logger.info("series %s skipped: %s", item.series_uid, skip)
             return
-        reports = scored.reports.result()[0] if scored.reports is not None else []
+        reports, note = self._built_reports(item, scored)
         self._finish(
             item,
             status=db.SCORED,
+            skip_reason=note,
             scores=scored.scores,
             flags=scored.flags,
             key_sop_instance_uid=item.sop_uids[scored.key],
@@ -572,6 +579,20 @@ class Worker:
             item.quarantined_count,
             ", ".join(positive) or "no hemorrhage flagged",
         )
+
+    @staticmethod
+    def _built_reports(item: ClaimedSeries, scored: Scored) -> tuple[list[tuple[str, str, str]], str | None]:
+        """The spooled report objects, or none and why: reports that cannot
+        be built (a full disk) must not cost the series its scores."""
+        if scored.reports is None:
+            return [], None
+        try:
+            return scored.reports.result()[0], None
+        except BrokenProcessPool:
+            raise  # the helper died: the series is scored again
+        except Exception as exc:
+            logger.exception("the reports of series %s could not be built", item.series_uid)
+            return [], f"scored, but its reports could not be built: {type(exc).__name__}: {exc}"
 
     # -- recording -------------------------------------------------------
     def destinations(self, calling_ae: str | None) -> list[tuple[str, str, int]]:

@@ -20,6 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, Comprehensive3DSRStorage, CTImageStorage, SecondaryCaptureImageStorage
 
@@ -35,6 +36,7 @@ from ichnode.reports import (
     prime,
     report_uids,
 )
+from ichnode.reports import _summary_rows  # the panel's text, as drawn
 
 from ichnode.imaging import to_hu
 
@@ -387,6 +389,39 @@ def test_report_uids_are_deterministic_per_version() -> None:
     assert custom.sr_series_uid != first.sr_series_uid
 
 
+def test_each_database_gives_the_reports_uids_of_its_own(tmp_path: Path) -> None:
+    # Two nodes (a test and a production node, or one whose database was
+    # made again) scoring one series must not give one UID to two reports: a
+    # PACS keeps the first object under a UID and drops the other.
+    from sqlalchemy import delete
+
+    from ichnode import db
+
+    series = "1.2.826.0.1.3680043.9.4245.3115138630835728997848661150714813892"
+    installations = []
+    for name in ("a", "b"):
+        engine = db.make_engine(f"sqlite:///{tmp_path / name}.db")
+        db.init_db(engine)
+        db.init_db(engine)  # a restart keeps it
+        installations.append(db.installation(db.session_factory(engine)))
+        engine.dispose()
+    a, b = (report_uids(series, 1, installation=i) for i in installations)
+    assert all(installations) and a.sr_sop_instance_uid != b.sr_sop_instance_uid
+    assert a == report_uids(series, 1, installation=installations[0])
+    assert report_uids(series, 2, previous_version=1, installation=installations[0]).previous_sr_sop_instance_uid == (
+        a.sr_sop_instance_uid
+    )
+    # A database made before there were installations keeps deriving the
+    # UIDs it sent, so that its next version names the right predecessor.
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'a'}.db")
+    with db.transaction(db.session_factory(engine)) as session:
+        session.execute(delete(db.Meta).where(db.Meta.key == "installation"))
+    db.init_db(engine)
+    assert db.installation(db.session_factory(engine)) == ""
+    engine.dispose()
+    assert report_uids(series, 1, installation="") == report_uids(series, 1)
+
+
 @pytest.mark.parametrize(
     ("series", "version", "error"),
     [
@@ -565,6 +600,25 @@ def test_build_summary_image_rejects_bad_arguments() -> None:
         build_summary_image(tilted, hu, content, uids=uids)
 
 
+def test_summary_numbers_never_contradict_the_flag_beside_them() -> None:
+    # Near a threshold, rounding to three decimals must not show an absent
+    # finding at its threshold, nor a present one below it.
+    findings = {
+        "any": Finding("any", 0.4996, False, 0.5),
+        "epidural": Finding("epidural", 0.4556, True, 0.4555),
+        "intraparenchymal": Finding("intraparenchymal", 0.4554, False, 0.4555),
+    }
+    content = replace(
+        _content("1.2.3"),
+        findings=tuple(findings.get(label, Finding(label, 0.1, False, 0.5)) for label in LABELS),
+    )
+    cells = {row[0]: row[1:] for row, _ in _summary_rows(content) if len(row) == 4}
+    assert cells["any"] == ("0.499", "absent", "threshold 0.500")
+    assert cells["epidural"] == ("0.456", "PRESENT", "threshold 0.456")
+    assert cells["intraparenchymal"] == ("0.455", "absent", "threshold 0.456")
+    assert cells["subdural"] == ("0.100", "absent", "threshold 0.500")
+
+
 def test_content_checks() -> None:
     good = _content("1.2.3")
     with pytest.raises(ValueError, match="order"):
@@ -580,6 +634,52 @@ def test_content_checks() -> None:
     with pytest.raises(ValueError, match="version"):
         replace(good, version=0)
     assert good.finding("subdural").probability == PROBABILITIES[-1]
+
+
+@pytest.mark.parametrize("charset_file", ["chrH31.dcm", "chrH32.dcm", "chrI2.dcm", "chrX2.dcm", "chrRuss.dcm"])
+def test_reports_of_every_character_set_pydicom_reads(tmp_path: Path, charset_file: str) -> None:
+    # Japanese and Korean sources use code extensions (an empty first value,
+    # as PS3.5's own examples write it): the reports keep the patient's name.
+    (path,) = get_charset_files(charset_file)
+    names = pydicom.dcmread(path)
+    source = _synthetic_ct("1.2.3.4.5.1", SpecificCharacterSet=names.SpecificCharacterSet)
+    source.PatientName = names.PatientName
+    _assert_reports_keep(source, tmp_path, PatientName=str(names.PatientName))
+
+
+@pytest.mark.parametrize("charset", ["", "ISO_IR 6", "ISO 2022 IR 100", ["ISO_IR 100", "ISO_IR 144"]])
+def test_reports_of_a_source_with_a_malformed_character_set(tmp_path: Path, charset: object) -> None:
+    source = _synthetic_ct("1.2.3.4.5.1", SpecificCharacterSet=charset, PatientName="Buc^Jerome")
+    _assert_reports_keep(source, tmp_path, PatientName="Buc^Jerome")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the source's, on purpose
+def test_reports_of_a_source_with_values_written_by_hand(tmp_path: Path) -> None:
+    # What RIS entry and old modalities write: the value in its standard
+    # form where there is one, else empty; the reports are built either way.
+    source = _synthetic_ct(
+        "1.2.3.4.5.1", PatientSex="m", PatientBirthDate="1970", StudyDate="2015-02-06", StudyTime="09:34:25"
+    )
+    _assert_reports_keep(source, tmp_path, PatientSex="M", PatientBirthDate="", StudyDate="20150206", StudyTime="093425")
+    source = _synthetic_ct("1.2.3.4.5.1", PatientSex="Male", PatientBirthDate="19700230", StudyDate="06/02/15")
+    _assert_reports_keep(source, tmp_path, PatientSex="", PatientBirthDate="", StudyDate="")
+
+
+def _assert_reports_keep(source: Dataset, tmp_path: Path, **expected: str) -> None:
+    """Build both reports of ``source``, write and read them back, and check
+    the ``expected`` values of the Patient and Study modules."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, source, implicit_vr=False, little_endian=True)
+    source = pydicom.dcmread(io.BytesIO(buffer.getvalue()), force=True)
+    content, uids = _content(source.SOPInstanceUID), report_uids(source.SeriesInstanceUID, 1)
+    for name, report in (
+        ("sr", build_sr([source], content, uids=uids)),
+        ("sc", build_summary_image(source, np.zeros((64, 48)), content, uids=uids)),
+    ):
+        path = tmp_path / f"{name}.dcm"
+        report.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert {keyword: str(back.get(keyword, "")) for keyword in expected} == expected, name
 
 
 def test_character_set(tmp_path: Path) -> None:

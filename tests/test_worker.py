@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
+from sqlalchemy import select
 
 from ichnode import db, imaging, preparation
 from ichnode import worker as worker_module
@@ -585,6 +586,26 @@ def test_a_series_whose_scores_cannot_be_made_fails_alone(nodes: Nodes, monkeypa
     assert (failed.status, failed.skip_reason) == (db.FAILED, "scoring failed: ValueError: no scores")
     (scored,) = results_of(receiver.sessions, _uid(second.datasets[0]))
     assert scored.status == db.SCORED
+
+
+def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes) -> None:
+    # The study's report folder cannot be made (a file is in its way): the
+    # scores are stored, and the result says why no report is on its way.
+    series = phantom(62)
+    config, receiver = _received_complete(nodes, series, reports={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}]})
+    study_uid = _uid(series.datasets[0], "StudyInstanceUID")
+    blocker = receiver.spool.absolute(receiver.spool.report_path(study_uid, "x")).parent
+    blocker.write_bytes(b"")
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
+    assert result.status == db.SCORED and set(result.scores) == set(LABELS)
+    assert result.skip_reason.startswith("scored, but its reports could not be built: ")
+    with db.transaction(receiver.sessions) as session:
+        assert session.scalars(select(db.Delivery)).all() == []
 
 
 def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: str) -> None:
