@@ -262,7 +262,12 @@ def run(args: argparse.Namespace, datasets: list[Dataset], workdir: Path, device
             "storage": {"spool_dir": str(workdir / "spool"), "min_free_mb": 0},
             "database": {"url": f"sqlite:///{workdir / 'ichnode.db'}"},
             "model": {"batch_size": args.batch_size, "worker_processes": args.processes},
-            "reports": {"sr": not args.no_reports, "summary_image": not args.no_reports},
+            # A destination nothing listens at (no dispatcher runs): reports are built and queued.
+            "reports": {
+                "sr": not args.no_reports,
+                "summary_image": not args.no_reports,
+                "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
+            },
         },
         base=workdir,
     )

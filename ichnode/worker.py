@@ -17,6 +17,7 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -75,6 +76,7 @@ class ClaimedSeries:
     study_uid: str
     version: int
     calling_ae: str | None
+    peer_host: str | None  # where the series came from: the sender to return reports to
     prepared: PreparedVolume = field(default_factory=PreparedVolume)
     parts: int = 1  # helper processes decoding it
     failed: bool = False
@@ -111,6 +113,7 @@ class Scored:
     flags: dict[str, bool]
     key: int  # index of the key slice
     reports: Future[tuple[list[tuple[str, str, str]], float]] | None
+    targets: list[tuple[str, str, int]]  # (AE title, host, port) the reports go to
 
 
 class Worker:
@@ -196,7 +199,14 @@ class Worker:
                 if won:
                     series = session.get(db.Series, series_id)
                     claimed.append(
-                        ClaimedSeries(series_id, series.series_uid, series.study_uid, version, series.calling_ae)
+                        ClaimedSeries(
+                            series_id,
+                            series.series_uid,
+                            series.study_uid,
+                            version,
+                            series.calling_ae,
+                            series.peer_host,
+                        )
                     )
         return claimed
 
@@ -491,7 +501,9 @@ class Worker:
         )
         wanted = self.config.reports
         reports = None
-        if wanted.sr or wanted.summary_image:
+        # Reports with nowhere to go are not built: nothing would ever remove them.
+        targets = self.destinations(item.calling_ae, item.peer_host)
+        if targets and (wanted.sr or wanted.summary_image):
             reports = self._submit(
                 write_reports,
                 self.spool,
@@ -508,7 +520,7 @@ class Worker:
                 sr=wanted.sr,
                 summary_image=wanted.summary_image,
             )
-        return Scored(probs, scores, found, key, reports)
+        return Scored(probs, scores, found, key, reports, targets)
 
     def _store_or_fail(self, item: ClaimedSeries, scored: Scored | None) -> None:
         try:
@@ -569,6 +581,7 @@ class Worker:
             key_sop_instance_uid=item.sop_uids[scored.key],
             slice_probs=scored.probs,
             reports=reports,
+            targets=scored.targets,
         )
         positive = [label for label in LABELS if scored.flags[label]]
         logger.info(
@@ -595,14 +608,17 @@ class Worker:
             return [], f"scored, but its reports could not be built: {type(exc).__name__}: {exc}"
 
     # -- recording -------------------------------------------------------
-    def destinations(self, calling_ae: str | None) -> list[tuple[str, str, int]]:
-        """Where reports of a series from ``calling_ae`` go: destinations, then the sender."""
+    def destinations(self, calling_ae: str | None, peer_host: str | None = None) -> list[tuple[str, str, int]]:
+        """Where reports of a series from ``calling_ae`` at ``peer_host`` go:
+        destinations, then the sender."""
         targets = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
         if self.config.reports.return_to_sender and calling_ae:
-            sender = _sender_address(self.config.access.allow, calling_ae)
+            sender = _sender_address(self.config.access.allow, calling_ae, peer_host)
             if sender is None:
                 logger.warning(
-                    "reports.return_to_sender is set but access.allow gives no host and port for %s", calling_ae
+                    "reports.return_to_sender is set but access.allow gives no one host and port for %s at %s",
+                    calling_ae,
+                    peer_host,
                 )
             elif sender not in targets:
                 targets.append(sender)
@@ -619,6 +635,7 @@ class Worker:
         key_sop_instance_uid: str | None = None,
         slice_probs: np.ndarray | None = None,
         reports: Sequence[tuple[str, str, str]] = (),
+        targets: Sequence[tuple[str, str, int]] = (),
     ) -> None:
         card = self.model.card
         now = db.utcnow()
@@ -632,8 +649,11 @@ class Worker:
                 # recorded) must touch nothing of the newer one: not even the
                 # slices it quarantined, which may have been sent again since.
                 for instance_id, reason in item.quarantined.items():
+                    # An image re-filed into another series since it was read is no longer this one's to judge.
                     session.execute(
-                        update(db.Instance).where(db.Instance.id == instance_id).values(quarantine_reason=reason)
+                        update(db.Instance)
+                        .where(db.Instance.id == instance_id, db.Instance.series_id == item.series_id)
+                        .values(quarantine_reason=reason)
                     )
                     logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
                 _supersede_older_results(session, item.series_id)
@@ -671,7 +691,7 @@ class Worker:
                     ],
                 )
             if current:
-                for ae_title, host, port in self.destinations(item.calling_ae):
+                for ae_title, host, port in targets:
                     for kind, sop_uid, path in reports:
                         session.add(
                             db.Delivery(
@@ -686,6 +706,10 @@ class Worker:
                                 next_attempt_at=now,
                             )
                         )
+        if not current:
+            # A stale result's reports are never sent, so nothing else would remove them.
+            for _, _, path in reports:
+                self.spool.remove(path)
 
     def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:
@@ -776,11 +800,23 @@ def gather_batch(
     return rows, neighbours[:filled]
 
 
-def _sender_address(allow: Sequence[Peer], calling_ae: str) -> tuple[str, str, int] | None:
-    for peer in allow:
-        if peer.ae_title == calling_ae and peer.host and peer.port:
-            return (peer.ae_title, peer.host, peer.port)
-    return None
+def _sender_address(allow: Sequence[Peer], calling_ae: str, peer_host: str | None) -> tuple[str, str, int] | None:
+    """The allow entry of the sender: its AE title, and where several entries
+    share it (scanners keep their factory AE titles), the one whose host is
+    where the series came from; None when that does not name one."""
+    named = [peer for peer in allow if peer.ae_title == calling_ae and peer.host and peer.port]
+    if len(named) > 1:
+        named = [peer for peer in named if peer_host is not None and peer_host in _addresses(peer.host)]
+    if len(named) != 1:
+        return None
+    return (named[0].ae_title, named[0].host, named[0].port)
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+    except OSError:
+        return {host}
 
 
 def describe_device() -> str:

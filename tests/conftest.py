@@ -184,8 +184,10 @@ def store_files(
     *,
     calling_ae: str = "TEST_SCU",
     called_ae: str = "ICHNODE",
+    source_host: str = "127.0.0.1",
 ) -> list[int | None]:
-    """C-STORE files (paths or Datasets) over one pynetdicom association; their statuses."""
+    """C-STORE files (paths or Datasets) over one pynetdicom association from
+    ``source_host`` (any 127.x address is this machine); their statuses."""
     from pydicom import dcmread
     from pydicom.dataset import Dataset
     from pynetdicom import AE
@@ -198,7 +200,7 @@ def store_files(
         contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, bind_address=(source_host, 0))
     assert assoc.is_established, f"association to {called_ae}@127.0.0.1:{port} failed"
     statuses: list[int | None] = []
     try:

@@ -44,6 +44,10 @@ from tests.pipeline_support import (
 pytestmark = PIPELINE_WARNINGS
 
 
+# A destination nothing listens at: reports are built and queued, never sent.
+UNREACHED = {"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}]}
+
+
 def _uid(ds: pydicom.Dataset, keyword: str = "SeriesInstanceUID") -> str:
     return str(ds[keyword].value)
 
@@ -93,7 +97,7 @@ def test_ge_series_is_scored_slice_by_slice_with_thresholds_from_card_and_config
     card = shared_model().card
     override = {"any": 0.0, "subdural": 1.0}
 
-    node = nodes.start(model={"thresholds": override})
+    node = nodes.start(model={"thresholds": override}, reports=UNREACHED)
     assert store_files(node.port, files) == [0x0000] * 28
     result = wait_result(node.sessions, series_uid, instances=28)
 
@@ -170,7 +174,7 @@ def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> Non
     bad_uid = _uid(bad, "SOPInstanceUID")
     series_uid = _uid(bad)
 
-    node = nodes.start()
+    node = nodes.start(reports=UNREACHED)
     # The receiver does not decode pixels: every image is acknowledged.
     assert store_files(node.port, datasets) == [0x0000] * 14
     result = wait_result(node.sessions, series_uid, instances=14)
@@ -275,7 +279,7 @@ def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) 
     series = phantom(53, n_slices=14)
     datasets = _with_a_truncated_slice(series.datasets, 5)
     series_uid = _uid(datasets[0])
-    node = nodes.start()
+    node = nodes.start(reports=UNREACHED)
     assert store_files(node.port, datasets[:12]) == [0x0000] * 12
     v1 = wait_result(node.sessions, series_uid, instances=12)
     assert (v1.slice_count, v1.quarantined_count) == (11, 1)
@@ -322,7 +326,7 @@ def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, 
     config, receiver = _received_complete(
         nodes,
         SimpleNamespace(datasets=series.datasets[:12]),
-        reports={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}]},
+        reports=UNREACHED,
     )
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
 
@@ -355,6 +359,27 @@ def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, 
     assert (new.slice_count, new.quarantined_count) == (14, 0)
     assert [d.state for d in new.deliveries] == [db.QUEUED] * 2
     assert {row.quarantine_reason for row in instances_of(receiver.sessions, series_uid)} == {None}
+
+
+def test_the_reports_of_a_stale_result_are_removed(nodes: Nodes) -> None:
+    # Version 1 is scored while late slices make version 2: its reports are
+    # never queued, so nothing would send or remove them.
+    series = phantom(65, n_slices=14)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, SimpleNamespace(datasets=series.datasets[:12]), reports=UNREACHED)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        (stale,) = worker.claim()
+        assert store_files(receiver.port, series.datasets[12:]) == [0x0000] * 2
+        report = receiver.spool.report_path(stale.study_uid, "1.2.3.4")
+        receiver.spool.absolute(report).parent.mkdir(parents=True)
+        receiver.spool.absolute(report).write_bytes(b"an SR of version 1")
+        worker._finish(stale, status=db.SCORED, reports=[("sr", "1.2.3.4", report)], targets=[("PACS", "h", 104)])
+    finally:
+        worker.close()
+    (old,) = results_of(receiver.sessions, series_uid)
+    assert (old.version, old.superseded, old.deliveries) == (1, True, [])
+    assert not receiver.spool.absolute(report).exists()
 
 
 def test_an_outcome_the_database_refuses_is_scored_again_next_round(nodes: Nodes) -> None:
@@ -405,7 +430,7 @@ def test_a_long_series_is_decoded_in_parts_by_several_helpers(nodes: Nodes) -> N
     datasets = _with_a_truncated_slice(series.datasets, 50)
     bad = datasets[50]
     series_uid = _uid(bad)
-    _, config = nodes.config(model={"worker_processes": 2})
+    _, config = nodes.config(model={"worker_processes": 2}, reports=UNREACHED)
     receiver = nodes.start(config, components=("receiver",))
     # Sent out of order: the parts follow the slices' z order, not their arrival.
     sent = datasets[1::2] + datasets[::2]
@@ -592,7 +617,7 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     # The study's report folder cannot be made (a file is in its way): the
     # scores are stored, and the result says why no report is on its way.
     series = phantom(62)
-    config, receiver = _received_complete(nodes, series, reports={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}]})
+    config, receiver = _received_complete(nodes, series, reports=UNREACHED)
     study_uid = _uid(series.datasets[0], "StudyInstanceUID")
     blocker = receiver.spool.absolute(receiver.spool.report_path(study_uid, "x")).parent
     blocker.write_bytes(b"")
@@ -606,6 +631,43 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     assert result.skip_reason.startswith("scored, but its reports could not be built: ")
     with db.transaction(receiver.sessions) as session:
         assert session.scalars(select(db.Delivery)).all() == []
+
+
+def test_no_reports_are_built_for_nowhere(nodes: Nodes) -> None:
+    # Without a destination nothing would send the reports, nor remove them.
+    series = phantom(64)
+    config, receiver = _received_complete(nodes, series, reports={"destinations": []})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
+    assert result.status == db.SCORED and result.skip_reason is None
+    assert _spooled_reports(receiver, _uid(series.datasets[0], "StudyInstanceUID")) == {}
+
+
+def test_reports_return_to_the_scanner_that_sent_the_series(nodes: Nodes) -> None:
+    # Two scanners keep their factory AE title "CT": the reports go back to
+    # the one whose host the series came from.
+    series = phantom(63)
+    scanners = [
+        {"ae_title": "CT", "host": "127.0.0.1", "port": 4101},
+        {"ae_title": "CT", "host": "127.0.0.2", "port": 4102},
+    ]
+    _, config = nodes.config(access={"allow": scanners}, reports={"return_to_sender": True, "destinations": []})
+    receiver = nodes.start(config, components=("receiver",))
+    statuses = store_files(receiver.port, series.datasets, calling_ae="CT", source_host="127.0.0.2")
+    assert statuses == [0x0000] * len(series.datasets)
+    wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    with db.transaction(receiver.sessions) as session:
+        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
+    assert targets == {("CT", "127.0.0.2", 4102)}
 
 
 def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: str) -> None:
