@@ -139,11 +139,13 @@ class Worker:
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-store")
         self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichnode-gather")
         # Series to put back to complete at the next round's start: the database
-        # refused to record their outcome (store thread), or a helper died.
+        # refused to record their outcome (store thread), a helper died, or the model failed.
         self._put_back: list[ClaimedSeries] = []
-        # Series a dying helper took down once: the second time they fail (a
-        # file that crashes the decoder must not crash the helpers forever).
-        self._crashed_once: set[tuple[int, int]] = set()
+        # Series a failure maybe not their own took down once (a helper died,
+        # the model failed on a batch they shared): scored again alone, the
+        # second time they fail (a file that crashes the decoder must not
+        # crash the helpers forever).
+        self._retried_once: set[tuple[int, int]] = set()
         self._stopping = threading.Event()
         self._warm_up()
 
@@ -231,13 +233,13 @@ class Worker:
         if self._stopping.is_set():
             return 0
         self._put_back_series()
-        # Series a dying helper took down are scored after the others, each
-        # alone: if one crashes the helpers again, it fails, and nothing with it.
+        # Series scored again (see ``_retried_once``) come after the others,
+        # each alone: if one fails again, it fails, and nothing with it.
         suspects: list[ClaimedSeries] = []
 
         def set_aside(claimed: list[ClaimedSeries]) -> list[ClaimedSeries]:
-            suspects.extend(item for item in claimed if item.key in self._crashed_once)
-            return [item for item in claimed if item.key not in self._crashed_once]
+            suspects.extend(item for item in claimed if item.key in self._retried_once)
+            return [item for item in claimed if item.key not in self._retried_once]
 
         def claim_more(limit: int) -> list[ClaimedSeries]:
             if suspects or self._stopping.is_set():  # suspects wait for no newcomer
@@ -248,7 +250,7 @@ class Worker:
             handled = self._process(set_aside(self.claim(self._in_flight)), claim_more)
             while suspects and not self._stopping.is_set():
                 handled += self._process([suspects[0]], None)
-                self._crashed_once.discard(suspects.pop(0).key)
+                self._retried_once.discard(suspects.pop(0).key)
         finally:
             self._put_back.extend(suspects)  # not scored this round (a stop, an error): scored later
         return handled
@@ -272,7 +274,7 @@ class Worker:
             if item.volume_file is not None:
                 Path(item.volume_file).unlink(missing_ok=True)
             handled += 1
-            if self._scored_again_after_a_crash(item, exc):
+            if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, "a helper process died"):
                 return
             logger.exception("preparing series %s failed", item.series_uid)
             stores.append(self._store_pool.submit(self._fail_or_keep, item, f"preparing failed: {exc!r}"))
@@ -339,8 +341,9 @@ class Worker:
 
     def _score_all(self, items: list[ClaimedSeries]) -> list[Future[None]]:
         """Score the prepared ``items`` together and hand their results (or
-        skips) to the store thread; a model that fails fails them all, with
-        why, and a series whose scores cannot be made fails alone."""
+        skips) to the store thread. When the model fails, each series is
+        scored again alone and fails only if it fails then too; a series whose
+        scores cannot be made fails alone."""
         scorable = [item for item in items if item.prepared.volume is not None]
         try:
             probabilities = dict(zip(map(id, scorable), self._predict(scorable)))
@@ -348,7 +351,7 @@ class Worker:
             logger.exception("scoring %d series failed", len(scorable))
             reason = f"scoring failed: {type(exc).__name__}: {exc}"
             return [
-                self._store_pool.submit(self._fail_or_keep, item, reason)
+                self._store_pool.submit(self._again_alone_or_fail, item, reason)
                 if item.prepared.volume is not None
                 else self._store_pool.submit(self._store_or_fail, item, None)
                 for item in items
@@ -526,20 +529,25 @@ class Worker:
         try:
             self._store(item, scored)
         except Exception as exc:
-            if self._scored_again_after_a_crash(item, exc):  # its reports were being built
-                return
+            if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, "a helper process died"):
+                return  # its reports were being built
             logger.exception("storing the result of series %s failed", item.series_uid)
             self._fail_or_keep(item, f"{type(exc).__name__}: {exc}")
 
-    def _scored_again_after_a_crash(self, item: ClaimedSeries, exc: Exception) -> bool:
-        """A helper died (out of memory, a decoder crash) and took all its
-        pool's work with it: each series is scored again, once."""
-        if not isinstance(exc, BrokenProcessPool) or item.key in self._crashed_once:
+    def _scored_again_alone(self, item: ClaimedSeries, why: str) -> bool:
+        """A failure that may not be the series' own (a helper died, out of
+        memory or in a decoder, and took its pool's work with it; the model
+        failed on a batch it shared): the series is scored again, once, alone."""
+        if item.key in self._retried_once:
             return False
-        logger.warning("a helper process died while working on series %s; it is scored again", item.series_uid)
-        self._crashed_once.add(item.key)
+        logger.warning("series %s is scored again, alone: %s", item.series_uid, why)
+        self._retried_once.add(item.key)
         self._put_back.append(item)
         return True
+
+    def _again_alone_or_fail(self, item: ClaimedSeries, reason: str) -> None:
+        if not self._scored_again_alone(item, reason):
+            self._fail_or_keep(item, reason)
 
     def _fail_or_keep(self, item: ClaimedSeries, reason: str) -> None:
         """:meth:`_fail`; where even that cannot be recorded (the database

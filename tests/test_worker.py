@@ -564,7 +564,8 @@ def test_requeue_interrupted_moves_processing_series_back_to_complete(nodes: Nod
 @pytest.mark.parametrize(
     ("step", "error", "reason"),
     [
-        # the model raises: the series is recorded failed, not left "processing" until a restart
+        # the model raises, and again when the series is scored alone: it is
+        # recorded failed, not left "processing" until a restart
         ("_predict", RuntimeError("out of GPU memory"), "scoring failed: RuntimeError: out of GPU memory"),
         # the series cannot be handed to the helper processes
         ("_start_preparing", OSError("database is locked"), "preparing failed: OSError('database is locked')"),
@@ -582,7 +583,38 @@ def test_a_step_that_fails_fails_the_series_with_the_reason(
         raise error
 
     setattr(worker, step, broken)
+    if step == "_predict":
+        assert worker.run_once() == 1 and results_of(receiver.sessions, series_uid) == []
     _fails_the_series(worker, receiver, series_uid, reason)
+
+
+def test_series_the_model_failed_on_together_are_scored_again_alone(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two series share a batch (padded, as under JAX) and the model fails
+    # once (a GPU out of memory): neither is lost, both are scored next round.
+    monkeypatch.setattr(HemorrhageModel, "pads_batches", True)
+    first, second = phantom(66), phantom(67)
+    config, receiver = _received_complete(nodes, first, second, model={"worker_processes": 2, "batch_size": 64})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    predict, failures = worker._predict, []
+
+    def fails_once(items: Any) -> Any:
+        if items and not failures:
+            failures.append(len(items))
+            raise RuntimeError("out of GPU memory")
+        return predict(items)
+
+    worker._predict = fails_once
+    try:
+        assert worker.run_once() == 2
+        assert worker.run_once() == 2
+    finally:
+        worker.close()
+    assert failures == [2]
+    for series in (first, second):
+        (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
+        assert (result.version, result.status) == (1, db.SCORED)
 
 
 def test_a_series_whose_scores_cannot_be_made_fails_alone(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
