@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type: ignore[attr-defined]
 
 from .config import SeriesConfig
@@ -50,8 +51,6 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     if sop_class == EnhancedCTImageStorage:
         return "Enhanced CT (multi-frame) is not scored by this version"
     if sop_class != CTImageStorage:
-        from pydicom.uid import UID
-
         return f"SOP class {UID(sop_class).name} is not CT Image Storage"
     first = headers[0]
     modality = str(first.get("Modality", "")).upper()
@@ -174,8 +173,14 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
     study = Counter(studies).most_common(1)[0][0] if studies else ""
     named = Counter(p for p in patients if p)
     patient = named.most_common(1)[0][0] if named else ""
+    # A secondary capture or another modality's image filed under the
+    # series' UID is no CT slice, whatever its geometry.
+    kinds = [(_sop_class(ds), str(ds.get("Modality", "") or "")) for ds in headers]
+    kind = Counter(kinds).most_common(1)[0][0] if kinds else ("", "")
     for index, ds in enumerate(headers):
         reason = _excluded_image_type(ds)
+        if reason is None and kinds[index] != kind:
+            reason = f"{_kind_text(kinds[index])}, unlike most images of the series ({_kind_text(kind)})"
         if reason is None and (studies[index] != study or patients[index] not in ("", patient)):
             reason = f"of study {studies[index]}, patient {patients[index]}, unlike most images of the series"
         if reason is None and not ds.get("ImagePositionPatient"):
@@ -211,6 +216,17 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
                 if index != max(group):
                     strays[index] = f"{_SAME_POSITION} image {max(group) + 1}, which came later and is used instead"
     return dict(sorted(strays.items()))
+
+
+def _sop_class(ds: Dataset) -> str:
+    """The SOP Class UID, from the file meta where the dataset lacks it (RSNA)."""
+    value = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(value or "")
+
+
+def _kind_text(kind: tuple[str, str]) -> str:
+    sop_class, modality = kind
+    return f"{UID(sop_class).name or 'no SOP class'}, modality {modality or 'none'}"
 
 
 def _excluded_image_type(ds: Dataset) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from ichnode.config import SeriesConfig
 from ichnode.imaging import slice_normal
@@ -86,6 +86,20 @@ def test_an_image_of_another_patient_filed_in_the_series_is_left_out() -> None:
     series[7].PatientID = ""  # no PatientID: taken to be the series' patient
     strays = stray_slices(series)
     assert list(strays) == [5] and "patient SOMEONE-ELSE" in strays[5]
+
+
+def test_a_secondary_capture_filed_in_the_series_is_left_out() -> None:
+    # A device's screenshot under the CT series' UID, with the geometry of
+    # the slice it shows: not a slice of the volume.
+    series = _series()
+    capture = copy.deepcopy(series[3])
+    capture.SOPClassUID, capture.Modality = SecondaryCaptureImageStorage, "OT"
+    capture.SOPInstanceUID = generate_uid()
+    series.insert(8, capture)
+    assert stray_slices(series) == {
+        8: "Secondary Capture Image Storage, modality OT, unlike most images of the series "
+        "(CT Image Storage, modality CT)"
+    }
 
 
 def test_a_slice_sent_again_under_a_new_uid_is_scored_once() -> None:
