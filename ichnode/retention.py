@@ -75,7 +75,8 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
             session.execute(delete(db.Instance).where(db.Instance.id == instance_id))
             removed += 1
     for relative in reports:
-        spool.remove(relative)
-        removed += 1
+        if spool.absolute(relative).exists():  # several deliveries share one file
+            spool.remove(relative)
+            removed += 1
     logger.info("retention: removed %d files of %d series older than %d days", removed, len(expired), retention_days)
     return removed

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from ichnode import db
+from ichnode import db, service
 from ichnode.retention import purge_expired
 
 from .conftest import all_instances, require_data, store_files, wait_for
@@ -45,24 +46,30 @@ def test_purge_removes_files_of_finished_old_series_only(start_node: Any) -> Non
         assert kept is not None and kept.state == db.SCORED
 
 
-def _queue_report(node: Any, series: db.Series, state: str) -> None:
-    """A report of ``series`` for a destination, in delivery state ``state``."""
+def _queue_report(node: Any, series: db.Series, state: str) -> Path:
+    """A report of ``series`` for two destinations, in delivery state
+    ``state``; returns its spooled file."""
+    report = node.spool.absolute("reports/1.2.3/1.2.3.4.dcm")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_bytes(b"an SR")
     with db.transaction(node.sessions) as session:
         result = db.SeriesResult(series_id=series.id, version=1, status=db.SCORED)
         session.add(result)
         session.flush()
-        session.add(
-            db.Delivery(
-                result_id=result.id,
-                kind="sr",
-                sop_instance_uid="1.2.3.4",
-                path="reports/1.2.3/1.2.3.4.dcm",
-                ae_title="TEST_PACS",
-                host="127.0.0.1",
-                port=104,
-                state=state,
+        for ae_title in ("TEST_PACS", "ARCHIVE"):
+            session.add(
+                db.Delivery(
+                    result_id=result.id,
+                    kind="sr",
+                    sop_instance_uid="1.2.3.4",
+                    path="reports/1.2.3/1.2.3.4.dcm",
+                    ae_title=ae_title,
+                    host="127.0.0.1",
+                    port=104,
+                    state=state,
+                )
             )
-        )
+    return report
 
 
 @pytest.mark.parametrize("state", db.UNDELIVERED)
@@ -72,16 +79,30 @@ def test_purge_keeps_the_files_of_a_series_whose_report_is_undelivered(start_nod
     assert store_files(node.port, files) == [0, 0, 0]
     wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
     spooled = [node.spool.absolute(i.path) for i in all_instances(node)]
-    _queue_report(node, _finish(node), state)
+    spooled.append(_queue_report(node, _finish(node), state))
 
     later = db.utcnow() + dt.timedelta(days=30)
     assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
     assert all(path.is_file() for path in spooled)
-    # Once the report is delivered the files go.
+    # Once the report is delivered the files go: 3 images and the report both destinations got.
     with db.transaction(node.sessions) as session:
         session.execute(update(db.Delivery).values(state=db.SENT))
-    assert purge_expired(node.sessions, node.spool, 7, now=later) == 4  # 3 images and the report
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 4
     assert not any(path.exists() for path in spooled)
+
+
+def test_a_running_node_purges_on_its_own(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "RETENTION_CHECK_SECONDS", 0.2)
+    node = start_node(storage={"retention_days": 7})
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
+    assert store_files(node.port, files) == [0, 0, 0]
+    wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
+    spooled = [node.spool.absolute(i.path) for i in all_instances(node)]
+    _finish(node)
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).values(last_received_at=db.utcnow() - dt.timedelta(days=8)))
+    wait_for(lambda: not any(path.exists() for path in spooled), message="the node removed the expired files")
+    assert all_instances(node) == []
 
 
 def test_purge_keeps_a_series_resent_while_it_runs(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
