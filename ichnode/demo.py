@@ -4,12 +4,14 @@ A node runs on its embedded defaults (on a free port, in a temporary folder,
 with a 2-second completion wait) next to a small in-process "PACS" that
 stores whatever it receives. Two phantom head CT studies are generated with
 the bundled generator (one with hemorrhages, one without) and sent to the
-node, plus the real GE series when ``../shared/data/ge-head-ct`` exists; the
+node, plus the real GE series when ``../shared/data`` (or
+``$ICHNODE_SHARED_DATA``) holds it; the
 demo waits for the reports to reach the PACS and prints the findings.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -31,10 +33,13 @@ DEMO_STABLE_SECONDS = 2.0
 
 
 def _shared_ge_series() -> Path | None:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        candidate = base.parent / "shared" / "data" / "ge-head-ct"
-        if candidate.is_dir():
-            return candidate
+    """The real GE series: in ``$ICHNODE_SHARED_DATA``, else in ``../shared/data``
+    beside the working folder or the package."""
+    folders = [Path(os.environ["ICHNODE_SHARED_DATA"])] if os.environ.get("ICHNODE_SHARED_DATA") else []
+    folders += [base.parent / "shared" / "data" for base in (Path.cwd(), Path(__file__).resolve().parents[1])]
+    for folder in folders:
+        if (folder / "ge-head-ct").is_dir():
+            return folder / "ge-head-ct"
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+from ichnode.config import LABELS
 from ichnode.demo import DEMO_PHANTOMS
 from tests.conftest import DATA, run_cli
 
@@ -52,4 +53,8 @@ def test_demo_scores_and_reports_every_study() -> None:
         row = _row(table, series_uid).split()
         assert "scored" in row, row
         assert "sent 2" in " ".join(row), row
+    # The phantom with hemorrhages is flagged, the one without is not.
+    for series_uid, (_, hemorrhage) in zip(expected, DEMO_PHANTOMS):
+        flagged = {label for cell in _row(table, series_uid).split() for label in cell.split(",") if label in LABELS}
+        assert "any" in flagged if hemorrhage else flagged == set(), flagged
     assert f"the demo PACS received {2 * len(expected)} report objects" in out.stdout

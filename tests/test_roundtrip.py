@@ -1,7 +1,7 @@
 """The real PACS round trip: Orthanc sends studies to ichnode, ichnode sends its reports back.
 
 Orthanc (a real PACS, on free loopback ports, TCP_NODELAY=1) holds the real GE
-head CT and a phantom study with hemorrhages; it is asked over REST to send
+head CT, a phantom study with hemorrhages and one without; it is asked over REST to send
 each study to ichnode (registered as its modality "ichnode"); ichnode (in this
 process, every component) scores them and stores its SR and summary image
 back into Orthanc, where the test reads them through REST.
@@ -51,7 +51,10 @@ def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: 
     ge_files = sorted(require_data("ge-head-ct").glob("*.dcm"))
     positive = phantom(PHANTOM_SEED, matrix=512, n_slices=None, hemorrhage=PHANTOM_HEMORRHAGE)
     assert positive.labels[:, LABELS.index("any")].any()
+    negative = phantom(PHANTOM_SEED + 1, matrix=512, n_slices=None, hemorrhage=())
+    assert not negative.labels.any()
     phantom_files = write_series(positive.datasets, tmp_path / "phantom")
+    negative_files = write_series(negative.datasets, tmp_path / "negative")
     shared_model()  # loaded before any deadline runs
 
     with Orthanc(tmp_path / "orthanc") as orthanc:
@@ -62,7 +65,7 @@ def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: 
         orthanc.add_modality("ichnode", node.config.node.ae_title, "127.0.0.1", node.port)
 
         sources = {}
-        files_of = {"ge": ge_files, "phantom": phantom_files}
+        files_of = {"ge": ge_files, "phantom": phantom_files, "negative": negative_files}
         for name, files in files_of.items():
             for path in files:
                 orthanc.upload(path)
@@ -70,7 +73,7 @@ def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: 
             study_id = _lookup(orthanc, str(header.StudyInstanceUID), "Study")
             assert study_id is not None
             sources[name] = (header, study_id)
-        assert orthanc.count_instances() == len(ge_files) + len(phantom_files)
+        assert orthanc.count_instances() == sum(map(len, files_of.values()))
 
         # The PACS routes each study to ichnode.
         for header, study_id in sources.values():
@@ -81,7 +84,7 @@ def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: 
             series_uid = str(header.SeriesInstanceUID)
             result = wait_result(node.sessions, series_uid, instances=len(files_of[name]))
             assert result.status == db.SCORED, result.skip_reason
-            uids = report_uids(series_uid, result.version)
+            uids = report_uids(series_uid, result.version, installation=db.installation(node.sessions))
 
             def arrived(uids=uids) -> list[str] | None:
                 found = [_lookup(orthanc, uid, "Series") for uid in (uids.sr_series_uid, uids.sc_series_uid)]
@@ -117,3 +120,7 @@ def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: 
     assert findings["any"]["present"] is True, findings["any"]
     assert findings["any"]["probability"] >= threshold
     assert findings["any"]["probability"] == pytest.approx(result.scores["any"], abs=1e-6)
+    # And a head without one is not flagged: nothing is Present.
+    findings, result = reports["negative"]
+    assert not any(finding["present"] for finding in findings.values()), findings
+    assert findings["any"]["probability"] < result.thresholds["any"]
