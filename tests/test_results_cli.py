@@ -142,6 +142,24 @@ def test_list_since_further_back_than_dates_go_is_a_usage_error(filled: Filled) 
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "back"),
+    [
+        ("45s", dt.timedelta(seconds=45)),
+        ("30m", dt.timedelta(minutes=30)),
+        ("2h", dt.timedelta(hours=2)),
+        ("1.5d", dt.timedelta(hours=36)),
+        ("4w", dt.timedelta(weeks=4)),
+    ],
+)
+def test_since_reads_each_unit(text: str, back: dt.timedelta) -> None:
+    from ichnode.results import parse_since
+
+    now = dt.datetime(2026, 1, 10, 12, 0, 0)
+    assert parse_since(text, now=now) == now - back
+    assert parse_since("2026-01-09T12:00:00+02:00", now=now) == dt.datetime(2026, 1, 9, 10, 0, 0)
+
+
 def test_since_at_the_edge_of_the_dates_is_an_error_not_a_crash() -> None:
     from ichnode.results import parse_since
 
