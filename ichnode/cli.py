@@ -1,4 +1,4 @@
-"""The ``ichnode`` command line: serve, check the config, talk to peers, report status."""
+"""The ``ichnode`` command line: serve, check the config, talk to peers, report status, requeue dead letters."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +183,47 @@ def send(
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Instances and series by state, spool size and free disk."""
+    """Instances and series by state, deliveries, dead letters (with their report files), spool size and free disk."""
     from .status import collect_status, format_status
 
     config = _load(config_path)
     with _reading(config):
         report = collect_status(config)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
+@main.command()
+@config_option
+@click.option(
+    "--destination",
+    metavar="AE@HOST:PORT",
+    default=None,
+    callback=lambda _ctx, _param, value: parse_address(value) if value else None,
+    help="Only the dead letters to this destination.",
+)
+def requeue(config_path: Path | None, destination: tuple[str, str, int] | None) -> None:
+    """Put dead-lettered reports back in the delivery queue, as new (attempts from 0).
+
+    The running node's dispatcher sends them at its next round. A dead letter
+    whose report file is gone, or whose series has a newer result, stays dead
+    and is listed.
+    """
+    from .dispatch import requeue_dead
+
+    config = _load(config_path)
+    with _reading(config, action="write"), _writable_sessions(config) as sessions:
+        found = requeue_dead(sessions, config.storage.spool_dir, destination)
+    count = len(found.requeued)
+    click.echo(f"requeued {count} dead letter{'' if count == 1 else 's'}")
+    for reason, letters in (
+        ("its report file is gone", found.file_gone),
+        ("its series has a newer result", found.superseded),
+    ):
+        for letter in letters:
+            click.echo(
+                f"not requeued, {reason}: {letter.sop_instance_uid} to {letter.ae_title}@{letter.host}:{letter.port} "
+                f"({config.storage.spool_dir / letter.path})"
+            )
 
 
 @main.group()
@@ -244,8 +282,22 @@ def _session(config: Config):
 
 
 @contextmanager
-def _reading(config: Config) -> Iterator[None]:
-    """Errors reading the node's database become one line naming it."""
+def _writable_sessions(config: Config) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the node's database for a command that changes it: one that is
+    not there, or is not an ichnode database, is an error as for ``status``."""
+    from . import db
+
+    db.open_existing(config.database.url).dispose()
+    engine = db.make_engine(config.database.url)
+    try:
+        yield db.session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _reading(config: Config, action: str = "read") -> Iterator[None]:
+    """Errors reading (or writing) the node's database become one line naming it."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
 
@@ -257,7 +309,7 @@ def _reading(config: Config) -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
     except DBAPIError as exc:
         where = make_url(config.database.url).render_as_string(hide_password=True)
-        raise click.ClickException(f"cannot read the database {where}: {exc.orig}") from None
+        raise click.ClickException(f"cannot {action} the database {where}: {exc.orig}") from None
 
 
 @main.command()

@@ -13,7 +13,12 @@ Delivery life cycle (``Delivery.state``)::
     queued --due, claimed by one dispatcher--> sending --> sent
     sending --failed--> queued (next try after a backoff) | dead
     queued | sending --the worker stores a newer result--> superseded
-    sending --the dispatcher crashed--> queued   (at the next start-up)
+    sending --the dispatcher crashed--> queued | dead   (at the next start-up, one attempt more)
+    dead --``ichnode requeue``--> queued   (attempts from 0)
+
+Each destination's due deliveries are sent over one association in a thread
+of their own, so a destination that is down or does not answer delays only
+its own reports; it gets no second batch while one is under way.
 
 The claim is a conditional update, so two dispatchers on one database never
 send the same delivery, and a failure is recorded only on a row still
@@ -26,35 +31,109 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import groupby
+from pathlib import Path
 
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import RetryConfig
-from .scu import association_failure, client_ae, disable_nagle, status_category
+from .scu import associate, client_ae, status_category
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
 
-def requeue_interrupted(sessions: sessionmaker[Session]) -> int:
+# A delivery left sending by a dispatcher that stopped during its C-STORE.
+INTERRUPTED = "interrupted: the dispatcher stopped during the C-STORE"
+
+Destination = tuple[str, str, int]  # (AE title, host, port)
+
+
+def requeue_interrupted(sessions: sessionmaker[Session], retry: RetryConfig) -> int:
     """At start-up: deliveries left sending by a crashed dispatcher go back to queued.
+
+    The interrupted try counts as an attempt (the last one: dead-lettered), so
+    a report whose sending brings the dispatcher down every time is not
+    retried for ever.
 
     Assumes no other dispatcher on this database is sending right now: its
     deliveries under way would be queued again and might be sent twice.
     """
+    attempts = db.Delivery.attempts + 1
     with db.transaction(sessions) as session:
         return session.execute(
-            update(db.Delivery).where(db.Delivery.state == db.SENDING).values(state=db.QUEUED)
+            update(db.Delivery)
+            .where(db.Delivery.state == db.SENDING)
+            .values(
+                state=case((attempts >= retry.max_attempts, db.DEAD), else_=db.QUEUED),
+                attempts=attempts,
+                last_error=INTERRUPTED,
+            )
         ).rowcount
+
+
+@dataclass
+class DeadLetters:
+    """What :func:`requeue_dead` did with the dead letters it found."""
+
+    requeued: list[db.Delivery] = field(default_factory=list)
+    file_gone: list[db.Delivery] = field(default_factory=list)  # the report can no longer be sent
+    superseded: list[db.Delivery] = field(default_factory=list)  # its series has a newer result
+
+
+def requeue_dead(
+    sessions: sessionmaker[Session], spool_dir: Path, destination: Destination | None = None
+) -> DeadLetters:
+    """Dead letters (all, or one destination's) go back to queued, due now with
+    attempts from 0: the running dispatcher sends them at its next round.
+
+    Not one whose spooled report file is gone, nor one of a superseded result:
+    that report would reach the PACS after the newer one.
+    """
+    found = DeadLetters()
+    query = select(db.Delivery).join(db.SeriesResult).where(db.Delivery.state == db.DEAD).order_by(db.Delivery.id)
+    if destination is not None:
+        ae_title, host, port = destination
+        query = query.where(db.Delivery.ae_title == ae_title, db.Delivery.host == host, db.Delivery.port == port)
+    with db.transaction(sessions) as session:
+        for delivery in session.scalars(query):
+            if delivery.result.superseded:
+                found.superseded.append(delivery)
+            elif not (spool_dir / delivery.path).is_file():
+                found.file_gone.append(delivery)
+            else:
+                delivery.state, delivery.attempts, delivery.last_error = db.QUEUED, 0, None
+                delivery.next_attempt_at = db.utcnow()
+                found.requeued.append(delivery)
+    return found
 
 
 def backoff_seconds(attempts: int, retry: RetryConfig) -> float:
     """Delay before the next try after ``attempts`` failed ones: doubling, capped."""
     return min(retry.max_delay_s, retry.first_delay_s * 2 ** max(0, attempts - 1))
+
+
+Send = Callable[[Destination, list[db.Delivery]], int]  # returns how many were stored
+
+
+class Batch(threading.Thread):
+    """One destination's claimed deliveries, sent in a thread of their own by ``send``."""
+
+    def __init__(self, destination: Destination, deliveries: list[db.Delivery], send: Send) -> None:
+        ae_title, host, port = destination
+        super().__init__(name=f"deliver to {ae_title}@{host}:{port}", daemon=True)
+        self.destination = destination
+        self.deliveries = deliveries
+        self._send = send
+        self.sent = 0  # how many were stored, once the thread has ended
+
+    def run(self) -> None:
+        self.sent = self._send(self.destination, self.deliveries)
 
 
 class Dispatcher:
@@ -66,47 +145,84 @@ class Dispatcher:
         self.retry = retry
         self.calling_ae = calling_ae
         self.timeout = timeout
-        # Runs from the scheduler and when the worker wakes it: never twice at once.
+        # Guards what follows; never held during a send.
         self._lock = threading.Lock()
+        # Each destination's batch under way: a destination that does not
+        # answer holds up its own reports only, and gets no second batch.
+        self._batches: dict[Destination, Batch] = {}
         # Claimed deliveries whose failed try the database refused to record:
         # queued again at the next round's start, not left sending.
         self._put_back: list[int] = []
         self._stopping = threading.Event()
 
     def stop(self) -> None:
-        """Finish the destination in hand and try no other: the node is stopping
-        (each may take a connect timeout; what is left stays queued)."""
+        """Start no more batches: the node is stopping (those under way finish,
+        each within its timeouts; what is left stays queued)."""
         self._stopping.set()
 
     def run_once(self, now: dt.datetime | None = None) -> int:
-        """Try every due delivery, one association per destination; returns how many were stored."""
-        with self._lock:
-            return self._run(now or db.utcnow())
+        """Send every due delivery and wait for it; returns how many were stored.
 
-    def _run(self, now: dt.datetime) -> int:
-        self._put_back_claims()
+        A destination whose earlier batch is still under way is left for a later round.
+        """
+        batches = self.start_round(now)
+        for batch in batches:
+            batch.join()
+        return sum(batch.sent for batch in batches)
+
+    def start_round(self, now: dt.datetime | None = None) -> list[Batch]:
+        """Claim the due deliveries of each destination that has no batch under way
+        and start sending them, one thread per destination; returns without waiting."""
+        now = now or db.utcnow()
+        with self._lock:
+            self._put_back_claims()
+            started = []
+            for destination, group in groupby(self._due(now), key=_destination):
+                if self._stopping.is_set():
+                    break
+                if self._busy(destination):
+                    continue
+                claimed = self._claim(list(group), now)
+                if claimed:
+                    batch = self._batches[destination] = Batch(destination, claimed, self._send_batch)
+                    batch.start()
+                    started.append(batch)
+            return started
+
+    def wait(self) -> None:
+        """Wait for the batches under way to end."""
+        with self._lock:
+            batches = list(self._batches.values())
+        for batch in batches:
+            batch.join()
+
+    def _due(self, now: dt.datetime) -> list[db.Delivery]:
         with self.sessions() as session:
-            due = session.scalars(
-                select(db.Delivery)
-                .where(db.Delivery.state == db.QUEUED, db.Delivery.next_attempt_at <= now)
-                .order_by(db.Delivery.ae_title, db.Delivery.host, db.Delivery.port, db.Delivery.id)
-            ).all()
-        sent = 0
-        for (ae_title, host, port), group in groupby(due, key=lambda d: (d.ae_title, d.host, d.port)):
-            if self._stopping.is_set():
-                break
-            claimed = self._claim(list(group), now)
-            try:
-                sent += self._send_to(ae_title, host, port, claimed)
-            except Exception as exc:  # none may stay sending until a restart
-                logger.exception("sending to %s@%s:%d failed", ae_title, host, port)
-                for delivery in claimed:
-                    try:
-                        self._failed(delivery, f"sending failed: {exc!r}")
-                    except Exception:
-                        logger.exception("recording the failed try of %s failed too", delivery.sop_instance_uid)
+            return list(
+                session.scalars(
+                    select(db.Delivery)
+                    .where(db.Delivery.state == db.QUEUED, db.Delivery.next_attempt_at <= now)
+                    .order_by(db.Delivery.ae_title, db.Delivery.host, db.Delivery.port, db.Delivery.id)
+                )
+            )
+
+    def _busy(self, destination: Destination) -> bool:
+        batch = self._batches.get(destination)
+        return batch is not None and batch.is_alive()
+
+    def _send_batch(self, destination: Destination, claimed: list[db.Delivery]) -> int:
+        try:
+            return self._send_to(*destination, claimed)
+        except Exception as exc:  # none may stay sending until a restart
+            logger.exception("sending to %s@%s:%d failed", *destination)
+            for delivery in claimed:
+                try:
+                    self._failed(delivery, f"sending failed: {exc!r}")
+                except Exception:
+                    logger.exception("recording the failed try of %s failed too", delivery.sop_instance_uid)
+                    with self._lock:
                         self._put_back.append(delivery.id)
-        return sent
+            return 0
 
     def _put_back_claims(self) -> None:
         """Deliveries left sending by a round that could not record their failure go back to queued."""
@@ -161,14 +277,12 @@ class Dispatcher:
         # at most 128, and many reports may be due after a long outage.
         for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}):
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(host, port, ae_title=ae_title)
-        if not assoc.is_established:
-            reason = association_failure(assoc, ae_title, host, port)
+        assoc, failure = associate(ae, ae_title, host, port)
+        if failure:
             for delivery in deliveries:
                 if delivery.id in datasets:
-                    self._failed(delivery, reason)
+                    self._failed(delivery, failure)
             return 0
-        disable_nagle(assoc)
         sent = 0
         try:
             for delivery in deliveries:
@@ -238,3 +352,7 @@ class Dispatcher:
                 error,
                 next_at.isoformat(timespec="seconds"),
             )
+
+
+def _destination(delivery: db.Delivery) -> Destination:
+    return delivery.ae_title, delivery.host, delivery.port

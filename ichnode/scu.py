@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,18 @@ def disable_nagle(assoc: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def limit_socket_waits(assoc: Any, seconds: float) -> None:
+    """Make each send and read on an association's socket give up after ``seconds``.
+
+    pynetdicom clears the socket's timeout once connected: a peer that stops
+    reading mid-dataset would then block the send, and Association.kill()
+    that waits for it, for ever. A timed-out send closes the connection instead.
+    """
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
 def status_category(status: int | None) -> str:
     """Success, Warning, Failure, or "No response" for a C-STORE/C-ECHO status."""
     if status is None:
@@ -56,14 +69,25 @@ def client_ae(calling_ae: str, timeout: float) -> AE:
     return ae
 
 
+def associate(ae: AE, ae_title: str, host: str, port: int) -> tuple[Any, str | None]:
+    """Request an association with ``ae``'s contexts and timeouts; returns it and,
+    when it was not established, a line saying why."""
+    started = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return assoc, association_failure(assoc, ae_title, host, port, waited=time.monotonic() - started)
+    disable_nagle(assoc)
+    limit_socket_waits(assoc, ae.network_timeout)
+    return assoc, None
+
+
 def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU", timeout: float = 10) -> tuple[bool, str]:
     """C-ECHO; returns (succeeded, a line saying what happened)."""
     ae = client_ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False, association_failure(assoc, ae_title, host, port)
-    disable_nagle(assoc)
+    assoc, failure = associate(ae, ae_title, host, port)
+    if failure:
+        return False, failure
     try:
         response = assoc.send_c_echo()
     finally:
@@ -74,7 +98,8 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "ICHNODE_SCU"
     return ok, f"C-ECHO {ae_title}@{host}:{port}: {shown}"
 
 
-def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
+def association_failure(assoc, ae_title: str, host: str, port: int, *, waited: float = 0.0) -> str:
+    """Why an association was not established; ``waited``: the seconds its request took."""
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         reason = f"rejected (result 0x{rj.result:02X}, source 0x{rj.result_source:02X}, reason 0x{rj.diagnostic:02X})"
@@ -93,6 +118,9 @@ def association_failure(assoc, ae_title: str, host: str, port: int) -> str:
         unreachable = _connect_error(host, port, probe)
         if unreachable:
             return f"cannot connect to {ae_title}@{host}:{port}: {unreachable}"
+        if assoc.acse_timeout and waited >= assoc.acse_timeout:
+            # pynetdicom also aborts a request that gets no answer in time.
+            return f"{ae_title}@{host}:{port} did not answer the association request within {assoc.acse_timeout:g} s"
         return f"association with {ae_title}@{host}:{port} aborted"
     return f"cannot associate with {ae_title}@{host}:{port} (no answer)"
 
@@ -195,14 +223,12 @@ def send_files(
         ae = client_ae(calling_ae, timeout)
         for sop_class, syntax in sorted(pairs):
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(host, port, ae_title=ae_title)
-        if not assoc.is_established:
-            reason = association_failure(assoc, ae_title, host, port)
+        assoc, failure = associate(ae, ae_title, host, port)
+        if failure:
             summary.statuses["Not sent"] += len(batch)
-            summary.failures.append(reason)
+            summary.failures.append(failure)
             bar.update(len(batch))
             continue
-        disable_nagle(assoc)
         tried = 0
         try:
             for item in batch:

@@ -143,10 +143,12 @@ class Node:
             self._add_job(SCORING_JOB, self.score, interval)
         if self.dispatcher is not None:
             # Like the worker: assumes one dispatcher process per database.
-            requeued = requeue_interrupted_deliveries(self.sessions)
+            requeued = requeue_interrupted_deliveries(self.sessions, self.config.reports.retry)
             if requeued:
-                logger.warning("delivery of %d reports was interrupted; sending them again", requeued)
-            self._add_job(DELIVERY_JOB, self.dispatcher.run_once, interval)
+                logger.warning("delivery of %d reports was interrupted (an attempt each); sending them again", requeued)
+            # Starts each destination's batch and returns: one that does not
+            # answer must not hold back the next round's other destinations.
+            self._add_job(DELIVERY_JOB, self.dispatcher.start_round, interval)
         if RECEIVER in self.components:
             # Bound before the scheduler starts: a node that cannot listen
             # stops here with nothing running.
@@ -250,6 +252,8 @@ class Node:
                 self.scheduler.shutdown(wait=False)
             with self._jobs_idle:
                 self._jobs_idle.wait_for(lambda: self._running_jobs == 0)
+            if self.dispatcher is not None:
+                self.dispatcher.wait()  # the batches it started, each within its timeouts
             if self.worker is not None:
                 self.worker.close()
             self._let_go()

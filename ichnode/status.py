@@ -33,6 +33,9 @@ def collect_status(config: Config) -> dict[str, Any]:
                     "destination": f"{d.ae_title}@{d.host}:{d.port}",
                     "attempts": d.attempts,
                     "last_error": d.last_error,
+                    # What `ichnode send` would take, and whether it is still there to requeue.
+                    "path": str(spool_dir / d.path),
+                    "file_exists": (spool_dir / d.path).is_file(),
                 }
                 for d in session.scalars(select(db.Delivery).where(db.Delivery.state == db.DEAD))
             ]
@@ -77,6 +80,7 @@ def format_status(report: dict[str, Any]) -> str:
     for dead in report["dead_letters"]:
         lines.append(
             f"dead letter  {dead['sop_instance_uid']} to {dead['destination']} after "
-            f"{dead['attempts']} attempts: {dead['last_error']}"
+            f"{dead['attempts']} attempts: {dead['last_error']}; file {dead['path']}"
+            + ("" if dead["file_exists"] else " (deleted)")
         )
     return "\n".join(lines)

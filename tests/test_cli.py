@@ -362,3 +362,18 @@ def test_status_with_a_bad_config_exits_1(tmp_path: Path) -> None:
     result = run_cli(["status", "--config", str(path)])
     assert result.returncode == 1
     assert "node.portt" in result.stderr
+
+
+def test_requeue_needs_the_nodes_database(tmp_path: Path) -> None:
+    # It changes the database, but never makes one where a wrong --config points.
+    path = write_config(tmp_path / "other.yaml", {"database": {"url": "sqlite:///nowhere/ichnode.db"}})
+    result = run_cli(["requeue", "--config", str(path)])
+    assert result.returncode == 1
+    assert f"no database at {tmp_path / 'nowhere' / 'ichnode.db'}" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_requeue_needs_a_destination_as_an_address() -> None:
+    result = run_cli(["requeue", "--destination", "PACS"])
+    assert result.returncode == 2
+    assert "expected AE@HOST:PORT, got 'PACS'" in result.stderr

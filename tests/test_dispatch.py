@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+from pynetdicom import evt
 from sqlalchemy import update
 
 from ichnode import db
@@ -218,44 +223,67 @@ def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
     assert backoff_seconds(0, retry) == 5
 
 
-def _queue(tmp_path: Path, count: int, port: int, ae_title: str = "TEST_PACS") -> tuple:
-    """A database and spool with ``count`` queued deliveries of one small report file."""
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
-    db.init_db(engine)
-    sessions = db.session_factory(engine)
-    spool = Spool(tmp_path / "spool")
+def _report(spool: Spool, tmp_path: Path, study_uid: str, pixels: int = 0) -> tuple[str, str]:
+    """A small report object (with ``pixels`` x ``pixels`` of 16-bit noise) in the spool; (SOP Instance UID, path)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
     ds.Modality = "OT"
-    relative = spool.report_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    if pixels:
+        ds.Rows = ds.Columns = pixels
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = os.urandom(2 * pixels * pixels)
+    relative = spool.report_path(study_uid, ds.SOPInstanceUID)
     ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)
     spool.commit_file(tmp_path / "report.dcm", relative)
+    return str(ds.SOPInstanceUID), relative
+
+
+def _queue(
+    tmp_path: Path,
+    count: int,
+    port: int,
+    ae_title: str = "TEST_PACS",
+    *,
+    also: Sequence[tuple[str, int]] = (),
+    pixels: int = 0,
+) -> tuple:
+    """A database and spool with ``count`` queued deliveries, each of its own small report
+    file, to ``ae_title`` at ``port`` on 127.0.0.1, and as many to each (AE title, port) of ``also``."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    db.init_db(engine)
+    sessions = db.session_factory(engine)
+    spool = Spool(tmp_path / "spool")
+    study_uid = generate_uid()
     with db.transaction(sessions) as session:
-        series = db.Series(series_uid=generate_uid(), study_uid=ds.StudyInstanceUID)
+        series = db.Series(series_uid=generate_uid(), study_uid=study_uid)
         session.add(series)
         session.flush()
         result = db.SeriesResult(series_id=series.id, version=1, status=db.SCORED)
         session.add(result)
         session.flush()
-        session.add_all(
-            db.Delivery(
-                result_id=result.id,
-                kind="summary",
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                path=relative,
-                ae_title=ae_title,
-                host="127.0.0.1",
-                port=port,
-                state=db.QUEUED,
-                next_attempt_at=db.utcnow(),
-            )
-            for _ in range(count)
-        )
+        for to_ae, to_port in [(ae_title, port), *also]:
+            for _ in range(count):
+                session.add(_delivery(result.id, *_report(spool, tmp_path, study_uid, pixels), to_ae, to_port))
     return engine, sessions, spool
+
+
+def _delivery(result_id: int, sop_instance_uid: str, path: str, ae_title: str, port: int) -> db.Delivery:
+    return db.Delivery(
+        result_id=result_id,
+        kind="summary",
+        sop_instance_uid=sop_instance_uid,
+        path=path,
+        ae_title=ae_title,
+        host="127.0.0.1",
+        port=port,
+        state=db.QUEUED,
+        next_attempt_at=db.utcnow(),
+    )
 
 
 def test_next_attempt_at_in_the_database_grows_exponentially(tmp_path: Path) -> None:
@@ -382,11 +410,11 @@ def test_a_delivery_left_sending_by_a_crash_is_requeued_and_sent(tmp_path: Path,
     dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
     try:
         assert dispatcher.run_once() == 0  # another dispatcher's, for all this one knows
-        assert requeue_interrupted(sessions) == 1
+        assert requeue_interrupted(sessions, RetryConfig()) == 1
         assert dispatcher.run_once() == 1
         (row,) = deliveries(sessions)
-        assert (row.state, row.attempts) == (db.SENT, 1)
-        assert requeue_interrupted(sessions) == 0
+        assert (row.state, row.attempts) == (db.SENT, 2)  # the interrupted try and this one
+        assert requeue_interrupted(sessions, RetryConfig()) == 0
         assert len(pacs.stored()) == 1
     finally:
         engine.dispose()
@@ -402,8 +430,23 @@ def test_a_node_started_after_a_dispatcher_crash_sends_what_it_left_sending(
     engine.dispose()
     node = nodes.start(config, components=("dispatcher",))
     (row,) = wait_deliveries(node.sessions, _all_sent(1), timeout=30, message="the interrupted delivery sent")
-    assert row.attempts == 1
+    assert row.attempts == 2
     assert pacs.stored_counts() == {row.sop_instance_uid: 1}
+
+
+def test_a_delivery_interrupted_at_every_start_is_dead_lettered(tmp_path: Path) -> None:
+    # A report whose sending brings the dispatcher down each time is not retried for ever.
+    retry = RetryConfig(max_attempts=3)
+    engine, sessions, _ = _queue(tmp_path, 1, free_port())
+    try:
+        for attempt in range(1, 4):
+            _set_state(sessions, db.SENDING)  # the dispatcher dies during the C-STORE
+            assert requeue_interrupted(sessions, retry) == 1  # the next start
+            (row,) = deliveries(sessions)
+            assert (row.state, row.attempts) == (db.QUEUED if attempt < 3 else db.DEAD, attempt)
+        assert row.last_error == "interrupted: the dispatcher stopped during the C-STORE"
+    finally:
+        engine.dispose()
 
 
 def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(tmp_path: Path) -> None:
@@ -423,6 +466,178 @@ def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(
         dispatcher._failed = failed
         assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
         assert [(r.state, r.attempts) for r in deliveries(sessions)] == [(db.QUEUED, 1)] * 2
+    finally:
+        engine.dispose()
+
+
+# -- a destination that does not answer, or stops reading -------------------------------
+@contextmanager
+def _unanswering_peer() -> Iterator[int]:
+    """A port whose connections the kernel completes and nobody ever answers (a hung
+    PACS); on exit they are reset, so an association still waiting ends at once."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def _add_report(node: Any, result_id: int, ae_title: str, port: int) -> None:
+    """One more report queued for a destination, as the worker queues a new result's."""
+    with db.transaction(node.sessions) as session:
+        session.add(_delivery(result_id, *_report(node.spool, node.spool.root, generate_uid()), ae_title, port))
+
+
+def _states(rows: list[db.Delivery], ae_title: str) -> list[str]:
+    return [r.state for r in rows if r.ae_title == ae_title]
+
+
+def test_a_destination_that_never_answers_holds_back_no_other(tmp_path: Path, nodes: Nodes, recorder) -> None:
+    from ichnode.service import Node
+
+    good = recorder("GOOD")
+    _, config = nodes.config(tmp_path)
+    with _unanswering_peer() as hung_port:
+        # AAA_HUNG sorts first: the order in which destinations are looked at.
+        engine, _, _ = _queue(tmp_path, 1, hung_port, "AAA_HUNG", also=[("GOOD", good.port)])
+        engine.dispose()
+        node = Node(config, components=("dispatcher",))
+        nodes.started.append(node)
+        node.dispatcher.timeout = 600  # AAA_HUNG's request stays unanswered all through the test
+        node.start()
+        rows = wait_deliveries(
+            node.sessions, lambda rows: _states(rows, "GOOD") == [db.SENT], timeout=60, message="GOOD's first report"
+        )
+        # New reports for both while AAA_HUNG's request still waits: GOOD's go at once.
+        for ae_title, port in (("AAA_HUNG", hung_port), ("GOOD", good.port)):
+            _add_report(node, rows[0].result_id, ae_title, port)
+        rows = wait_deliveries(
+            node.sessions, lambda rows: _states(rows, "GOOD") == [db.SENT] * 2, timeout=60, message="GOOD's next report"
+        )
+        assert len(good.stored()) == 2
+        # No second association to AAA_HUNG while the first waits: its new report stays queued.
+        assert [(r.state, r.attempts) for r in rows if r.ae_title == "AAA_HUNG"] == [(db.SENDING, 0), (db.QUEUED, 0)]
+
+
+def test_a_destination_that_never_answers_is_recorded_as_such(tmp_path: Path) -> None:
+    with _unanswering_peer() as port:
+        engine, sessions, spool = _queue(tmp_path, 1, port)
+        dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=1)
+        try:
+            assert dispatcher.run_once() == 0
+            (row,) = deliveries(sessions)
+            assert (row.state, row.attempts) == (db.QUEUED, 1)
+            assert row.last_error == f"TEST_PACS@127.0.0.1:{port} did not answer the association request within 1 s"
+        finally:
+            engine.dispose()
+
+
+class _StalledPacs(Recorder):
+    """A PACS that stops reading at the first data of an association until :meth:`stop`:
+    a dataset larger than the socket buffers then never leaves the sender."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def start(self, port: int = 0) -> _StalledPacs:
+        super().start(port)
+        self.server.bind(evt.EVT_DATA_RECV, self._on_data)
+        return self
+
+    def _on_data(self, event: Any) -> None:
+        if event.data[:1] == b"\x04":  # a P-DATA-TF PDU: the C-STORE has begun
+            self.released.wait(120)
+
+    def stop(self) -> None:
+        self.released.set()
+        super().stop()
+
+
+def test_a_destination_that_stops_reading_mid_dataset_does_not_hang_the_dispatcher(tmp_path: Path) -> None:
+    pacs = _StalledPacs().start()
+    # 32 MB: more than the loopback socket buffers hold.
+    engine, sessions, spool = _queue(tmp_path, 1, pacs.port, pixels=4096)
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=2)
+    round_ = threading.Thread(target=dispatcher.run_once, daemon=True)
+    try:
+        round_.start()
+        round_.join(timeout=60)
+        assert not round_.is_alive(), "the dispatcher is still blocked sending to a peer that stopped reading"
+        (row,) = deliveries(sessions)
+        assert (row.state, row.attempts) == (db.QUEUED, 1)
+        assert "C-STORE" in row.last_error
+    finally:
+        pacs.stop()
+        round_.join(timeout=60)
+        engine.dispose()
+
+
+# -- dead letters sent again -------------------------------------------------------------
+def _status_lines(config_path: Path) -> list[str]:
+    out = run_cli(["status", "--config", str(config_path)])
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def _requeue(config_path: Path, *args: str) -> list[str]:
+    out = run_cli(["requeue", "--config", str(config_path), *args])
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_dead_letters_requeued_from_the_command_line_are_sent_by_the_running_node(
+    tmp_path: Path, nodes: Nodes, recorder
+) -> None:
+    port = free_port()  # the PACS is down for longer than the retries last
+    retry = {"first_delay_s": 0.1, "max_delay_s": 0.2, "max_attempts": 2}
+    config_path, config = nodes.config(tmp_path, reports={"retry": retry})
+    engine, _, spool = _queue(tmp_path, 2, port, "GONE_PACS")
+    engine.dispose()
+    node = nodes.start(config, components=("dispatcher",))
+    rows = wait_deliveries(node.sessions, lambda rows: all(r.state == db.DEAD for r in rows), message="dead letters")
+    # status names each dead letter's file, for `ichnode send` or to see it is still there.
+    dead_lines = [line for line in _status_lines(config_path) if line.startswith("dead letter")]
+    assert sorted(dead_lines) == sorted(
+        f"dead letter  {r.sop_instance_uid} to GONE_PACS@127.0.0.1:{port} after 2 attempts: {r.last_error}; "
+        f"file {spool.absolute(r.path)}"
+        for r in rows
+    )
+
+    pacs = recorder("GONE_PACS", port=port)  # back
+    assert _requeue(config_path) == ["requeued 2 dead letters"]
+    rows = wait_deliveries(node.sessions, _all_sent(2), timeout=30, message="the requeued reports sent")
+    assert [r.attempts for r in rows] == [1, 1]
+    assert pacs.stored_counts() == {r.sop_instance_uid: 1 for r in rows}
+    assert not [line for line in _status_lines(config_path) if line.startswith("dead letter")]
+
+
+def test_requeue_takes_one_destination_and_leaves_what_cannot_be_sent(tmp_path: Path, nodes: Nodes) -> None:
+    config_path, _ = nodes.config(tmp_path)
+    engine, sessions, spool = _queue(tmp_path, 2, 104, "PACS_A", also=[("PACS_B", 104)])
+    try:
+        _set_state(sessions, db.DEAD)
+        gone = deliveries(sessions)[0]  # one of PACS_A's
+        spool.absolute(gone.path).unlink()  # e.g. removed by retention
+        gone_line = (
+            f"not requeued, its report file is gone: {gone.sop_instance_uid} to PACS_A@127.0.0.1:104 "
+            f"({spool.absolute(gone.path)})"
+        )
+
+        assert _requeue(config_path, "--destination", "PACS_A@127.0.0.1:104") == ["requeued 1 dead letter", gone_line]
+        # PACS_A's two, then PACS_B's two
+        assert [r.state for r in deliveries(sessions)] == [db.DEAD, db.QUEUED, db.DEAD, db.DEAD]
+        assert f"{spool.absolute(gone.path)} (deleted)" in "\n".join(_status_lines(config_path))
+
+        # A dead letter of a result since replaced by a newer one is not sent after it.
+        with db.transaction(sessions) as session:
+            session.execute(update(db.SeriesResult).values(superseded=True))
+        lines = _requeue(config_path)
+        assert lines[0] == "requeued 0 dead letters"
+        assert [line.split(":")[0] for line in lines[1:]] == ["not requeued, its series has a newer result"] * 3
+        assert [r.state for r in deliveries(sessions)] == [db.DEAD, db.QUEUED, db.DEAD, db.DEAD]
     finally:
         engine.dispose()
 
