@@ -793,7 +793,7 @@ def _preprocess(
     size: tuple[int, int],
     frame: int | None,
 ) -> np.ndarray:
-    hu = to_hu(ds, frame=frame)
+    hu = _pad_to_shape_of(to_hu(ds, frame=frame), size)
     out = np.empty(size + (len(lower),), dtype=np.float32)
     # One full-size plane at a time, reused: fewer large allocations (each a
     # fresh mmap and page faults) than windowing all channels first.  The
@@ -807,6 +807,21 @@ def _preprocess(
     return out
 
 
+def _pad_to_shape_of(hu: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``hu`` with air added evenly on two sides to the aspect ratio of
+    ``size``: a 512 x 640 reconstruction is not squeezed into the square
+    input, where the head would look narrower than the model ever saw it."""
+    rows, columns = hu.shape
+    wanted_rows = max(rows, round(columns * size[0] / size[1]))
+    wanted_columns = max(columns, round(rows * size[1] / size[0]))
+    if (wanted_rows, wanted_columns) == (rows, columns):
+        return hu
+    top, left = (wanted_rows - rows) // 2, (wanted_columns - columns) // 2
+    padded = np.full((wanted_rows, wanted_columns), AIR_HU, dtype=hu.dtype)
+    padded[top : top + rows, left : left + columns] = hu
+    return padded
+
+
 def preprocess_slice(
     ds: Dataset,
     windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS,
@@ -814,7 +829,8 @@ def preprocess_slice(
     *,
     frame: int | None = None,
 ) -> np.ndarray:
-    """Return one slice as model input: :func:`to_hu`, :func:`apply_windows`, :func:`resize`.
+    """Return one slice as model input: :func:`to_hu`, air added to the aspect
+    ratio of ``size``, :func:`apply_windows`, :func:`resize`.
 
     Parameters
     ----------
@@ -852,7 +868,7 @@ def preprocess_series(
         ``(center, width)`` per channel.
     size : tuple[int, int], optional
         Output ``(height, width)`` of every slice (slices of other sizes are
-        resized too).
+        resized too, after air is added to keep their aspect ratio).
     context : int, optional
         Neighbouring slices on each side stacked as channels
         (:func:`stack_context`).

@@ -284,6 +284,19 @@ def test_resize_same_size_returns_a_copy() -> None:
     assert image[0, 0] == 1
 
 
+def test_a_wide_reconstruction_keeps_its_aspect_ratio() -> None:
+    # A round head of 40 HU in a 256 x 320 image (a wider field of view, the
+    # same pixel spacing): in the square model input it is still round, with
+    # air where the image had none.
+    rows, columns = np.mgrid[:256, :320]
+    head = np.where((rows - 128) ** 2 + (columns - 160) ** 2 < 100**2, 40, -1000)
+    x = preprocess_slice(_ct(head), [(40.0, 80.0)], (128, 128))[..., 0]
+    inside = np.argwhere(x > 0.25)
+    height, width = inside.max(axis=0) - inside.min(axis=0) + 1
+    assert abs(int(height) - int(width)) <= 1, (height, width)
+    assert x[:8].max() == 0.0 and x[-8:].max() == 0.0  # the air added above and below
+
+
 @pytest.mark.parametrize("size", [(0, 4), (4,), (4.0, 4), (True, 4), None])
 def test_resize_rejects_bad_size(size: object) -> None:
     with pytest.raises(ValueError, match="'size'"):
@@ -449,11 +462,10 @@ def test_ge_preprocess_series(ge: tuple[list[Path], list[Dataset]]) -> None:
         one, resize(apply_windows(to_hu(reversed_input[order[0]])), (256, 256))
     )
     # A non-integer factor and an upscale go through the other paths.
-    odd = preprocess_slice(datasets[0], [BRAIN, (80, 200)], (300, 600))
-    assert odd.shape == (300, 600, 2)
-    np.testing.assert_array_equal(
-        odd, resize(apply_windows(to_hu(datasets[0]), [BRAIN, (80, 200)]), (300, 600))
-    )
+    for size in ((300, 300), (600, 600)):
+        odd = preprocess_slice(datasets[0], [BRAIN, (80, 200)], size)
+        assert odd.shape == (*size, 2)
+        np.testing.assert_array_equal(odd, resize(apply_windows(to_hu(datasets[0]), [BRAIN, (80, 200)]), size))
 
 
 def test_preprocess_series_errors(ge: tuple[list[Path], list[Dataset]]) -> None:
