@@ -50,12 +50,12 @@ def _ensure_interpreter() -> None:
         import numpy  # noqa: F401
         import pydicom  # noqa: F401
         import pynetdicom  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
         venv = REPO_ROOT / ".venv" / "bin" / "python"
         # Compare prefixes: the venv's python is a symlink to the system one.
         if venv.exists() and Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve():
             os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
-        raise
+        sys.exit(f"{exc}: run with the node's environment (./.ci/run makes {venv}), or with a Python that has it")
 
 
 def log(message: str) -> None:
