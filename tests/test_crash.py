@@ -7,6 +7,7 @@ UID answered with Success.
 
 from __future__ import annotations
 
+import copy
 import signal
 import threading
 import time
@@ -22,7 +23,8 @@ from sqlalchemy import select
 
 from ichnode import db
 from ichnode.service import SHUTDOWN_GRACE_SECONDS
-from tests.conftest import NodeProcess, open_db, require_data, wait_for
+from tests.conftest import NodeProcess, open_db, wait_for
+from tests.pipeline_support import phantom
 
 SLICES = 300
 KILL_AFTER = 50
@@ -30,8 +32,9 @@ KILL_AFTER = 50
 
 @pytest.fixture(scope="module")
 def synthetic_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Path]]:
-    """300 slices with a real GE header, new UIDs and positions, random int16 pixels."""
-    template = dcmread(sorted(require_data("ge-head-ct").glob("*.dcm"))[0])
+    """300 slices with a phantom's header, new UIDs and positions, random int16
+    pixels (made here: durability is checked wherever the tests run)."""
+    template = copy.deepcopy(phantom(90, matrix=512, n_slices=10).datasets[0])
     assert (template.Rows, template.Columns, template.BitsAllocated, template.PixelRepresentation) == (512, 512, 16, 1)
     folder = tmp_path_factory.mktemp("synthetic")
     rng = np.random.default_rng(20240601)
