@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import unicodedata
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -849,7 +850,7 @@ def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:
     lines: list[tuple[tuple[str, ...], tuple[int, int, int]]] = []
     for cells, colour in _summary_rows(content):
         if len(cells) == 1:  # free text, wrapped to the panel width
-            lines.extend(((part,), colour) for part in _wrap(cells[0], font, width - 2 * margin))
+            lines.extend(((part,), colour) for part in _wrap(_drawable(cells[0]), font, width - 2 * margin))
         else:
             lines.append((cells, colour))
     line_height = round(font_size * 1.3)
@@ -864,8 +865,28 @@ def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
+def _drawable(text: str) -> str:
+    """``text`` in the characters the bundled font draws (ASCII): accents
+    dropped ("für" -> "fur"), anything else a "?". The SC's ImageComments and
+    the SR keep the text as it is."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(
+        c if c.isascii() else "?" for c in decomposed if c.isascii() or not unicodedata.combining(c)
+    )
+
+
 def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
-    words = text.split(" ")
+    """Lines of ``text`` no wider than ``width``: broken at spaces, and a word
+    wider than a line (a web address) broken where it must."""
+    words = []
+    for word in text.split(" "):
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
     lines: list[str] = []
     current = ""
     for word in words:

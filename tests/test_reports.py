@@ -619,6 +619,19 @@ def test_summary_numbers_never_contradict_the_flag_beside_them() -> None:
     assert cells["subdural"] == ("0.100", "absent", "threshold 0.500")
 
 
+def test_summary_text_is_drawn_in_the_fonts_characters_and_within_the_panel() -> None:
+    from PIL import ImageFont
+
+    from ichnode.reports import _drawable, _wrap
+
+    assert _drawable("Nur für Forschung, école – 研究") == "Nur fur Forschung, ecole ? ??"
+    font = ImageFont.load_default(size=15)
+    address = "https://example.org/" + "intended-use/" * 12
+    lines = _wrap(f"See {address} first", font, 300)
+    assert all(font.getlength(line) <= 300 for line in lines)
+    assert "".join(lines).replace(" ", "") == f"See{address}first"
+
+
 def test_content_checks() -> None:
     good = _content("1.2.3")
     with pytest.raises(ValueError, match="order"):
