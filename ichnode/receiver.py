@@ -1,20 +1,25 @@
 """The DICOM receiver: Verification and Storage SCP, access control, C-STORE handler.
 
 The C-STORE handler does the least possible on the association thread: the
-dataset arrives in a temporary file (pynetdicom's chunked receive), the
+dataset arrives in a temporary file (pynetdicom's chunked receive, into a
+:class:`ReceivedFile` of the receiver's :class:`ReceivingFolder`), the
 handler reads its header, fsyncs it, renames it into the spool, records one
 row, and only then answers Success. It never decodes pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -25,7 +30,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -37,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import AccessConfig, Config
 from .scu import disable_nagle
-from .series import InstanceHeader, register_instance
+from .series import InstanceHeader, Registration, register_instance
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ CANNOT_UNDERSTAND = 0xC000
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 # How long a host name of access.allow is trusted to keep its addresses.
 HOST_LOOKUP_SECONDS = 60.0
+# How often the receiving folder is cleared of abandoned partial files
+# (besides at each association request).
+SWEEP_SECONDS = 30.0
 
 # Header attributes the receiver records; reading stops before the pixels.
 _HEADER_TAGS = [
@@ -140,38 +148,211 @@ class AccessPolicy:
         return addresses
 
 
-def handle_requested(event: evt.Event, policy: AccessPolicy, spool: Spool) -> None:
+class ReceivedFile:
+    """The file one incoming dataset is written to, given to pynetdicom in
+    place of its NamedTemporaryFile.
+
+    pynetdicom writes it in its reactor thread, where an error (a full or
+    read-only filesystem) would abort the association with a traceback and
+    leave the part written behind. Here the error is kept for the C-STORE
+    handler to answer 0xA700, the part written is given back at once, and the
+    rest of the dataset is read off the network and dropped.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.error: OSError | None = None
+        self._fd = -1
+        try:
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+        except OSError as exc:
+            self.error = exc
+            self.name = str(folder / f"unwritable-{uuid.uuid4().hex}.dcm")  # pynetdicom needs a path
+
+    @property
+    def file(self) -> ReceivedFile:
+        return self  # pynetdicom flushes NamedTemporaryFile.file
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view and self.error is None:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self.error = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)  # give the room back now
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to flush: each write goes straight to the file."""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ReceivingFolder:
+    """A receiver process's folder of incoming datasets (``.tmp/receiver-N``),
+    and the association writing each file.
+
+    A file is its association's until pynetdicom closes it (the C-STORE was
+    answered: the file was moved into the spool or is removed). A file whose
+    association ended first (a transfer cut off, a C-STORE that came in as
+    the association was aborted, an association whose thread died) is
+    abandoned: :meth:`sweep` removes it, and any file an earlier run left.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(exist_ok=True)
+        self.path = path
+        self._open: dict[str, tuple[threading.Thread, ReceivedFile]] = {}  # file name -> (association, file)
+        # Held while a file is made and listed, so that a sweep never takes it for abandoned.
+        self._lock = threading.Lock()
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+
+    def open(self, association: threading.Thread) -> ReceivedFile:
+        with self._lock:
+            received = ReceivedFile(self.path)
+            self._open[Path(received.name).name] = (association, received)
+        return received
+
+    def write_error(self, path: Path) -> OSError | None:
+        """What stopped the dataset in ``path`` from being written whole, if anything."""
+        entry = self._open.get(path.name)
+        return entry[1].error if entry is not None else None
+
+    def probe(self) -> OSError | None:
+        """Why no dataset can be written now (a read-only or full filesystem), or None."""
+        with self._lock:
+            probe = ReceivedFile(self.path)
+            probe.write(b"\0")
+            probe.close()
+            with contextlib.suppress(OSError):
+                os.unlink(probe.name)
+        return probe.error
+
+    def sweep(self) -> int:
+        """Remove every file that no open association is writing; returns how many."""
+        removed = 0
+        with self._lock:
+            for name, (association, received) in list(self._open.items()):
+                if received.closed or not association.is_alive():
+                    received.close()  # an abandoned file's room comes back only once it is closed
+                    del self._open[name]
+            # A read-only spool keeps its files until a sweep once it is writable.
+            with contextlib.suppress(OSError):
+                for path in self.path.iterdir():
+                    if path.name not in self._open and path.is_file():
+                        path.unlink(missing_ok=True)
+                        removed += 1
+        if removed:
+            logger.warning("removed %d partial files of transfers that did not finish", removed)
+        return removed
+
+    def sweep_if_due(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+            self.sweep()
+
+
+def _open_received_dataset(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for NamedTemporaryFile in pynetdicom's DIMSE decoder, which
+    calls it in an association's reactor thread for each incoming C-STORE
+    dataset: the node's associations get a :class:`ReceivedFile`, any other
+    AE in this process what pynetdicom would have made."""
+    association = getattr(threading.current_thread(), "assoc", None)
+    receiving = getattr(getattr(association, "ae", None), "receiving", None)
+    if association is None or receiving is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return receiving.open(association)
+
+
+dimse_messages.NamedTemporaryFile = _open_received_dataset  # type: ignore[assignment]
+
+
+def _peer(assoc: Any) -> str:
+    """The peer as ``AE@address:port``."""
+    return f"{assoc.requestor.primitive.calling_ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def _log_refusal(assoc: Any, reason: str) -> None:
+    logger.warning(
+        "refused association from %s to %s: %s", _peer(assoc), assoc.requestor.primitive.called_ae_title, reason
+    )
+
+
+def handle_requested(event: evt.Event, policy: AccessPolicy, spool: Spool, receiving: ReceivingFolder) -> None:
     """EVT_REQUESTED: answer A-ASSOCIATE-RJ with the right reason for a refused peer,
-    and for now (transient) while the spool is below ``storage.min_free_mb``: each
-    image would be written out before it could be refused. A C-ECHO still gets
-    through: the node is up, its disk is full."""
+    and for now (transient) while images cannot be stored (:func:`_storage_unavailable`):
+    each one would be written out before it could be refused. A C-ECHO still
+    gets through: the node is up, its disk is full."""
     assoc = event.assoc
     request = assoc.requestor.primitive
-    calling = str(request.calling_ae_title)
-    called = str(request.called_ae_title)
-    host = assoc.requestor.address
-    rejection = policy.check(calling, called, host)
+    rejection = policy.check(str(request.calling_ae_title), str(request.called_ae_title), assoc.requestor.address)
     echo_only = all(cx.abstract_syntax == Verification for cx in assoc.requestor.requested_contexts)
-    if rejection is None and not echo_only and not spool.has_room():
-        reason = f"{spool.free_mb():.0f} MB free in the spool, storage.min_free_mb is {spool.min_free_mb}"
-        rejection = Rejection(2, 3, 2, reason)  # transient: local limit exceeded
+    if rejection is None and not echo_only:
+        rejection = _storage_unavailable(spool, receiving)
     if rejection is None:
-        logger.info("association from %s@%s:%s to %s", calling, host, assoc.requestor.port, called)
         disable_nagle(assoc)
         return
-    logger.warning(
-        "refused association from %s@%s:%s to %s: %s",
-        calling,
-        host,
-        assoc.requestor.port,
-        called,
-        rejection.reason,
-    )
+    _log_refusal(assoc, rejection.reason)
     assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
     # As pynetdicom does for its own rejections: mark the association
     # rejected (so it skips negotiation) and let the DUL flush the A-ASSOCIATE-RJ.
     assoc.is_rejected = True
     assoc.kill()
+
+
+def _storage_unavailable(spool: Spool, receiving: ReceivingFolder) -> Rejection | None:
+    """Why images cannot be received now, or None: too little room (abandoned
+    partial files are removed first: they hold some), or a spool that cannot
+    be written. Transient, local limit exceeded: the sender tries again later."""
+    receiving.sweep()
+    problem = spool.room_shortage()
+    if problem is None:
+        error = receiving.probe()
+        if error is not None:
+            problem = f"the spool cannot be written: {error.strerror or error}"
+    return None if problem is None else Rejection(2, 3, 2, problem)
+
+
+def log_accepted(event: evt.Event) -> None:
+    """EVT_ACCEPTED: the association is open. A presentation context pynetdicom
+    rejected (a SOP class or transfer syntax not supported) is a WARNING: the
+    peer cannot send those images, and says so only in its own log."""
+    assoc = event.assoc
+    logger.info("association from %s to %s", _peer(assoc), assoc.requestor.primitive.called_ae_title)
+    offered = {cx.context_id: cx.transfer_syntax for cx in assoc.requestor.requested_contexts}
+    for context in assoc.rejected_contexts:
+        syntaxes = offered.get(context.context_id) or context.transfer_syntax
+        logger.warning(
+            "rejected presentation context from %s: %s in %s: %s",
+            _peer(assoc),
+            _uid_name(context.abstract_syntax),
+            ", ".join(_uid_name(uid) for uid in syntaxes),
+            context.status.lower(),
+        )
+
+
+def log_rejected(event: evt.Event) -> None:
+    """EVT_REJECTED: pynetdicom refused an association that handle_requested let
+    through: node.max_associations are open already."""
+    assoc = event.assoc
+    rj = assoc.acceptor.primitive
+    reason = f"A-ASSOCIATE-RJ {rj.result_str.lower()}, {rj.reason_str.lower()}"
+    if (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2):
+        reason = f"node.max_associations ({assoc.ae.maximum_associations}) are open ({reason})"
+    _log_refusal(assoc, reason)
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return uid if name == uid else f"{name} ({uid})"
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -182,23 +363,25 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def handle_store(event: evt.Event, spool: Spool, factory: sessionmaker[Session]) -> int | Dataset:
+def handle_store(
+    event: evt.Event, spool: Spool, factory: sessionmaker[Session], receiving: ReceivingFolder
+) -> int | Dataset:
     """EVT_C_STORE: store durably, record, then answer; a failure status otherwise."""
     request = event.request
     sop_uid = str(request.AffectedSOPInstanceUID)
     calling = event.assoc.requestor.ae_title
     host = event.assoc.requestor.address
-    if not spool.has_room():
-        logger.error(
-            "refusing %s from %s: %.0f MB free, storage.min_free_mb is %d",
-            sop_uid,
-            calling,
-            spool.free_mb(),
-            spool.min_free_mb,
-        )
-        return _failure(OUT_OF_RESOURCES, "ichnode spool is below storage.min_free_mb")
-
     received = Path(event.dataset_path)
+    write_error = receiving.write_error(received)
+    if write_error is not None:
+        return _spool_write_failed(sop_uid, calling, write_error)
+    shortage = spool.room_shortage()
+    if shortage is not None:
+        logger.error("refusing %s from %s: %s", sop_uid, calling, shortage)
+        return _failure(
+            OUT_OF_RESOURCES, f"ichnode spool: {spool.free_mb():.0f} MB free, {spool.min_free_mb} MB needed"
+        )
+
     try:
         ds = dcmread(received, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         header = InstanceHeader.from_dataset(
@@ -216,40 +399,106 @@ def _store(
     spool: Spool, factory: sessionmaker[Session], received: Path, header: InstanceHeader, calling: str, host: str
 ) -> int | Dataset:
     """Move the received file into the spool and record it (under the instance's lock)."""
-    sop_uid = header.sop_instance_uid
-    relative = spool.instance_path(header.study_uid, header.series_uid, sop_uid)
-    existed = spool.absolute(relative).exists()
+    relative = spool.instance_path(header.study_uid, header.series_uid, header.sop_instance_uid)
+    store = _store_again if spool.absolute(relative).exists() else _store_new
+    return store(spool, factory, received, relative, header, calling, host)
+
+
+def _store_new(
+    spool: Spool,
+    factory: sessionmaker[Session],
+    received: Path,
+    relative: str,
+    header: InstanceHeader,
+    calling: str,
+    host: str,
+) -> int | Dataset:
+    """The file first, then its row: a crash between the two leaves a file
+    that the next start indexes. On a failure, neither stays."""
     try:
         size = received.stat().st_size
         spool.commit_file(received, relative)
     except OSError as exc:
-        logger.error("cannot write %s to the spool: %s", sop_uid, exc)
-        if not existed:
-            # The rename may have happened before the error: not acknowledged, so no file.
-            spool.remove(relative)
-        return _failure(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
-
+        # The rename may have happened before the error: not acknowledged, so no file.
+        spool.remove(relative)
+        return _spool_write_failed(header.sop_instance_uid, calling, exc)
     try:
         registration = register_instance(
             factory, header, path=relative, size_bytes=size, calling_ae=calling, peer_host=host
         )
     except Exception as exc:
-        logger.exception("cannot record %s in the database", sop_uid)
-        if not existed:
-            # No row, so no file either; the sender keeps the image and retries.
-            spool.remove(relative)
-        return _failure(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}")
+        # No row, so no file either; the sender keeps the image and retries.
+        spool.remove(relative)
+        return _database_failed(header.sop_instance_uid, exc)
+    _remove_replaced(spool, registration)
+    return SUCCESS
+
+
+def _store_again(
+    spool: Spool,
+    factory: sessionmaker[Session],
+    received: Path,
+    relative: str,
+    header: InstanceHeader,
+    calling: str,
+    host: str,
+) -> int | Dataset:
+    """A copy of an instance whose file is already at its path. The row first,
+    then the file: until the row describes the new copy, the acknowledged one
+    stays in place, so a failure leaves both as they were. A byte-identical
+    copy is only counted (its file and series stay as they are)."""
+    try:
+        size = received.stat().st_size
+        identical = spool.same_content(received, relative)
+        if not identical:
+            spool.sync_file(received)  # on disk before the row says it is there
+    except OSError as exc:
+        return _spool_write_failed(header.sop_instance_uid, calling, exc)
+    try:
+        registration = register_instance(
+            factory,
+            header,
+            path=relative,
+            size_bytes=size,
+            calling_ae=calling,
+            peer_host=host,
+            identical_to_stored=identical,
+        )
+    except Exception as exc:
+        return _database_failed(header.sop_instance_uid, exc)
+    if registration.identical:
+        return SUCCESS
+    try:
+        spool.commit_file(received, relative)
+    except OSError as exc:
+        # Rare (the file was synced): the row describes the new copy, the old
+        # one stays; the sender retries and the retry puts the new one in place.
+        return _spool_write_failed(header.sop_instance_uid, calling, exc)
+    _remove_replaced(spool, registration)
+    return SUCCESS
+
+
+def _remove_replaced(spool: Spool, registration: Registration) -> None:
     if registration.replaced_path:
         spool.remove(registration.replaced_path)
-    return SUCCESS
+
+
+def _spool_write_failed(sop_uid: str, calling: str, exc: OSError) -> Dataset:
+    logger.error("cannot write %s from %s to the spool: %s", sop_uid, calling, exc)
+    return _failure(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}")
+
+
+def _database_failed(sop_uid: str, exc: Exception) -> Dataset:
+    logger.exception("cannot record %s in the database", sop_uid)
+    return _failure(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}")
 
 
 def discard_partial_transfer(event: evt.Event) -> None:
     """EVT_CONN_CLOSE: remove the file of a dataset whose transfer was cut off.
 
     pynetdicom removes its file only after the C-STORE handler ran; an
-    aborted or dropped association would leave a partial file, counted
-    against ``storage.min_free_mb``, until the next start.
+    aborted or dropped association would leave a partial file, holding room
+    in the spool, until the next sweep of the receiving folder.
     """
     message = getattr(event.assoc.dimse, "message", None)
     partial = getattr(message, "_data_set_file", None)
@@ -260,9 +509,16 @@ def discard_partial_transfer(event: evt.Event) -> None:
     logger.warning("removed a dataset cut off by the end of the association from %s", event.assoc.requestor.ae_title)
 
 
-def build_ae(config: Config) -> AE:
+class _NodeAE(AE):
+    """The node's AE: its associations receive datasets into ``receiving``."""
+
+    receiving: ReceivingFolder | None = None
+
+
+def build_ae(config: Config, receiving: ReceivingFolder) -> AE:
     """An AE that accepts Verification, CT in every decodable syntax, and all other storage."""
-    ae = AE(ae_title=config.node.ae_title)
+    ae = _NodeAE(ae_title=config.node.ae_title)
+    ae.receiving = receiving
     ae.maximum_associations = config.node.max_associations
     # No upper limit on the PDUs peers send us: fewer, larger PDUs are faster.
     ae.maximum_pdu_size = 0
@@ -281,8 +537,17 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """An association server that shares its port with the node's other receiver processes."""
+class _Receiver(ThreadedAssociationServer):
+    """The association server; between connections it also removes abandoned
+    partial files from the receiving folder (see :class:`ReceivingFolder`)."""
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.ae.receiving.sweep_if_due()
+
+
+class _SharedPortReceiver(_Receiver):
+    """A receiver that shares its port with the node's other receiver processes."""
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -298,27 +563,25 @@ def start_receiver(
     with more than one they share the port (SO_REUSEPORT) and the kernel spreads
     associations over them, so concurrent senders use several CPU cores.
     """
-    # pynetdicom writes incoming datasets with tempfile; keep them on the
-    # spool filesystem so moving them into place is a rename, not a copy. Each
-    # receiver process has its own folder, emptied of partial files at start.
-    tmp = spool.tmp_dir / f"receiver-{index}"
-    tmp.mkdir(exist_ok=True)
-    removed = spool.clear_tmp(tmp)
-    if removed:
-        logger.info("removed %d partial files left by an interrupted transfer", removed)
-    tempfile.tempdir = str(tmp)
-    ae = build_ae(config)
+    # Incoming datasets are written on the spool filesystem, so moving them
+    # into place is a rename, not a copy. Each receiver process has its own
+    # folder, emptied of partial files at start and whenever they are abandoned.
+    receiving = ReceivingFolder(spool.tmp_dir / f"receiver-{index}")
+    receiving.sweep()
+    ae = build_ae(config, receiving)
     policy = AccessPolicy(config.access, config.node.ae_title)
     handlers = [
-        (evt.EVT_REQUESTED, handle_requested, [policy, spool]),
-        (evt.EVT_C_STORE, handle_store, [spool, factory]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, spool, receiving]),
+        (evt.EVT_ACCEPTED, log_accepted),
+        (evt.EVT_REJECTED, log_rejected),
+        (evt.EVT_C_STORE, handle_store, [spool, factory, receiving]),
         (evt.EVT_CONN_CLOSE, discard_partial_transfer),
     ]
     shared = config.node.receiver_processes > 1
     server = ae.make_server(
         (config.node.host, config.node.port),
         evt_handlers=handlers,
-        server_class=_ReusePortServer if shared else ThreadedAssociationServer,
+        server_class=_SharedPortReceiver if shared else _Receiver,
     )
     threading.Thread(target=server.serve_forever, name=f"receiver-{index}", daemon=True).start()
     # As AE.start_server does: server.shutdown() removes the server from this list.

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -92,6 +92,8 @@ class Registration:
     # Spool path of an older copy of the same SOP Instance UID that now lies
     # elsewhere (its series UID changed) and can be deleted.
     replaced_path: str | None
+    # A byte-identical copy of the recorded file: only counted, the file stays.
+    identical: bool = False
 
 
 def register_instance(
@@ -102,16 +104,20 @@ def register_instance(
     size_bytes: int,
     calling_ae: str | None,
     peer_host: str | None,
+    identical_to_stored: bool = False,
 ) -> Registration:
     """Record one received instance and touch its series, in one transaction.
 
     A duplicate SOP Instance UID replaces the older row (the newer file is
     kept) and increments ``times_received``. A series that was already
-    complete goes back to ``receiving`` so it is completed and scored again.
+    complete goes back to ``receiving`` so it is completed and scored again;
+    so does a series an instance moved out of. ``identical_to_stored``: the
+    file at ``path`` holds these very bytes already; when the row says it is
+    this instance's file, the copy is only counted (see :func:`_count_identical_copy`).
     """
     for attempt in range(3):
         try:
-            return _register(factory, header, path, size_bytes, calling_ae, peer_host)
+            return _register(factory, header, path, size_bytes, calling_ae, peer_host, identical_to_stored)
         except IntegrityError:
             # Another association created the same series or instance between
             # our read and our insert; the retry sees its row.
@@ -127,6 +133,7 @@ def _register(
     size_bytes: int,
     calling_ae: str | None,
     peer_host: str | None,
+    identical_to_stored: bool,
 ) -> Registration:
     # Core statements rather than ORM objects: this runs once per received
     # image on the association thread, and the ORM would triple its cost.
@@ -135,6 +142,10 @@ def _register(
     instance_t = db.Instance.__table__
     with db.transaction(factory) as session:
         conn = session.connection()
+        if identical_to_stored:
+            counted = _count_identical_copy(conn, header, path, calling_ae)
+            if counted is not None:
+                return counted
         series = conn.execute(
             select(series_t.c.id, series_t.c.study_uid, series_t.c.patient_id).where(
                 series_t.c.series_uid == header.series_uid
@@ -211,12 +222,7 @@ def _register(
             replaced_path = existing.path if existing.path != path else None
             added = 0
             if existing.series_id != series_id:
-                # Same SOP Instance UID now in another series: move it.
-                conn.execute(
-                    update(series_t)
-                    .where(series_t.c.id == existing.series_id)
-                    .values(instance_count=series_t.c.instance_count - 1)
-                )
+                _move_out(conn, existing.series_id, header, now)
                 added = 1
             logger.info(
                 "duplicate SOP Instance UID %s from %s (received %d times), keeping the newer copy",
@@ -238,6 +244,66 @@ def _register(
             )
         )
         return Registration(instance_id, series_id, existing is not None, replaced_path)
+
+
+def _count_identical_copy(
+    conn: Connection, header: InstanceHeader, path: str, calling_ae: str | None
+) -> Registration | None:
+    """Count a byte-identical resend of a recorded instance (a routing rule
+    that fired twice, a study sent again) and change nothing else: its series
+    keeps its state and version, so it is not scored and reported again
+    (only its time of last receipt moves).
+    None when the row does not say that ``path`` in this series is the
+    instance's file (then it is recorded as any other copy)."""
+    series_t = db.Series.__table__
+    instance_t = db.Instance.__table__
+    row = conn.execute(
+        select(instance_t.c.id, instance_t.c.series_id, instance_t.c.times_received)
+        .join(series_t, series_t.c.id == instance_t.c.series_id)
+        .where(
+            instance_t.c.sop_instance_uid == header.sop_instance_uid,
+            instance_t.c.path == path,
+            series_t.c.series_uid == header.series_uid,
+        )
+    ).first()
+    if row is None:
+        return None
+    conn.execute(
+        update(instance_t).where(instance_t.c.id == row.id).values(times_received=instance_t.c.times_received + 1)
+    )
+    # Received now, all the same: retention, which deletes what has not
+    # come for its days, must not take an image it has just acknowledged.
+    conn.execute(update(series_t).where(series_t.c.id == row.series_id).values(last_received_at=db.utcnow()))
+    logger.info(
+        "identical copy of %s from %s (received %d times); its series is unchanged",
+        header.sop_instance_uid,
+        calling_ae,
+        row.times_received + 1,
+    )
+    return Registration(row.id, row.series_id, duplicate=True, replaced_path=None, identical=True)
+
+
+def _move_out(conn: Connection, series_id: int, header: InstanceHeader, now: dt.datetime) -> None:
+    """The instance now belongs to another series: the one it left goes back to
+    receiving, so that a result of it being made now is superseded and it is
+    completed and scored again without the instance (a series left empty is
+    completed with none, and its next result says why it is not scored)."""
+    series_t = db.Series.__table__
+    conn.execute(
+        update(series_t)
+        .where(series_t.c.id == series_id)
+        .values(
+            instance_count=series_t.c.instance_count - 1,
+            last_received_at=now,
+            state=db.RECEIVING,
+            claimed_at=None,
+        )
+    )
+    logger.info(
+        "instance %s moved to series %s; the series it left is completed and scored again",
+        header.sop_instance_uid,
+        header.series_uid,
+    )
 
 
 def complete_stable_series(

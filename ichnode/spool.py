@@ -29,6 +29,8 @@ from pathlib import Path
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 # Instance locks: files the SOP Instance UIDs are spread over.
 LOCK_STRIPES = 256
+# Files are compared this much at a time.
+_COMPARE_CHUNK = 2**20
 
 
 def safe_name(uid: str) -> str:
@@ -68,8 +70,14 @@ class Spool:
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 2**20
 
-    def has_room(self) -> bool:
-        return self.free_mb() >= self.min_free_mb
+    def room_shortage(self) -> str | None:
+        """None while the spool has ``storage.min_free_mb`` free (room for the
+        datasets written out whole before they can be refused), else how much
+        is free."""
+        free = self.free_mb()
+        if free >= self.min_free_mb:
+            return None
+        return f"{free:.0f} MB free in the spool, less than storage.min_free_mb ({self.min_free_mb} MB)"
 
     # -- the instance lock ------------------------------------------------
     @contextmanager
@@ -132,8 +140,7 @@ class Spool:
         cross filesystems.
         """
         target = self.root / relative
-        if self.fsync:
-            _fsync_path(source)
+        self.sync_file(source)
         self._make_parents(target.parent)
         try:
             os.replace(source, target)
@@ -148,6 +155,25 @@ class Spool:
         if self.fsync:
             _fsync_path(target.parent)
         return target
+
+    def sync_file(self, path: Path) -> None:
+        """Flush a file's content to disk (with ``storage.fsync``)."""
+        if self.fsync:
+            _fsync_path(path)
+
+    def same_content(self, path: Path, relative: str) -> bool:
+        """Whether ``path`` holds the very bytes of the spooled file ``relative``
+        (sizes first: most differing copies stop there)."""
+        stored = self.root / relative
+        if path.stat().st_size != stored.stat().st_size:
+            return False
+        with open(path, "rb") as a, open(stored, "rb") as b:
+            while True:
+                chunk = a.read(_COMPARE_CHUNK)
+                if chunk != b.read(_COMPARE_CHUNK):
+                    return False
+                if not chunk:
+                    return True
 
     def _make_parents(self, folder: Path) -> None:
         if folder.is_dir():

@@ -9,6 +9,11 @@ import errno
 import logging
 import os
 import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ichnode import db
@@ -42,6 +48,8 @@ from tests.conftest import (
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+# storage.min_free_mb of the tests on a small disk of their own.
+KEPT_FREE_MB = 32
 
 # RSNA files and some pydicom test files carry UIDs such as "ID_1f6d1e8aeb".
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
@@ -96,6 +104,35 @@ def assert_rejected(assoc: Any, result: int, source: int, diagnostic: int) -> No
     assert assoc.is_rejected
     primitive = assoc.acceptor.primitive
     assert (primitive.result, primitive.result_source, primitive.diagnostic) == (result, source, diagnostic)
+
+
+def storage_association(port: int, calling_ae: str = "TEST_SCU") -> Any:
+    """An association proposing CT Image Storage (in pynetdicom's default syntaxes)."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CT)
+    return ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+
+
+def big_ct(folder: Path, megabytes: int) -> Path:
+    """pydicom's small CT with ``megabytes`` of pixel data (long to transfer), as another instance."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PixelData = bytes(megabytes * 2**20)
+    path = folder / f"big-{megabytes}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def receiver_log(caplog: pytest.LogCaptureFixture, level: str) -> list[str]:
+    """What the receiver logged at ``level``."""
+    return [r.getMessage() for r in caplog.records if r.name == "ichnode.receiver" and r.levelname == level]
+
+
+def node_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Records at ERROR and above, but for pynetdicom's report of a rejection
+    to the senders in this process."""
+    return [r for r in caplog.records if r.levelno >= logging.ERROR and r.name != "pynetdicom.acse"]
 
 
 def assert_nothing_stored(node: Any) -> None:
@@ -279,6 +316,58 @@ def test_association_log_names_peer_and_ae_titles(start_node: Any, caplog: pytes
     assert [r.levelname for r in caplog.records if "refused" in r.getMessage()] == ["WARNING", "WARNING"]
 
 
+def test_an_association_over_max_associations_is_logged_as_refused(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(node={"max_associations": 1})
+    holder = associate(node.port, "HOLDER")
+    assert holder.is_established
+    try:
+        # 2 rejected-transient, 3 service provider (presentation), 2 local limit exceeded
+        assert_rejected(associate(node.port, "SECOND"), 2, 3, 2)
+    finally:
+        holder.release()
+    (refused,) = wait_for(
+        lambda: [m for m in receiver_log(caplog, "WARNING") if "SECOND@" in m], message="the refusal in the log"
+    )
+    assert re.search(
+        r"^refused association from SECOND@127\.0\.0\.1:\d+ to ICHNODE: node\.max_associations \(1\)",
+        refused,
+    )
+    accepted = [m for m in receiver_log(caplog, "INFO") if m.startswith("association from")]
+    assert [m.split("@")[0] for m in accepted] == ["association from HOLDER"]
+
+
+def test_rejected_presentation_contexts_are_logged_with_what_was_offered(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A modality that offers CT only in a syntax this node cannot decode, and
+    # classes it does not serve: none of its images can come, and the node says so.
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node()
+    mpeg2, mpeg4 = "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.102"
+    worklist, private = "1.2.840.10008.5.1.4.31", "1.2.826.0.1.3680043.8.498.99"
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CT, [mpeg2, mpeg4])
+    ae.add_requested_context(worklist, "1.2.840.10008.1.2")
+    ae.add_requested_context(private, "1.2.840.10008.1.2")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert not assoc.is_established  # nothing it may send: it gives up
+
+    def logged() -> list[str]:
+        return [m for m in receiver_log(caplog, "WARNING") if "MODALITY@" in m]
+
+    wait_for(lambda: len(logged()) == 3, message="the rejected contexts in the log")
+    warnings = logged()
+    assert all(m.startswith("rejected presentation context from MODALITY@127.0.0.1:") for m in warnings), warnings
+    ct, mwl, other = warnings
+    assert CT in ct and mpeg2 in ct and mpeg4 in ct and ct.endswith("transfer syntax(es) not supported")
+    assert "Modality Worklist" in mwl and mwl.endswith("abstract syntax not supported")
+    assert private in other and other.endswith("abstract syntax not supported")
+
+
 # -- failures keep the sender's copy authoritative ----------------------------
 def test_full_disk_refuses_associations_for_now(start_node: Any) -> None:
     # Before any image is written out: rejected, transient (local limit
@@ -304,7 +393,7 @@ def test_disk_filling_during_an_association_answers_out_of_resources(start_node:
     finally:
         assoc.release()
     assert response.Status == 0xA700
-    assert "min_free_mb" in response.ErrorComment
+    assert "MB free" in response.ErrorComment
     assert_nothing_stored(node)
 
 
@@ -312,15 +401,13 @@ def test_a_transfer_cut_off_leaves_no_partial_file(start_node: Any, tmp_path: Pa
     import socket
     import threading
 
-    ds = dcmread(pydicom_file("CT_small.dcm"))
-    ds.PixelData = bytes(64 * 2**20)  # long enough to be cut off midway
-    big = tmp_path / "big.dcm"
-    ds.save_as(big)
+    big = big_ct(tmp_path, 64)  # long enough to be cut off midway
+    meta = dcmread(big, stop_before_pixels=True).file_meta
     node = start_node()
     receiving = node.spool.tmp_dir / "receiver-0"
     ae = AE(ae_title="TEST_SCU")
     ae.maximum_pdu_size = 16384
-    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
     assert assoc.is_established
     sender = threading.Thread(target=assoc.send_c_store, args=(big,), daemon=True)
@@ -330,6 +417,171 @@ def test_a_transfer_cut_off_leaves_no_partial_file(start_node: Any, tmp_path: Pa
     sender.join(30)
     wait_for(lambda: not any(receiving.iterdir()), timeout=10, message="the partial file to be removed")
     assert_nothing_stored(node)
+
+
+def send_on_a_context_never_negotiated(port: int, path: Path) -> Any:
+    """A sender's bug: a C-STORE on a presentation context the association
+    never negotiated. pynetdicom's reactor thread for that association dies
+    once it has opened the file for the dataset, and leaves the file."""
+    meta = dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title="BUGGY_SCU")
+    ae.add_requested_context(CT, meta.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = meta.SOPClassUID, meta.SOPInstanceUID
+    request.DataSet = BytesIO(dataset_bytes(path))
+    assoc.dimse.send_msg(request, 99)
+    return assoc
+
+
+# pynetdicom's reactor thread dies of the sender's bug: that is the case here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_file_abandoned_by_a_dead_association_is_removed_while_the_node_runs(
+    start_node: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    node = start_node()
+    receiving = node.spool.tmp_dir / "receiver-0"
+    # A long transfer is under way all along: its file is not abandoned.
+    ae = AE(ae_title="SLOW_SCU")
+    ae.maximum_pdu_size = 16384
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
+    slow = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert slow.is_established
+    responses: list[Any] = []
+    sender = threading.Thread(target=lambda: responses.append(slow.send_c_store(big_ct(tmp_path, 64))))
+    sender.start()
+    try:
+        (in_transfer,) = wait_for(lambda: list(receiving.iterdir()), timeout=30, interval=0.005, message="a transfer")
+        buggy = send_on_a_context_never_negotiated(node.port, pydicom_file("CT_small.dcm"))
+        wait_for(lambda: len(node.server.active_associations) == 1, message="the buggy association to die")
+        buggy.abort()
+        (abandoned,) = set(receiving.iterdir()) - {in_transfer}  # nothing of pynetdicom removes it
+
+        assert store_files(node.port, [pydicom_file("CT_small.dcm")]) == [0]
+        assert not abandoned.exists()
+    finally:
+        sender.join(120)
+        slow.release()
+    assert responses[0].Status == 0x0000  # its file was left alone
+    assert not any(receiving.iterdir())
+    assert len(all_instances(node)) == 2
+
+
+def _mount(*args: str) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mount {' '.join(args)} failed (it needs root): {result.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of its own (a tmpfs; root only) with room for what is kept
+    free and 32 MB more, for other programs to fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", f"size={KEPT_FREE_MB + 32}m", "tmpfs", str(disk))
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk: Path, leave_mb: float) -> Path:
+    """Another program fills ``disk`` up to ``leave_mb`` of free room; returns its file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - int(leave_mb * 2**20))
+    return filler
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` read-only (a read-only bind mount; root only), as a whole
+    filesystem is once an I/O error remounts it (ext4 errors=remount-ro)."""
+    _mount("--bind", str(folder), str(folder))
+    try:
+        _mount("-o", "remount,bind,ro", str(folder))
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_spool_without_room_for_a_large_dataset_refuses_associations(
+    small_disk: Path, start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(storage={"spool_dir": str(small_disk / "spool"), "min_free_mb": KEPT_FREE_MB})
+    filler = fill(small_disk, leave_mb=KEPT_FREE_MB / 2)
+    assert_rejected(storage_association(node.port, "PACS"), 2, 3, 2)
+    assert echo_ok(node.port)  # the node is up
+    status, output = _dcmtk_store(node.port, pydicom_file("CT_small.dcm"))
+    assert status != 0 and "Local Limit Exceeded" in output, output
+    (refusal, _) = [m for m in receiver_log(caplog, "WARNING") if "refused association" in m]
+    assert re.search(
+        rf"^refused association from PACS@127\.0\.0\.1:\d+ to ICHNODE: \d+ MB free in the spool, "
+        rf"less than storage\.min_free_mb \({KEPT_FREE_MB} MB\)",
+        refusal,
+    ), refusal
+    filler.unlink()
+    assert store_files(node.port, [pydicom_file("CT_small.dcm")]) == [0]
+
+
+def _dcmtk_store(port: int, path: Path) -> tuple[int, str]:
+    """DCMTK ``storescu`` of one file: its exit status and output."""
+    storescu = require_tool("storescu")
+    result = run_dcmtk([storescu, "-aet", "DCMTK_SCU", "-aec", "ICHNODE", "127.0.0.1", str(port), str(path)])
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_a_spool_filling_up_during_a_transfer_answers_out_of_resources(
+    small_disk: Path, start_node: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(storage={"spool_dir": str(small_disk / "spool"), "min_free_mb": 4})
+    small, big = pydicom_file("CT_small.dcm"), big_ct(tmp_path, 8)
+    assoc = storage_association(node.port)
+    assert assoc.is_established
+    try:
+        filler = fill(small_disk, leave_mb=2)  # another program fills the disk meanwhile
+        response = assoc.send_c_store(big)
+        assert (response.Status, response.ErrorComment) == (0xA700, "spool write failed: No space left on device")
+        # The association goes on: the next image is refused for want of room, then stored.
+        assert assoc.send_c_store(small).Status == 0xA700
+        filler.unlink()
+        assert assoc.send_c_store(small).Status == 0x0000
+    finally:
+        assoc.release()
+    assert [p for p in node.spool.tmp_dir.rglob("*") if p.is_file()] == []  # no partial file
+    assert len(all_instances(node)) == 1
+    errors = node_errors(caplog)
+    assert [r.name for r in errors] == ["ichnode.receiver"] * 2, [r.getMessage() for r in errors]
+    assert "No space left on device" in errors[0].getMessage() and errors[0].exc_info is None  # one line
+
+
+def test_a_read_only_spool_refuses_associations_and_answers_out_of_resources(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node()
+    small = pydicom_file("CT_small.dcm")
+    early = storage_association(node.port, "EARLY")
+    assert early.is_established
+    try:
+        with read_only(node.spool.tmp_dir / "receiver-0"):
+            assert_rejected(storage_association(node.port, "LATE"), 2, 3, 2)
+            assert echo_ok(node.port)
+            response = early.send_c_store(small)
+            assert (response.Status, response.ErrorComment) == (0xA700, "spool write failed: Read-only file system")
+        assert early.send_c_store(small).Status == 0x0000  # the same association, once it is writable again
+    finally:
+        early.release()
+    (refusal,) = [m for m in receiver_log(caplog, "WARNING") if "refused association" in m]
+    assert re.search(r"^refused association from LATE@.* the spool cannot be written: Read-only file system$", refusal)
+    assert [r.name for r in node_errors(caplog)] == ["ichnode.receiver"]
+    assert store_files(node.port, [small]) == [0]
 
 
 @pytest.mark.parametrize("when", ["before-rename", "after-rename"])
@@ -392,6 +644,43 @@ def test_database_error_answers_failure(start_node: Any, monkeypatch: pytest.Mon
     assert len(all_instances(node)) == 1
 
 
+@contextmanager
+def instance_rows_frozen(node: Any) -> Iterator[None]:
+    """The node's database refuses every change of an instance row (an SQL
+    error, as a broken database gives) until the block ends."""
+    with node.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TRIGGER frozen BEFORE UPDATE ON instance BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+        )
+    try:
+        yield
+    finally:
+        with node.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER frozen")
+
+
+def test_a_failed_resend_leaves_the_acknowledged_copy_in_place(
+    start_node: Any, send_raw: None, tmp_path: Path
+) -> None:
+    first, second = pydicom_file("CT_small.dcm"), _changed_copy(tmp_path)
+    node = start_node()
+    assert store_one(node.port, first).Status == 0x0000
+    with instance_rows_frozen(node):
+        response = store_one(node.port, second)
+    assert 0xA700 <= response.Status <= 0xA7FF
+    assert "database error" in response.ErrorComment
+    (instance,) = all_instances(node)
+    stored = node.spool.absolute(instance.path)
+    assert dataset_bytes(stored) == dataset_bytes(first)  # the copy the sender was told is stored
+    assert (instance.size_bytes, instance.times_received) == (stored.stat().st_size, 1)
+
+    # The sender retries once the database is back: now the new copy is in place.
+    assert store_one(node.port, second).Status == 0x0000
+    (instance,) = all_instances(node)
+    assert dataset_bytes(node.spool.absolute(instance.path)) == dataset_bytes(second)
+    assert instance.times_received == 2
+
+
 def test_header_without_series_uid_cannot_be_understood(start_node: Any, tmp_path: Path) -> None:
     ds = dcmread(pydicom_file("CT_small.dcm"))
     del ds.SeriesInstanceUID
@@ -405,19 +694,23 @@ def test_header_without_series_uid_cannot_be_understood(start_node: Any, tmp_pat
 
 
 # -- duplicates, other classes, a whole exam ---------------------------------
-def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: None, tmp_path: Path) -> None:
-    first = pydicom_file("CT_small.dcm")
-    ds = dcmread(first)
+def _changed_copy(folder: Path) -> Path:
+    """pydicom's small CT, same SOP Instance UID, other pixels and comments."""
+    ds = dcmread(pydicom_file("CT_small.dcm"))
     ds.ImageComments = "second copy"
     ds.PixelData = (ds.pixel_array + 7).astype(ds.pixel_array.dtype).tobytes()
-    second = tmp_path / "second.dcm"
+    second = folder / "second.dcm"
     ds.save_as(second)
+    return second
 
+
+def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: None, tmp_path: Path) -> None:
+    first, second = pydicom_file("CT_small.dcm"), _changed_copy(tmp_path)
     node = start_node()
     assert store_files(node.port, [first]) == [0]
     assert store_files(node.port, [second]) == [0]
     (instance,) = all_instances(node)
-    assert instance.sop_instance_uid == str(ds.SOPInstanceUID)
+    assert instance.sop_instance_uid == str(dcmread(first).SOPInstanceUID)
     assert instance.times_received == 2
     (series,) = all_series(node)
     assert series.instance_count == 1
@@ -425,6 +718,8 @@ def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: 
     assert files == [node.spool.absolute(instance.path)]
     assert dataset_bytes(files[0]) == dataset_bytes(second)
     assert dcmread(files[0]).ImageComments == "second copy"
+    (series,) = all_series(node)
+    assert series.state == db.RECEIVING  # a changed image: scored again
 
 
 def _ct(sop_uid: str, series_uid: str, study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Any:
@@ -559,6 +854,73 @@ def test_late_slice_reopens_a_complete_series(start_node: Any) -> None:
     second = wait_series_state(node, series_uid, db.COMPLETE, instance_count=6)
     assert second.version == 2
     assert second.completed_at > first.completed_at
+
+
+def test_an_identical_resend_of_a_complete_series_changes_nothing(start_node: Any) -> None:
+    # A routing rule that fires twice, a study sent again: the series is not
+    # completed, scored and reported again for images it already holds.
+    storescu = require_tool("storescu")
+    files = ge_files()
+    series_uid = ge_series_uid()
+    node = start_node()
+
+    def send() -> None:
+        result = run_dcmtk([storescu, "-aet", "PACS", "-aec", "ICHNODE", "127.0.0.1", str(node.port), *map(str, files)])
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    send()
+    complete = wait_series_state(node, series_uid, db.COMPLETE, instance_count=28, version=1)
+    send()
+    again = series_by_uid(node, series_uid)
+    assert (again.state, again.version, again.instance_count) == (db.COMPLETE, 1, 28)
+    assert again.last_received_at > complete.last_received_at  # received, all the same (retention counts from it)
+    assert {i.times_received for i in all_instances(node)} == {2}
+    spooled, rows = _files_and_rows(node)
+    assert spooled == rows and len(rows) == 28
+
+    # A copy that differs is news: the series is completed (and scored) again.
+    changed = dcmread(files[0])
+    changed.ImageComments = "corrected"
+    assert store_files(node.port, [changed]) == [0]
+    wait_series_state(node, series_uid, db.COMPLETE, instance_count=28, version=2)
+
+
+def test_an_instance_refiled_into_another_series_reopens_the_series_it_left(start_node: Any) -> None:
+    node = start_node()
+    left, emptied, other = generate_uid(), generate_uid(), generate_uid()
+    sops, lone = [generate_uid() for _ in range(3)], generate_uid()
+    assert store_files(node.port, [_ct(sop, left) for sop in sops] + [_ct(lone, emptied)]) == [0] * 4
+    before = wait_series_state(node, left, db.COMPLETE, instance_count=3, version=1)
+    wait_series_state(node, emptied, db.COMPLETE, instance_count=1, version=1)
+
+    # The PACS re-files one image of each into another series.
+    assert store_files(node.port, [_ct(sops[0], other), _ct(lone, other)]) == [0, 0]
+    assert series_by_uid(node, left).last_received_at > before.last_received_at
+    # Completed again without it: its next result supersedes one made with it.
+    wait_series_state(node, left, db.COMPLETE, instance_count=2, version=2)
+    wait_series_state(node, emptied, db.COMPLETE, instance_count=0, version=2)
+    wait_series_state(node, other, db.COMPLETE, instance_count=2, version=1)
+    spooled, rows = _files_and_rows(node)
+    assert spooled == rows and len(rows) == 4
+
+
+def test_a_series_emptied_by_refiling_is_not_scored_and_its_result_is_superseded(nodes: Any) -> None:
+    from tests.pipeline_support import phantom, results_of, wait_result
+
+    node = nodes.start(components=("receiver", "worker"))
+    datasets = phantom(5, n_slices=12).datasets
+    emptied = str(datasets[0].SeriesInstanceUID)
+    assert store_files(node.port, datasets) == [0] * 12
+    assert wait_result(node.sessions, emptied, instances=12).status == db.SCORED
+
+    refiled = generate_uid()
+    for ds in datasets:
+        ds.SeriesInstanceUID = refiled
+    assert store_files(node.port, datasets) == [0] * 12
+    result = wait_result(node.sessions, emptied, version=2, timeout=60)
+    assert (result.status, result.slice_count, result.slices) == (db.SKIPPED, 0, [])
+    assert [r.superseded for r in results_of(node.sessions, emptied)] == [True, False]
+    assert wait_result(node.sessions, refiled, instances=12).status == db.SCORED
 
 
 def test_a_series_sent_again_under_a_corrected_patient_goes_by_it(start_node: Any, tmp_path: Path) -> None:

@@ -123,10 +123,13 @@ def test_purge_keeps_a_series_resent_while_it_runs(start_node: Any, monkeypatch:
         return lock(sop_uid)
 
     monkeypatch.setattr(node.spool, "instance_lock", resend_first)
-    later = db.utcnow() + dt.timedelta(days=30)
-    assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).values(last_received_at=db.utcnow() - dt.timedelta(days=30)))
+    assert purge_expired(node.sessions, node.spool, 7) == 0
     assert resent == {"statuses": [0]}
     instances = all_instances(node)
     assert len(instances) == 3 and all(node.spool.absolute(i.path).is_file() for i in instances)
     with node.sessions() as session:
-        assert session.scalars(select(db.Series)).one().state == db.RECEIVING
+        # The same bytes again: the series is not scored again, but was received just now.
+        series = session.scalars(select(db.Series)).one()
+        assert series.state == db.SCORED and series.last_received_at > db.utcnow() - dt.timedelta(minutes=5)
