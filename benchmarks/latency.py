@@ -344,11 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {n: bare_model_seconds(model, datasets, args.batch_size) for n, datasets in series.items()}
 
     workdir = Path(tempfile.mkdtemp(prefix="ichnode-latency-"))
-    saved_tempdir = tempfile.tempdir
     try:
         rows, first = run_all(args, series, workdir)
     finally:
-        tempfile.tempdir = saved_tempdir  # start_receiver points it at the spool
         shutil.rmtree(workdir, ignore_errors=True)
     report(args, rows, first, baseline, model)
     return 0

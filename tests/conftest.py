@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -102,7 +101,6 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     from ichnode.service import Node
 
     nodes: list[Node] = []
-    saved_tempdir = tempfile.tempdir
 
     def start(config: Any = None, **sections: dict[str, Any]) -> Node:
         if config is None:
@@ -117,8 +115,6 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for node in nodes:
         node.stop(grace_seconds=5)
-    # start_receiver points tempfile at the spool; do not leak that into other tests.
-    tempfile.tempdir = saved_tempdir
 
 
 # -- database views ----------------------------------------------------------

@@ -10,7 +10,6 @@ polls a condition with a deadline (:func:`tests.conftest.wait_for`).
 from __future__ import annotations
 
 import functools
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +56,6 @@ class Nodes:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.started: list[Any] = []
-        self._saved_tempdir = tempfile.tempdir
 
     def config(self, root: Path | None = None, **sections: dict[str, Any]) -> tuple[Path, Any]:
         """Write ``root/ichnode.yaml`` (the conftest test configuration plus ``sections``)
@@ -88,8 +86,6 @@ class Nodes:
     def close(self) -> None:
         for node in self.started:
             node.stop(grace_seconds=2)
-        # start_receiver points tempfile at the spool; do not leak that into other tests.
-        tempfile.tempdir = self._saved_tempdir
 
 
 def node_factory(root: Path) -> Iterator[Nodes]:
