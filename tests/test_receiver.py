@@ -1112,3 +1112,32 @@ def test_a_second_node_on_the_same_spool_is_refused(start_node: Any, tmp_path: P
     assert echo_ok(first.port)
     first.stop()
     assert echo_ok(start_node(config=config).port)  # once the first has stopped
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_each_image_reaches_the_disk_before_its_success(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    # What survives a power loss: the image's bytes and its name in the
+    # series folder are flushed (os.fsync, recorded here, not replaced)
+    # before the C-STORE is answered; with storage.fsync off, neither is.
+    node = start_node(storage={"fsync": fsync})
+    flushed: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert store_files(node.port, [pydicom_file("CT_small.dcm")]) == [0]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    (row,) = all_instances(node)
+    stored = node.spool.absolute(row.path)
+    if not fsync:
+        assert flushed == []
+        return
+    receiving = node.spool.tmp_dir / "receiver-0"
+    # The received file (fsynced under its name in the receiving folder, then renamed) and the folder it went to.
+    assert [p.parent for p in flushed if p.suffix == ".dcm"] == [receiving]
+    assert stored.parent in flushed

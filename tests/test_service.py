@@ -110,3 +110,23 @@ def test_serve_on_an_unknown_host_names_the_key(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "Error: cannot listen on no-such-host.invalid:0 (node.host/node.port)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("role", ["worker", "dispatcher"])
+def test_a_second_worker_or_dispatcher_on_one_spool_is_refused(tmp_path: Path, role: str) -> None:
+    # A second worker would remove the first's volumes in transit and requeue
+    # its series; a second dispatcher would requeue deliveries being sent.
+    from ichnode.config import parse_config
+    from ichnode.service import Node
+    from ichnode.spool import SpoolInUse
+    from tests.pipeline_support import shared_model
+
+    config = parse_config(config_data(tmp_path), base=tmp_path)
+    model = shared_model() if role == "worker" else None
+    first = Node(config, components=(role,), model=model)
+    try:
+        with pytest.raises(SpoolInUse, match=f"another ichnode {role} is running on the spool"):
+            Node(config, components=(role,), model=model)
+    finally:
+        first.stop()
+    Node(config, components=(role,), model=model).stop()  # once the first has stopped
