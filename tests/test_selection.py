@@ -4,6 +4,7 @@ reasons and left-out images a PACS administrator reads in ``ichnode results``.""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -158,3 +159,16 @@ def test_a_series_longer_than_a_head_is_skipped() -> None:
         ds.ImagePositionPatient = [first[axis] + 40 * index * normal[axis] for axis in range(3)]
     reason = _reason(series)
     assert reason == "not a head series: its slices span 440 mm, more than a head (400 mm)"
+
+
+def test_a_tilt_past_series_axial_tolerance_degrees_is_skipped() -> None:
+    # The gantry tilted 20 degrees about the patient's left-right axis.
+    series = _series()
+    angle = math.radians(20)
+    for ds in series:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, math.cos(angle), -math.sin(angle)]
+    kinds = [CTImageStorage] * len(series)
+    assert skip_reason(series, kinds, SeriesConfig(axial_tolerance_degrees=25)) is None
+    assert skip_reason(series, kinds, SeriesConfig(axial_tolerance_degrees=15)) == (
+        "not axial: slice normal 20.0 degrees from the patient axis (series.axial_tolerance_degrees is 15)"
+    )

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
 
 from ichnode import db, imaging, preparation
@@ -677,6 +677,22 @@ def test_no_reports_are_built_for_nowhere(nodes: Nodes) -> None:
     (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
     assert result.status == db.SCORED and result.skip_reason is None
     assert _spooled_reports(receiver, _uid(series.datasets[0], "StudyInstanceUID")) == {}
+
+
+@pytest.mark.parametrize("kind", ["sr", "summary"])
+def test_only_the_reports_asked_for_are_built_and_queued(nodes: Nodes, kind: str) -> None:
+    series = phantom(68)
+    wanted = {"sr": kind == "sr", "summary_image": kind == "summary"}
+    config, receiver = _received_complete(nodes, series, reports={**UNREACHED, **wanted})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
+    assert [d.kind for d in result.deliveries] == [kind]
+    (report,) = _spooled_reports(receiver, _uid(series.datasets[0], "StudyInstanceUID")).values()
+    assert report.SOPClassUID == (Comprehensive3DSRStorage if kind == "sr" else SecondaryCaptureImageStorage)
 
 
 def test_reports_return_to_the_scanner_that_sent_the_series(nodes: Nodes) -> None:
