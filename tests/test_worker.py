@@ -653,11 +653,7 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     study_uid = _uid(series.datasets[0], "StudyInstanceUID")
     blocker = receiver.spool.absolute(receiver.spool.report_path(study_uid, "x")).parent
     blocker.write_bytes(b"")
-    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-    try:
-        assert worker.run_once() == 1
-    finally:
-        worker.close()
+    _score_once(config, receiver)
     (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
     assert result.status == db.SCORED and set(result.scores) == set(LABELS)
     assert result.skip_reason.startswith("scored, but its reports could not be built: ")
@@ -669,11 +665,7 @@ def test_no_reports_are_built_for_nowhere(nodes: Nodes) -> None:
     # Without a destination nothing would send the reports, nor remove them.
     series = phantom(64)
     config, receiver = _received_complete(nodes, series, reports={"destinations": []})
-    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-    try:
-        assert worker.run_once() == 1
-    finally:
-        worker.close()
+    _score_once(config, receiver)
     (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
     assert result.status == db.SCORED and result.skip_reason is None
     assert _spooled_reports(receiver, _uid(series.datasets[0], "StudyInstanceUID")) == {}
@@ -684,11 +676,7 @@ def test_only_the_reports_asked_for_are_built_and_queued(nodes: Nodes, kind: str
     series = phantom(68)
     wanted = {"sr": kind == "sr", "summary_image": kind == "summary"}
     config, receiver = _received_complete(nodes, series, reports={**UNREACHED, **wanted})
-    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-    try:
-        assert worker.run_once() == 1
-    finally:
-        worker.close()
+    _score_once(config, receiver)
     (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
     assert [d.kind for d in result.deliveries] == [kind]
     (report,) = _spooled_reports(receiver, _uid(series.datasets[0], "StudyInstanceUID")).values()
@@ -708,14 +696,19 @@ def test_reports_return_to_the_scanner_that_sent_the_series(nodes: Nodes) -> Non
     statuses = store_files(receiver.port, series.datasets, calling_ae="CT", source_host="127.0.0.2")
     assert statuses == [0x0000] * len(series.datasets)
     wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
+    _score_once(config, receiver)
+    with db.transaction(receiver.sessions) as session:
+        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
+    assert targets == {("CT", "127.0.0.2", 4102)}
+
+
+def _score_once(config: Any, receiver: Any) -> None:
+    """One round of a new worker on ``receiver``'s database and spool, which handles one series."""
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
     try:
         assert worker.run_once() == 1
     finally:
         worker.close()
-    with db.transaction(receiver.sessions) as session:
-        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
-    assert targets == {("CT", "127.0.0.2", 4102)}
 
 
 def _fails_the_series(worker: Worker, receiver: Any, series_uid: str, reason: str) -> None:
