@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, _check_ae_title, load_config
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CONFIG_HELP = "YAML configuration (default: $ICHNODE_CONFIG, else ./config.yaml, else the embedded defaults)."
+
+# Images, reports and the database hold patient data: files the node creates
+# are 0640 at most and folders 0750 however loose the umask it was started
+# with; a stricter one stays.
+PRIVATE_UMASK = 0o027
 
 
 def _load(config_path: Path | None) -> Config:
@@ -56,15 +61,30 @@ def _setup_logging(level: str) -> None:
 
 
 def parse_address(value: str) -> tuple[str, str, int]:
-    """``AE@HOST:PORT`` -> (ae_title, host, port)."""
+    """``AE@HOST:PORT`` -> (ae_title, host, port); a usage error says what is wrong."""
     try:
         ae_title, rest = value.split("@", 1)
-        host, port = rest.rsplit(":", 1)
+        host, port_text = rest.rsplit(":", 1)
+        port = int(port_text)
         if not ae_title or not host:
             raise ValueError
-        return ae_title, host, int(port)
     except ValueError:
         raise click.BadParameter(f"expected AE@HOST:PORT, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise click.BadParameter(f"port must be 1 to 65535, got {port} in {value!r}")
+    return check_ae_title(ae_title), host, port
+
+
+def check_ae_title(value: str) -> str:
+    """An AE title as the configuration accepts it; a usage error otherwise."""
+    try:
+        return _check_ae_title(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _address_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, str, int] | None:
+    return parse_address(value) if value is not None else None
 
 
 config_option = click.option(
@@ -93,15 +113,21 @@ def main() -> None:
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
     from .config import model_path_problem
+    from .db import DatabaseUnreadable, check_opens
     from .model import ModelCardError
     from .service import WORKER, CannotListen, Node
     from .spool import SpoolInUse
 
+    _keep_files_private()
     config = _load(config_path)
     stages = [c.strip() for c in components.split(",") if c.strip()]
     problem = model_path_problem(config) if WORKER in stages else None
     if problem:  # before anything is created or imported for a model that is not there
         raise click.ClickException(f"invalid configuration:\n  {problem}")
+    try:  # before anything starts: a database that cannot be opened is one line naming it
+        check_opens(config.database.url)
+    except DatabaseUnreadable as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
     _setup_logging(config.logging.level)
     try:
         node = Node(config, components=stages)
@@ -113,20 +139,28 @@ def serve(config_path: Path | None, components: str) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _keep_files_private() -> None:
+    """Add PRIVATE_UMASK's bits to the umask the node was started with, before it creates anything."""
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+
+
 @main.command("check-config")
 @config_option
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and print the effective values (exit 1 on error)."""
     from .config import model_path_problem
+    from .db import driver_problem
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    problem = model_path_problem(config)
-    if problem:
-        click.echo(f"error: invalid configuration:\n  {problem}", err=True)
+    driver = driver_problem(config.database.url)
+    problems = [model_path_problem(config), f"database.url: {driver}" if driver else None]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        click.echo("error: invalid configuration:\n  " + "\n  ".join(problems), err=True)
         sys.exit(1)
     click.echo(config.to_yaml(), nl=False)
 
@@ -134,7 +168,10 @@ def check_config(config_path: Path | None) -> None:
 # The node's own AE title by default: a PACS that checks calling AE titles
 # then answers these as it answers the node's reports.
 calling_ae_option = click.option(
-    "--calling-ae", default=None, help="Our AE title (default: node.ae_title of the configuration)."
+    "--calling-ae",
+    default=None,
+    callback=lambda _ctx, _param, value: check_ae_title(value) if value is not None else None,
+    help="Our AE title (default: node.ae_title of the configuration).",
 )
 
 
@@ -143,14 +180,14 @@ def _calling_ae(calling_ae: str | None, config_path: Path | None) -> str:
 
 
 @main.command()
-@click.argument("address")
+@click.argument("address", callback=_address_option)
 @calling_ae_option
 @config_option
-def echo(address: str, calling_ae: str | None, config_path: Path | None) -> None:
+def echo(address: tuple[str, str, int], calling_ae: str | None, config_path: Path | None) -> None:
     """C-ECHO a peer given as AE@HOST:PORT; exit 1 unless it answers Success."""
     from .scu import echo as do_echo
 
-    ae_title, host, port = parse_address(address)
+    ae_title, host, port = address
     ok, message = do_echo(ae_title, host, port, calling_ae=_calling_ae(calling_ae, config_path))
     click.echo(message)
     sys.exit(0 if ok else 1)
@@ -158,20 +195,26 @@ def echo(address: str, calling_ae: str | None, config_path: Path | None) -> None
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--to", "address", required=True, help="Destination as AE@HOST:PORT.")
+@click.option("--to", "address", required=True, callback=_address_option, help="Destination as AE@HOST:PORT.")
 @calling_ae_option
 @config_option
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def send(
-    paths: tuple[Path, ...], address: str, calling_ae: str | None, config_path: Path | None, progress: bool
+    paths: tuple[Path, ...],
+    address: tuple[str, str, int],
+    calling_ae: str | None,
+    config_path: Path | None,
+    progress: bool,
 ) -> None:
     """C-STORE DICOM files (or folders, recursively) to AE@HOST:PORT.
 
-    Prints a summary of the response statuses; exit 1 if any file was not stored.
+    Prints a summary of the response statuses; exit 1 if any file was not
+    stored (refused, truncated, not DICOM). Files in a folder that are not
+    DICOM images (a DICOMDIR, a README) are passed over.
     """
     from .scu import send_files
 
-    ae_title, host, port = parse_address(address)
+    ae_title, host, port = address
     calling_ae = _calling_ae(calling_ae, config_path)
     summary = send_files(list(paths), ae_title, host, port, calling_ae=calling_ae, progress=progress)
     for line in summary.lines():
@@ -198,7 +241,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     "--destination",
     metavar="AE@HOST:PORT",
     default=None,
-    callback=lambda _ctx, _param, value: parse_address(value) if value else None,
+    callback=_address_option,
     help="Only the dead letters to this destination.",
 )
 def requeue(config_path: Path | None, destination: tuple[str, str, int] | None) -> None:

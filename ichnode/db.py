@@ -38,7 +38,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -216,6 +216,43 @@ class DatabaseUnreadable(Exception):
     """The node's database cannot be read, or is not one; the message names it and why."""
 
 
+class NewerSchema(RuntimeError):
+    """The database was made by a newer ichnode."""
+
+
+def driver_problem(url: str) -> str | None:
+    """Why the database driver a URL names cannot be loaded (not installed), None when it can."""
+    parsed = make_url(url)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        return f"cannot load the driver for {parsed.drivername}: {exc}"
+    return None
+
+
+def check_opens(url: str) -> None:
+    """Open the node's database as the node does (its tables created), and let it go.
+
+    Raises :class:`DatabaseUnreadable` naming it, password hidden, and why: its
+    driver is missing, its server refuses, the file is not a database, its
+    schema is newer.
+    """
+    where = make_url(url).render_as_string(hide_password=True)
+    problem = driver_problem(url)
+    if problem:
+        raise DatabaseUnreadable(f"cannot open the database {where}: {problem}")
+    try:
+        engine = make_engine(url)
+        try:
+            init_db(engine)
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, NewerSchema, OSError) as exc:
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        # Drivers explain over several lines (PostgreSQL: "Is the server running ..."): one line in the log.
+        raise DatabaseUnreadable(f"cannot open the database {where}: {' '.join(str(reason).split())}") from None
+
+
 def open_existing(url: str) -> Engine:
     """An engine on the node's database for commands that only read it
     (``status``, ``results``): a missing SQLite file is an error, not a new
@@ -225,11 +262,11 @@ def open_existing(url: str) -> Engine:
     """
     path = sqlite_file(url)
     if path is None:
-        try:
-            engine = make_engine(url)
-        except ImportError as exc:
-            raise DatabaseUnreadable(f"cannot read the database: its driver is not installed ({exc})") from None
         where = make_url(url).render_as_string(hide_password=True)
+        problem = driver_problem(url)
+        if problem:
+            raise DatabaseUnreadable(f"cannot read the database {where}: {problem}")
+        engine = make_engine(url)
     else:
         if not path.is_file():
             raise FileNotFoundError(
@@ -304,7 +341,7 @@ def init_db(engine: Engine) -> None:
         if row is None:
             session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
         elif int(row.value) > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise NewerSchema(
                 f"database schema version {row.value} is newer than this ichnode "
                 f"({SCHEMA_VERSION}); upgrade ichnode"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,8 +13,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_description, dictionary_has_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tqdm import tqdm
@@ -24,6 +28,10 @@ logger = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 # The longest a failed association's TCP probe (which says why) waits.
 CONNECT_PROBE_SECONDS = 5.0
+# Checking a file before sending reads its elements' headers; values longer
+# than this (Pixel Data) are skipped, never read.
+CHECK_DEFER_BYTES = 1024
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 
 def disable_nagle(assoc: Any) -> None:
@@ -73,7 +81,10 @@ def associate(ae: AE, ae_title: str, host: str, port: int) -> tuple[Any, str | N
     """Request an association with ``ae``'s contexts and timeouts; returns it and,
     when it was not established, a line saying why."""
     started = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title)
+    except socket.gaierror as exc:  # pynetdicom looks the host up before it connects
+        return None, f"cannot resolve host {host}: {exc.strerror or exc}"
     if not assoc.is_established:
         return assoc, association_failure(assoc, ae_title, host, port, waited=time.monotonic() - started)
     disable_nagle(assoc)
@@ -141,6 +152,16 @@ class _File(NamedTuple):
     sop_class: str
     syntax: str
     sop_class_in_meta_only: bool
+    has_meta: bool = True
+
+
+class NotSendable(Exception):
+    """A file that is not sent; the message says why."""
+
+
+class NotAnImage(NotSendable):
+    """A file that is no DICOM image (a text file, a DICOMDIR): in a folder
+    sent whole (a CD export), one to pass over, not a failure."""
 
 
 @dataclass
@@ -150,26 +171,29 @@ class SendSummary:
     statuses: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    passed_over: list[str] = field(default_factory=list)  # found in a folder, not images
 
     @property
     def all_stored(self) -> bool:
-        return not self.failures and self.statuses["Success"] + self.statuses["Warning"] > 0
+        return not self.failures and not self.skipped and self.statuses["Success"] + self.statuses["Warning"] > 0
 
     def lines(self) -> list[str]:
         out = [f"{name}: {count}" for name, count in sorted(self.statuses.items())]
         out += [f"not sent: {line}" for line in self.skipped]
+        out += [f"passed over: {line}" for line in self.passed_over]
         out += [f"failed: {line}" for line in self.failures]
         return out
 
 
-def iter_files(paths: Iterable[Path]) -> list[Path]:
-    """Files given, and every file under folders given, in a stable order."""
-    files: list[Path] = []
+def iter_files(paths: Iterable[Path]) -> list[tuple[Path, bool]]:
+    """Files given, and every file under folders given, in a stable order;
+    with each, whether it was found in a folder (rather than named)."""
+    files: list[tuple[Path, bool]] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            files.extend((p, True) for p in sorted(p for p in path.rglob("*") if p.is_file()))
         else:
-            files.append(path)
+            files.append((path, False))
     return files
 
 
@@ -185,23 +209,19 @@ def send_files(
 ) -> SendSummary:
     """C-STORE every DICOM file under ``paths`` over one association per batch of contexts.
 
-    Files that are not DICOM images (a DICOMDIR, a text file) are listed as
-    not sent, with the reason.
+    Files that are not DICOM images (a DICOMDIR, a text file) or are cut off
+    are listed as not sent, with the reason; those that are not images and
+    were found in a folder, as passed over.
     """
     summary = SendSummary()
     found: list[_File] = []
-    for path in iter_files(paths):
+    for path, in_folder in iter_files(paths):
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-            sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
-            syntax = str(ds.file_meta.TransferSyntaxUID)
-        except (InvalidDicomError, AttributeError, OSError) as exc:
-            summary.skipped.append(f"{path}: not a DICOM file ({exc.__class__.__name__})")
-            continue
-        if sop_class == "1.2.840.10008.1.3.10":  # Media Storage Directory (DICOMDIR)
-            summary.skipped.append(f"{path}: a DICOMDIR, not an image")
-            continue
-        found.append(_File(path, sop_class, syntax, "SOPClassUID" not in ds))
+            found.append(_examine(path))
+        except NotAnImage as exc:
+            (summary.passed_over if in_folder else summary.skipped).append(f"{path}: {exc}")
+        except NotSendable as exc:
+            summary.skipped.append(f"{path}: {exc}")
 
     # Propose exactly the (SOP class, transfer syntax) pairs present, in
     # batches of at most 128 contexts, one association per batch.
@@ -252,6 +272,86 @@ def send_files(
     return summary
 
 
+def _examine(path: Path) -> _File:
+    """What sending ``path`` takes, from its header; :class:`NotSendable` says why it cannot be sent.
+
+    A data set without the Part 10 preamble and file meta (older archives)
+    is sent when it names its SOP class and instance.
+    """
+    try:
+        ds, has_meta = _read_elements(path), True
+    except InvalidDicomError:  # no preamble and file meta: perhaps a bare data set
+        ds, has_meta = _read_without_meta(path), False
+    except NotSendable:
+        raise
+    except Exception as exc:  # a corrupt body fails in many ways, each meaning "not DICOM"
+        raise NotAnImage(f"not a DICOM file ({exc.__class__.__name__})") from None
+    shortfall = _truncation(path, ds)
+    if shortfall:
+        raise NotSendable(f"truncated: {shortfall}")
+    if not has_meta:
+        return _File(path, str(ds.SOPClassUID), _syntax_of(ds), sop_class_in_meta_only=False, has_meta=False)
+    try:
+        sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+    except AttributeError:
+        raise NotAnImage("not a DICOM file (AttributeError)") from None
+    if sop_class == DICOMDIR_SOP_CLASS:
+        raise NotAnImage("a DICOMDIR, not an image")
+    return _File(path, sop_class, syntax, "SOPClassUID" not in ds)
+
+
+def _read_elements(path: Path, *, force: bool = False) -> Dataset:
+    """Every top-level element of a file, long values skipped (their length and position kept)."""
+    with warnings.catch_warnings():
+        # pydicom only warns, and keeps none of the data set, when the file
+        # ends inside an element of undefined length (encapsulated Pixel Data).
+        warnings.filterwarnings("error", message="End of file reached before delimiter")
+        try:
+            return dcmread(path, defer_size=CHECK_DEFER_BYTES, force=force)
+        except UserWarning:
+            raise NotSendable("truncated: the file ends inside an element of undefined length") from None
+
+
+def _read_without_meta(path: Path) -> Dataset:
+    """A data set written without preamble and file meta; not DICOM unless it names its SOP class and instance."""
+    try:
+        ds = _read_elements(path, force=True)
+        if ds.get("SOPClassUID") and ds.get("SOPInstanceUID"):
+            return ds
+    except NotSendable:
+        raise
+    except Exception:  # any file "reads" when forced; most fail somewhere
+        pass
+    raise NotAnImage("not a DICOM file (InvalidDicomError)")
+
+
+def _truncation(path: Path, ds: Dataset) -> str | None:
+    """How a file falls short of its last top-level element (a copy cut off), None when it holds it all.
+
+    DCMTK's storescu refuses such a file too; a peer would store whatever
+    part of the Pixel Data arrived.
+    """
+    if not ds:
+        return None
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return None  # read to its end already: an undefined length ends at its delimiter
+    left = path.stat().st_size - last.value_tell
+    if last.length <= left:
+        return None
+    name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
+    return f"{name} {last.tag} is {last.length} bytes, the file has {left}"
+
+
+def _syntax_of(ds: Dataset) -> UID:
+    """The transfer syntax a data set without file meta was read in (native pixels: no meta, no compression)."""
+    implicit, little = ds.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 def _store_and_count(assoc, item: _File, summary: SendSummary) -> None:
     """C-STORE one file and count what happened to it in ``summary``.
 
@@ -260,7 +360,7 @@ def _store_and_count(assoc, item: _File, summary: SendSummary) -> None:
     of the send: the other files are still tried.
     """
     try:
-        status = store_file(assoc, item.path, sop_class_in_meta_only=item.sop_class_in_meta_only)
+        status = store_file(assoc, item.path, dataset=_as_sent(item))
     except Exception as exc:
         summary.statuses["Not sent"] += 1
         summary.failures.append(f"{item.path}: not sent: {exc}")
@@ -272,18 +372,25 @@ def _store_and_count(assoc, item: _File, summary: SendSummary) -> None:
         summary.failures.append(f"{item.path}: {shown}")
 
 
-def store_file(assoc, path: Path, *, sop_class_in_meta_only: bool = False) -> int | None:
-    """C-STORE one file on an open association; the response status, None if none came.
-
-    ``sop_class_in_meta_only``: the file keeps its SOP Class UID only in the
-    file meta (the RSNA files); C-STORE needs it in the dataset, so the file
-    is read and completed rather than sent as it is.
-    """
-    dataset: Path | Dataset = path
-    if sop_class_in_meta_only:
-        dataset = dcmread(path)
+def _as_sent(item: _File) -> Dataset | None:
+    """The data set to send in place of the file's own bytes, read and completed; None to send the file as it is."""
+    if item.has_meta and not item.sop_class_in_meta_only:
+        return None
+    dataset = dcmread(item.path, force=not item.has_meta)
+    if item.sop_class_in_meta_only:
+        # The RSNA files keep the SOP Class UID only in the file meta; C-STORE needs it in the data set.
         dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
-    response = assoc.send_c_store(dataset)
+    if not item.has_meta:
+        # pynetdicom sends a data set in the transfer syntax its file meta names.
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = item.syntax
+    return dataset
+
+
+def store_file(assoc, path: Path, *, dataset: Dataset | None = None) -> int | None:
+    """C-STORE one file (or ``dataset``, read from it) on an open association;
+    the response status, None if none came."""
+    response = assoc.send_c_store(path if dataset is None else dataset)
     if response is None or "Status" not in response:
         return None
     status = int(response.Status)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from . import db
 from .config import Config
@@ -44,7 +45,7 @@ def collect_status(config: Config) -> dict[str, Any]:
     spool_bytes = _spool_bytes(spool_dir)
     usage = shutil.disk_usage(spool_dir if spool_dir.exists() else spool_dir.parent)
     return {
-        "database": config.database.url,
+        "database": make_url(config.database.url).render_as_string(hide_password=True),
         "spool_dir": str(spool_dir),
         "instances": {"total": instances, "quarantined": quarantined, "duplicates_replaced": int(duplicates)},
         "series": series,

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.conftest import (
     free_port,
     require_data,
     run_cli,
+    store_files,
     wait_series_state,
     write_config,
 )
@@ -60,6 +62,29 @@ def node_from_file(tmp_path: Path, start_node: Any) -> tuple[Any, Path]:
         config_data(tmp_path, access={"allow": [{"ae_title": "*", "host": "127.0.0.1"}]}),
     )
     return start_node(config=load_config(path)), path
+
+
+def _ct_file(path: Path, *, part10: bool = True) -> Path:
+    """A small CT image (64 x 64, 16 bits): a Part 10 file, or (``part10=False``) a bare
+    implicit VR little endian data set without preamble and file meta, as older archives hold."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.PatientID, ds.InstanceNumber = "CLI-TEST", 1
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = bytes(range(256)) * 32
+    if part10:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, implicit_vr=True, little_endian=True)
+    return path
 
 
 def test_echo_a_running_node(node_from_file: tuple[Any, Path]) -> None:
@@ -179,17 +204,59 @@ def test_echo_needs_an_address() -> None:
     assert "expected AE@HOST:PORT" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["echo", "ICHNODE_ARCHIVE_NODE_1@127.0.0.1:11112"], "Invalid value for 'ADDRESS': AE title must be 1 to 16"),
+        (["echo", "PACS@127.0.0.1:70000"], "Invalid value for 'ADDRESS': port must be 1 to 65535, got 70000"),
+        (
+            ["echo", "PACS@127.0.0.1:11112", "--calling-ae", "THIS_IS_WAY_TOO_LONG_AE"],
+            "Invalid value for '--calling-ae': AE title must be 1 to 16",
+        ),
+        (["send", "{file}", "--to", "PACS@127.0.0.1:0"], "Invalid value for '--to': port must be 1 to 65535, got 0"),
+        (
+            ["send", "{file}", "--to", "PACS@127.0.0.1:11112", "--calling-ae", "ICHNODE_SCANNER_01"],
+            "Invalid value for '--calling-ae': AE title must be 1 to 16",
+        ),
+    ],
+    ids=["long called AE", "port out of range", "long calling AE", "send port 0", "send long calling AE"],
+)
+def test_echo_and_send_refuse_a_bad_ae_title_or_port(tmp_path: Path, args: list[str], error: str) -> None:
+    file = _ct_file(tmp_path / "ct.dcm")
+    result = run_cli([arg.format(file=file) for arg in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"Error: {error}"), result.stderr
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
+    assert result.stdout == ""  # refused before any file is read or any peer called
+
+
+def test_echo_and_send_name_a_host_that_does_not_resolve(tmp_path: Path) -> None:
+    file = _ct_file(tmp_path / "ct.dcm")
+    result = run_cli(["echo", "PACS@pacs.invalid:104"])
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("cannot resolve host pacs.invalid: "), line
+    assert "Traceback" not in result.stderr
+    result = run_cli(["send", str(file), "--to", "PACS@pacs.invalid:104", "--no-progress"])
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == "Not sent: 1"
+    assert result.stdout.splitlines()[1].startswith("failed: cannot resolve host pacs.invalid: ")
+    assert "Traceback" not in result.stderr
+
+
 def test_send_a_folder_prints_a_summary(node_from_file: tuple[Any, Path]) -> None:
     node, _ = node_from_file
     folder = require_data("ge-head-ct")
     result = run_cli(["send", str(folder), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    # Files of the folder that are not images are passed over: every image was stored.
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert "Success: 28" in lines
-    assert sorted(Path(line.split()[2].rstrip(":")).name for line in lines if line.startswith("not sent:")) == [
+    assert sorted(Path(line.split()[2].rstrip(":")).name for line in lines if line.startswith("passed over:")) == [
         "LICENSE",
         "README.md",
     ]
+    assert not [line for line in lines if line.startswith("not sent:")]
     assert not [line for line in lines if line.startswith("failed:")]
     assert len(all_instances(node)) == 28
 
@@ -256,9 +323,55 @@ def test_send_to_a_refusing_node_exits_1(start_node: Any) -> None:
     assert all_instances(node) == []
 
 
-def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path]) -> None:
-    from tests.conftest import store_files
+def test_send_exits_1_when_a_file_is_not_stored(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    node, _ = node_from_file
+    good = _ct_file(tmp_path / "ct.dcm")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    result = run_cli(["send", str(good), str(notes), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["Success: 1", f"not sent: {notes}: not a DICOM file (InvalidDicomError)"]
 
+
+def test_send_sends_a_data_set_without_file_meta(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    node, _ = node_from_file
+    bare = _ct_file(tmp_path / "bare.dcm", part10=False)
+    with pytest.raises(InvalidDicomError):  # no preamble, no "DICM", no file meta
+        dcmread(bare)
+    result = run_cli(["send", str(bare), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["Success: 1"]
+    (instance,) = all_instances(node)
+    sent = dcmread(bare, force=True)
+    assert instance.sop_instance_uid == sent.SOPInstanceUID
+    assert instance.transfer_syntax_uid == ImplicitVRLittleEndian
+    stored = dcmread(node.spool.root / instance.path)
+    assert stored.PixelData == sent.PixelData
+
+
+def test_send_refuses_a_file_cut_off_inside_its_pixel_data(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    # An interrupted copy: sent, it would replace the good copy the node holds.
+    node, _ = node_from_file
+    good = _ct_file(tmp_path / "good.dcm")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[:-3000])
+    address = f"ICHNODE@127.0.0.1:{node.port}"
+    assert run_cli(["send", str(good), "--to", address, "--no-progress"]).returncode == 0
+    result = run_cli(["send", str(cut), "--to", address, "--no-progress"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"not sent: {cut}: truncated: Pixel Data (7FE0,0010) is 8192 bytes, the file has 5192"
+    ]
+    (instance,) = all_instances(node)
+    assert instance.times_received == 1
+    assert (node.spool.root / instance.path).stat().st_size == instance.size_bytes
+
+
+def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path]) -> None:
     node, path = node_from_file
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))
     assert store_files(node.port, files[:6]) == [0] * 6
@@ -284,6 +397,24 @@ def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path
     assert text.returncode == 0, text.stderr
     assert "complete 1" in text.stdout
     assert "total 6" in text.stdout
+
+
+def test_status_hides_the_database_password(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    # SQLite takes no password; the read-only path opens the file and ignores it,
+    # and the line shown is the one a PostgreSQL URL gets.
+    node, _ = node_from_file
+    database = Path(node.config.database.url.removeprefix("sqlite:///"))
+    path = write_config(
+        tmp_path / "with-password.yaml",
+        config_data(tmp_path, database={"url": f"sqlite://ichnode:s3cret@/{database}"}),
+    )
+    text = run_cli(["status", "--config", str(path)])
+    assert text.returncode == 0, text.stderr
+    assert f"database     sqlite://ichnode:***@/{database}" in text.stdout.splitlines()
+    as_json = run_cli(["status", "--json", "--config", str(path)])
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["database"] == f"sqlite://ichnode:***@/{database}"
+    assert "s3cret" not in text.stdout + text.stderr + as_json.stdout + as_json.stderr
 
 
 def test_reading_commands_do_not_create_a_database(tmp_path: Path) -> None:
@@ -377,3 +508,91 @@ def test_requeue_needs_a_destination_as_an_address() -> None:
     result = run_cli(["requeue", "--destination", "PACS"])
     assert result.returncode == 2
     assert "expected AE@HOST:PORT, got 'PACS'" in result.stderr
+
+
+def _newer_schema(path: Path) -> None:
+    from ichnode import db
+
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.init_db(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    engine.dispose()
+
+
+def test_serve_names_a_database_it_cannot_open(tmp_path: Path) -> None:
+    # A server URL: its driver is not installed here (psycopg is no dependency) or,
+    # where it is, nothing listens on the port. Either way: one line, password hidden.
+    port = free_port()
+    server = f"postgresql+psycopg://ichnode:s3cret@127.0.0.1:{port}/ichnode"
+    not_sqlite = tmp_path / "not-sqlite.db"
+    not_sqlite.write_bytes(b"not SQLite at all " * 300)
+    newer = tmp_path / "newer.db"
+    _newer_schema(newer)
+    cases = [
+        (server, f"postgresql+psycopg://ichnode:***@127.0.0.1:{port}/ichnode", ""),
+        (f"sqlite:///{not_sqlite}", f"sqlite:///{not_sqlite}", "file is not a database"),
+        (f"sqlite:///{newer}", f"sqlite:///{newer}", "database schema version 99 is newer than this ichnode"),
+    ]
+    for url, shown, cause in cases:
+        path = write_config(tmp_path / "node.yaml", config_data(tmp_path, port=free_port(), database={"url": url}))
+        result = run_cli(["serve", "--config", str(path), "--components", "receiver"], timeout=60)
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"Error: cannot start: cannot open the database {shown}: {cause}"), line
+        assert "s3cret" not in result.stderr
+        assert not (tmp_path / "spool").exists()  # nothing was set up
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [("postgresql+psycopg://ichnode@db.example/ichnode", "psycopg"), ("postgresql+nodriver://x@h/x", None)],
+    ids=["psycopg not installed", "no such driver"],
+)
+def test_check_config_names_a_database_driver_that_is_not_installed(
+    tmp_path: Path, url: str, driver: str | None
+) -> None:
+    import importlib.util
+
+    if driver and importlib.util.find_spec(driver):
+        pytest.skip(f"{driver} is installed here")
+    path = write_config(tmp_path / "node.yaml", {"database": {"url": url}})
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 1
+    heading, problem = result.stderr.splitlines()
+    assert heading == "error: invalid configuration:"
+    assert problem.startswith(f"  database.url: cannot load the driver for {url.split(':', 1)[0]}: "), problem
+
+
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """Run what is started inside with ``mask`` as its umask, as a shell or systemd would."""
+    saved = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(saved)
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"),
+    [(0o022, 0o640, 0o750), (0o077, 0o600, 0o700)],
+    ids=["usual umask 022", "stricter umask 077 stays"],
+)
+def test_serve_keeps_patient_data_from_other_users(
+    node_process: Any, tmp_path: Path, umask: int, file_mode: int, folder_mode: int
+) -> None:
+    node = node_process()
+    with _umask(umask):
+        node.start()
+    assert store_files(node.port, [_ct_file(tmp_path / "ct.dcm")]) == [0]
+    created = [tmp_path / "spool", *(tmp_path / "spool").rglob("*"), *tmp_path.glob("ichnode.db*")]
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in created}
+    assert modes["ichnode.db"] == file_mode
+    assert modes["spool"] == folder_mode
+    too_open = {
+        path: oct(mode)
+        for path, mode in modes.items()
+        if mode & ~(folder_mode if (tmp_path / path).is_dir() else file_mode)
+    }
+    assert not too_open

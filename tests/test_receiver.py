@@ -820,10 +820,11 @@ def test_whole_philips_exam_sent_with_the_cli(start_node: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert "Success: 118" in lines
-    not_sent = [line for line in lines if line.startswith("not sent:")]
-    dicomdirs = [line for line in not_sent if "DIRFILE" in line and "DICOMDIR" in line]
+    passed_over = [line for line in lines if line.startswith("passed over:")]
+    dicomdirs = [line for line in passed_over if "DIRFILE" in line and "DICOMDIR" in line]
     assert len(dicomdirs) == 5
-    assert {Path(line.split()[2].rstrip(":")).name for line in not_sent} == {"DIRFILE", "README.md", "LICENSE"}
+    assert {Path(line.split()[2].rstrip(":")).name for line in passed_over} == {"DIRFILE", "README.md", "LICENSE"}
+    assert not [line for line in lines if line.startswith(("not sent:", "failed:"))]
 
     expected = {}
     for folder, count in {"S1000": 1, "S2010": 54, "S3010": 58, "S4010": 5}.items():
