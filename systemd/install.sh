@@ -34,5 +34,9 @@ fi
 
 install -D -m 0644 systemd/ichnode.service /etc/systemd/system/ichnode.service
 systemctl daemon-reload
+# A running node goes on with the code it loaded: an upgrade restarts it.
+if systemctl is-active --quiet ichnode.service; then
+    systemctl restart ichnode.service
+fi
 systemctl enable --now ichnode.service
 systemctl --no-pager status ichnode.service || true
