@@ -13,7 +13,8 @@ Delivery life cycle (``Delivery.state``)::
     queued --due, claimed by one dispatcher--> sending --> sent
     sending --failed--> queued (next try after a backoff) | dead
     queued | sending --the worker stores a newer result--> superseded
-    sending --the dispatcher crashed--> queued | dead   (at the next start-up, one attempt more)
+    sending --the dispatcher crashed--> queued   (at the next start-up)
+    sending --the node stops before its C-STORE--> queued
     dead --``ichnode requeue``--> queued   (attempts from 0)
 
 Each destination's due deliveries are sent over one association in a thread
@@ -35,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy import case, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
@@ -48,33 +50,26 @@ from .spool import Spool
 logger = logging.getLogger(__name__)
 
 
-# A delivery left sending by a dispatcher that stopped during its C-STORE.
-INTERRUPTED = "interrupted: the dispatcher stopped during the C-STORE"
-
 Destination = tuple[str, str, int]  # (AE title, host, port)
 
 
-def requeue_interrupted(sessions: sessionmaker[Session], retry: RetryConfig) -> int:
-    """At start-up: deliveries left sending by a crashed dispatcher go back to queued.
-
-    The interrupted try counts as an attempt (the last one: dead-lettered), so
-    a report whose sending brings the dispatcher down every time is not
-    retried for ever.
+def requeue_interrupted(sessions: sessionmaker[Session]) -> int:
+    """At start-up: deliveries left sending by a crashed dispatcher go back to
+    queued, with no attempt counted (a batch claims all of a destination's
+    due deliveries; at most one of them was on the wire).
 
     Assumes no other dispatcher on this database is sending right now: its
     deliveries under way would be queued again and might be sent twice.
     """
-    attempts = db.Delivery.attempts + 1
     with db.transaction(sessions) as session:
-        return session.execute(
-            update(db.Delivery)
-            .where(db.Delivery.state == db.SENDING)
-            .values(
-                state=case((attempts >= retry.max_attempts, db.DEAD), else_=db.QUEUED),
-                attempts=attempts,
-                last_error=INTERRUPTED,
-            )
-        ).rowcount
+        return _unclaim(session, select(db.Delivery.id).where(db.Delivery.state == db.SENDING).scalar_subquery())
+
+
+def _unclaim(session: Session, ids: Any) -> int:
+    """Deliveries ``ids`` still sending back to queued, as they were before their claim."""
+    return session.execute(
+        update(db.Delivery).where(db.Delivery.id.in_(ids), db.Delivery.state == db.SENDING).values(state=db.QUEUED)
+    ).rowcount
 
 
 @dataclass
@@ -230,11 +225,7 @@ class Dispatcher:
             return
         try:
             with db.transaction(self.sessions) as session:
-                session.execute(
-                    update(db.Delivery)
-                    .where(db.Delivery.id.in_(self._put_back), db.Delivery.state == db.SENDING)
-                    .values(state=db.QUEUED)
-                )
+                _unclaim(session, self._put_back)
         except Exception:
             logger.exception("queueing %d claimed deliveries again failed", len(self._put_back))
             return
@@ -284,10 +275,14 @@ class Dispatcher:
                     self._failed(delivery, failure)
             return 0
         sent = 0
+        untried: list[int] = []
         try:
             for delivery in deliveries:
                 ds = datasets.get(delivery.id)
                 if ds is None:
+                    continue
+                if self._stopping.is_set():  # the node is stopping: the rest waits for its next start
+                    untried.append(delivery.id)
                     continue
                 if not assoc.is_established:
                     self._failed(delivery, "association lost before sending")
@@ -308,6 +303,9 @@ class Dispatcher:
         finally:
             if assoc.is_established:
                 assoc.release()
+            if untried:
+                with db.transaction(self.sessions) as session:
+                    _unclaim(session, untried)
         return sent
 
     def _sent(self, delivery: db.Delivery) -> None:

@@ -143,9 +143,9 @@ class Node:
             self._add_job(SCORING_JOB, self.score, interval)
         if self.dispatcher is not None:
             # Like the worker: assumes one dispatcher process per database.
-            requeued = requeue_interrupted_deliveries(self.sessions, self.config.reports.retry)
+            requeued = requeue_interrupted_deliveries(self.sessions)
             if requeued:
-                logger.warning("delivery of %d reports was interrupted (an attempt each); sending them again", requeued)
+                logger.warning("delivery of %d reports was interrupted; sending them again", requeued)
             # Starts each destination's batch and returns: one that does not
             # answer must not hold back the next round's other destinations.
             self._add_job(DELIVERY_JOB, self.dispatcher.start_round, interval)
