@@ -101,11 +101,26 @@ def requeue_dead(
                 found.superseded.append(delivery)
             elif not (spool_dir / delivery.path).is_file():
                 found.file_gone.append(delivery)
-            else:
-                delivery.state, delivery.attempts, delivery.last_error = db.QUEUED, 0, None
-                delivery.next_attempt_at = db.utcnow()
+            elif _requeue_if_current(session, delivery):
                 found.requeued.append(delivery)
+            else:  # the worker stored a newer result meanwhile
+                found.superseded.append(delivery)
     return found
+
+
+def _requeue_if_current(session: Session, delivery: db.Delivery) -> bool:
+    """One conditional update: a result superseded since it was read keeps its letter dead."""
+    current = select(db.SeriesResult.id).where(
+        db.SeriesResult.id == delivery.result_id, db.SeriesResult.superseded.is_(False)
+    )
+    return bool(
+        session.execute(
+            update(db.Delivery)
+            .where(db.Delivery.id == delivery.id, db.Delivery.state == db.DEAD, db.Delivery.result_id.in_(current))
+            .values(state=db.QUEUED, attempts=0, last_error=None, next_attempt_at=db.utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
 
 
 def backoff_seconds(attempts: int, retry: RetryConfig) -> float:

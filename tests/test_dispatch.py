@@ -655,6 +655,32 @@ def test_requeue_takes_one_destination_and_leaves_what_cannot_be_sent(tmp_path: 
         engine.dispose()
 
 
+def test_requeue_leaves_dead_a_letter_whose_result_is_superseded_while_it_looks(tmp_path: Path) -> None:
+    # The worker stores a newer result between requeue's check and its update.
+    from sqlalchemy import event
+
+    from ichnode.dispatch import requeue_dead
+
+    engine, sessions, spool = _queue(tmp_path, 1, 104)
+    other = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+
+    def newer_result_stored(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE delivery SET state"):
+            with other.begin() as worker:
+                worker.execute(update(db.SeriesResult).values(superseded=True))
+
+    try:
+        _set_state(sessions, db.DEAD)
+        event.listen(engine, "before_cursor_execute", newer_result_stored)
+        found = requeue_dead(sessions, spool.root)
+        assert (len(found.requeued), len(found.superseded)) == (0, 1)
+        assert [r.state for r in deliveries(sessions)] == [db.DEAD]
+    finally:
+        event.remove(engine, "before_cursor_execute", newer_result_stored)
+        other.dispose()
+        engine.dispose()
+
+
 # -- where reports go -------------------------------------------------------------------
 def test_reports_return_to_the_sender(nodes: Nodes, recorder) -> None:
     scanner = recorder("CT_SCANNER")

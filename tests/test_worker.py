@@ -661,6 +661,16 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
         assert session.scalars(select(db.Delivery)).all() == []
 
 
+def test_a_sender_sharing_its_ae_title_is_told_apart_by_host() -> None:
+    from ichnode.config import Peer
+    from ichnode.worker import _sender_address
+
+    allow = [Peer(ae_title="CT", host="10.0.0.5"), Peer(ae_title="CT", host="10.0.0.6", port=104)]
+    assert _sender_address(allow, "CT", "10.0.0.6") == ("CT", "10.0.0.6", 104)
+    assert _sender_address(allow, "CT", "10.0.0.5") is None  # its entry gives no port: never the other scanner
+    assert _sender_address(allow, "CT", None) is None
+
+
 def test_no_reports_are_built_for_nowhere(nodes: Nodes) -> None:
     # Without a destination nothing would send the reports, nor remove them.
     series = phantom(64)
