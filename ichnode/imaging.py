@@ -44,6 +44,7 @@ from pydicom.pixels import pixel_array as _decode_pixels
 __all__ = [
     "AIR_HU",
     "DEFAULT_WINDOWS",
+    "PREPROCESSING_VERSION",
     "PADDING_HU_THRESHOLD",
     "apply_windows",
     "context_indices",
@@ -71,6 +72,11 @@ DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40, 80), (80, 200), (600, 2
 
 #: Value given to padding / out-of-field pixels.
 AIR_HU = -1024.0
+
+#: Bumped whenever :func:`preprocess_slice` gives other values for the same
+#: input: caches of preprocessed slices (``training/``) made before are stale.
+#: 2: slices of another aspect ratio than the model input padded with air.
+PREPROCESSING_VERSION = 2
 
 #: HU values strictly below this are out-of-field padding (no tissue or air
 #: is that dense-less); scanners pad with e.g. -2000 or -3024 after rescale.

@@ -162,6 +162,9 @@ class ReceivedFile:
     def __init__(self, folder: Path) -> None:
         self.error: OSError | None = None
         self._fd = -1
+        # Closed by pynetdicom, once the C-STORE is answered; a file that could
+        # not be made is not, so that its error is kept for the handler.
+        self.closed = False
         try:
             self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         except OSError as exc:
@@ -171,10 +174,6 @@ class ReceivedFile:
     @property
     def file(self) -> ReceivedFile:
         return self  # pynetdicom flushes NamedTemporaryFile.file
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
 
     def write(self, data: bytes) -> int:
         view = memoryview(data)
@@ -191,6 +190,7 @@ class ReceivedFile:
         """Nothing to flush: each write goes straight to the file."""
 
     def close(self) -> None:
+        self.closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -25,6 +26,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import update
 
 from ichnode import db
 from ichnode.config import parse_config
@@ -584,6 +586,33 @@ def test_a_read_only_spool_refuses_associations_and_answers_out_of_resources(
     assert store_files(node.port, [small]) == [0]
 
 
+def test_a_dataset_arriving_on_a_read_only_spool_is_answered_out_of_resources_whatever_sweeps(
+    start_node: Any, tmp_path: Path
+) -> None:
+    # A second association of the sender, refused meanwhile, sweeps the
+    # receiving folder: the dataset under way is still answered 0xA700 (try
+    # again later), not 0xC000 (a permanent failure).
+    node = start_node()
+    ae = AE(ae_title="EARLY")
+    ae.maximum_pdu_size = 16384  # a few seconds of transfer
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
+    early = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert early.is_established
+    responses: list[Any] = []
+    try:
+        with read_only(node.spool.tmp_dir / "receiver-0"):
+            sender = threading.Thread(target=lambda: responses.append(early.send_c_store(big_ct(tmp_path, 256))))
+            sender.start()
+            wait_for(lambda: node.server.ae.receiving._open, interval=0.002, message="the dataset under way")
+            assert_rejected(storage_association(node.port, "LATE"), 2, 3, 2)
+            sender.join(120)
+    finally:
+        early.release()
+    (response,) = responses
+    assert (response.Status, response.ErrorComment) == (0xA700, "spool write failed: Read-only file system")
+
+
 @pytest.mark.parametrize("when", ["before-rename", "after-rename"])
 def test_io_error_while_committing_answers_failure(
     start_node: Any, monkeypatch: pytest.MonkeyPatch, when: str
@@ -884,6 +913,21 @@ def test_an_identical_resend_of_a_complete_series_changes_nothing(start_node: An
     changed.ImageComments = "corrected"
     assert store_files(node.port, [changed]) == [0]
     wait_series_state(node, series_uid, db.COMPLETE, instance_count=28, version=2)
+
+
+@pytest.mark.parametrize("outcome", [db.FAILED, db.SKIPPED])
+def test_a_study_sent_again_unchanged_tries_a_failed_or_skipped_series_again(start_node: Any, outcome: str) -> None:
+    # The way to have a series the worker failed (or skipped, before a fix of
+    # the settings) scored: send the study again.
+    node = start_node()
+    series_uid, sops = generate_uid(), [generate_uid() for _ in range(3)]
+    images = [_ct(sop, series_uid) for sop in sops]
+    assert store_files(node.port, images) == [0] * 3
+    wait_series_state(node, series_uid, db.COMPLETE, instance_count=3, version=1)
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).where(db.Series.series_uid == series_uid).values(state=outcome))
+    assert store_files(node.port, images) == [0] * 3
+    wait_series_state(node, series_uid, db.COMPLETE, instance_count=3, version=2)
 
 
 def test_an_instance_refiled_into_another_series_reopens_the_series_it_left(start_node: Any) -> None:

@@ -676,3 +676,17 @@ def test_hard_examples_need_a_starting_model():
         train.SliceStage(hard_examples=0.2)
     with pytest.raises(ValueError, match="below 1"):
         train.SliceStage(hard_examples=0.6, oversample=0.5, init_from="x.keras")
+
+
+def test_a_change_of_the_preprocessing_makes_a_new_slice_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache of slices preprocessed otherwise than the node now does would
+    # train the model on images it never scores.
+    import pandas as pd
+
+    from ichnode import imaging
+    from training import rsna
+
+    index = pd.DataFrame({"path": ["a.dcm"], "file_size": [1], "file_mtime_ns": [2]})
+    before = rsna.cache_key(index, imaging.DEFAULT_WINDOWS, (256, 256), "float16")
+    monkeypatch.setattr(imaging, "PREPROCESSING_VERSION", imaging.PREPROCESSING_VERSION + 1)
+    assert rsna.cache_key(index, imaging.DEFAULT_WINDOWS, (256, 256), "float16") != before

@@ -479,7 +479,8 @@ def cache_key(
     their size and mtime, so a regenerated file of the same name is not taken
     for the old one), their folder, and the preprocessing."""
     h = hashlib.sha256()
-    h.update(json.dumps([[list(map(float, w)) for w in windows], list(size), dtype]).encode())
+    preprocessing = [imaging.PREPROCESSING_VERSION, [list(map(float, w)) for w in windows], list(size), dtype]
+    h.update(json.dumps(preprocessing).encode())
     if data_dir is not None:
         h.update(str(Path(data_dir).resolve()).encode())
     columns = [c for c in ("path", "file_size", "file_mtime_ns") if c in index.columns]
