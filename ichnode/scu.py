@@ -17,7 +17,13 @@ from pydicom.datadict import dictionary_description, dictionary_has_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tqdm import tqdm
@@ -332,20 +338,28 @@ def _truncation(path: Path, ds: Dataset) -> str | None:
     DCMTK's storescu refuses such a file too; a peer would store whatever
     part of the Pixel Data arrived.
     """
-    if not ds:
-        return None
+    if not ds or _syntax_of(ds) == DeflatedExplicitVRLittleEndian:
+        return None  # a deflated file's positions are those of the inflated stream
     last = ds.get_item(max(ds.keys()), keep_deferred=True)
     if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
         return None  # read to its end already: an undefined length ends at its delimiter
-    left = path.stat().st_size - last.value_tell
-    if last.length <= left:
-        return None
     name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
-    return f"{name} {last.tag} is {last.length} bytes, the file has {left}"
+    size = path.stat().st_size
+    left = size - last.value_tell
+    if last.length > left:
+        return f"{name} {last.tag} is {last.length} bytes, the file has {left}"
+    if left > last.length:  # pydicom stops without a word where the next element's header is cut
+        return f"{size - last.value_tell - last.length} bytes after {name} {last.tag} are no whole element"
+    return None
 
 
 def _syntax_of(ds: Dataset) -> UID:
-    """The transfer syntax a data set without file meta was read in (native pixels: no meta, no compression)."""
+    """The transfer syntax of a data set: its file meta's (a file may have one
+    without the preamble before it), else the encoding it was read in (native
+    pixels: no meta, no compression)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(meta.TransferSyntaxUID)
     implicit, little = ds.original_encoding
     if implicit:
         return ImplicitVRLittleEndian

@@ -371,6 +371,46 @@ def test_send_refuses_a_file_cut_off_inside_its_pixel_data(node_from_file: tuple
     assert (node.spool.root / instance.path).stat().st_size == instance.size_bytes
 
 
+def test_send_refuses_a_file_cut_inside_an_element_header(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    # Cut 4 bytes into Pixel Data's header, pydicom reads the rest without a
+    # word: sent, the image would arrive without its pixels.
+    node, _ = node_from_file
+    whole = _ct_file(tmp_path / "whole.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: whole.rindex(b"\xe0\x7f\x10\x00") + 4])
+    result = run_cli(["send", str(cut), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"not sent: {cut}: truncated: 4 bytes after Pixel Representation (0028,0103) are no whole element"
+    ]
+    assert all_instances(node) == []
+
+
+def test_send_keeps_the_transfer_syntax_of_a_file_meta_without_preamble(
+    node_from_file: tuple[Any, Path], tmp_path: Path
+) -> None:
+    # Compressed pixels in a file that lost its preamble: sent as compressed,
+    # not relabelled as native. A deflated file is whole, however short.
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import RLELossless
+
+    node, _ = node_from_file
+    compressed = dcmread(_ct_file(tmp_path / "ct.dcm"))
+    compressed.compress(RLELossless)
+    compressed.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    headless = tmp_path / "headless.dcm"
+    headless.write_bytes((tmp_path / "rle.dcm").read_bytes()[132:])  # no preamble, no "DICM"
+    deflated = Path(get_testdata_file("image_dfl.dcm"))
+    result = run_cli(["send", str(headless), str(deflated), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["Success: 2"]
+    stored = {i.sop_instance_uid: i for i in all_instances(node)}
+    rle = stored[compressed.SOPInstanceUID]
+    assert rle.transfer_syntax_uid == RLELossless
+    assert (dcmread(node.spool.root / rle.path).pixel_array == compressed.pixel_array).all()
+
+
 def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path]) -> None:
     node, path = node_from_file
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))
