@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -41,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import AccessConfig, Config
+from .dicomfile import Truncated, check_whole, read_elements
 from .scu import disable_nagle
 from .series import InstanceHeader, Registration, register_instance
 from .spool import Spool
@@ -64,22 +64,6 @@ HOST_LOOKUP_SECONDS = 60.0
 # How often the receiving folder is cleared of abandoned partial files
 # (besides at each association request).
 SWEEP_SECONDS = 30.0
-
-# Header attributes the receiver records; reading stops before the pixels.
-_HEADER_TAGS = [
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "InstanceNumber",
-    "PatientID",
-    "AccessionNumber",
-    "SeriesNumber",
-    "SeriesDescription",
-    "BodyPartExamined",
-]
-
 
 def decodable_transfer_syntaxes() -> list[UID]:
     """Transfer syntaxes whose pixel data this installation can decode.
@@ -383,10 +367,15 @@ def handle_store(
         )
 
     try:
-        ds = dcmread(received, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        # Every element's header, values longer than a few KB (Pixel Data) not read.
+        ds = read_elements(received)
+        check_whole(received, ds)
         header = InstanceHeader.from_dataset(
             ds, sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=sop_uid
         )
+    except Truncated as exc:  # a cut-off file sent as it was: stored, it would replace a good copy
+        logger.warning("refusing %s from %s: truncated: %s", sop_uid, calling, exc)
+        return _failure(CANNOT_UNDERSTAND, f"truncated: {exc}")
     except Exception as exc:  # any decode problem means we cannot understand it
         logger.warning("refusing %s from %s: unreadable header: %s", sop_uid, calling, exc)
         return _failure(CANNOT_UNDERSTAND, f"unreadable header: {exc}")

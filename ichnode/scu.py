@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,20 +12,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_description, dictionary_has_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tqdm import tqdm
+
+from .dicomfile import Truncated, check_whole, read_elements, transfer_syntax
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +26,6 @@ logger = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 # The longest a failed association's TCP probe (which says why) waits.
 CONNECT_PROBE_SECONDS = 5.0
-# Checking a file before sending reads its elements' headers; values longer
-# than this (Pixel Data) are skipped, never read.
-CHECK_DEFER_BYTES = 1024
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 
@@ -285,18 +274,19 @@ def _examine(path: Path) -> _File:
     is sent when it names its SOP class and instance.
     """
     try:
-        ds, has_meta = _read_elements(path), True
-    except InvalidDicomError:  # no preamble and file meta: perhaps a bare data set
-        ds, has_meta = _read_without_meta(path), False
+        try:
+            ds, has_meta = read_elements(path), True
+        except InvalidDicomError:  # no preamble and file meta: perhaps a bare data set
+            ds, has_meta = _read_without_meta(path), False
+        check_whole(path, ds)
+    except Truncated as exc:
+        raise NotSendable(f"truncated: {exc}") from None
     except NotSendable:
         raise
     except Exception as exc:  # a corrupt body fails in many ways, each meaning "not DICOM"
         raise NotAnImage(f"not a DICOM file ({exc.__class__.__name__})") from None
-    shortfall = _truncation(path, ds)
-    if shortfall:
-        raise NotSendable(f"truncated: {shortfall}")
     if not has_meta:
-        return _File(path, str(ds.SOPClassUID), _syntax_of(ds), sop_class_in_meta_only=False, has_meta=False)
+        return _File(path, str(ds.SOPClassUID), transfer_syntax(ds), sop_class_in_meta_only=False, has_meta=False)
     try:
         sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
         syntax = str(ds.file_meta.TransferSyntaxUID)
@@ -307,63 +297,17 @@ def _examine(path: Path) -> _File:
     return _File(path, sop_class, syntax, "SOPClassUID" not in ds)
 
 
-def _read_elements(path: Path, *, force: bool = False) -> Dataset:
-    """Every top-level element of a file, long values skipped (their length and position kept)."""
-    with warnings.catch_warnings():
-        # pydicom only warns, and keeps none of the data set, when the file
-        # ends inside an element of undefined length (encapsulated Pixel Data).
-        warnings.filterwarnings("error", message="End of file reached before delimiter")
-        try:
-            return dcmread(path, defer_size=CHECK_DEFER_BYTES, force=force)
-        except UserWarning:
-            raise NotSendable("truncated: the file ends inside an element of undefined length") from None
-
-
 def _read_without_meta(path: Path) -> Dataset:
     """A data set written without preamble and file meta; not DICOM unless it names its SOP class and instance."""
     try:
-        ds = _read_elements(path, force=True)
+        ds = read_elements(path, force=True)
         if ds.get("SOPClassUID") and ds.get("SOPInstanceUID"):
             return ds
-    except NotSendable:
+    except Truncated:
         raise
     except Exception:  # any file "reads" when forced; most fail somewhere
         pass
     raise NotAnImage("not a DICOM file (InvalidDicomError)")
-
-
-def _truncation(path: Path, ds: Dataset) -> str | None:
-    """How a file falls short of its last top-level element (a copy cut off), None when it holds it all.
-
-    DCMTK's storescu refuses such a file too; a peer would store whatever
-    part of the Pixel Data arrived.
-    """
-    if not ds or _syntax_of(ds) == DeflatedExplicitVRLittleEndian:
-        return None  # a deflated file's positions are those of the inflated stream
-    last = ds.get_item(max(ds.keys()), keep_deferred=True)
-    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
-        return None  # read to its end already: an undefined length ends at its delimiter
-    name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
-    size = path.stat().st_size
-    left = size - last.value_tell
-    if last.length > left:
-        return f"{name} {last.tag} is {last.length} bytes, the file has {left}"
-    if left > last.length:  # pydicom stops without a word where the next element's header is cut
-        return f"{size - last.value_tell - last.length} bytes after {name} {last.tag} are no whole element"
-    return None
-
-
-def _syntax_of(ds: Dataset) -> UID:
-    """The transfer syntax of a data set: its file meta's (a file may have one
-    without the preamble before it), else the encoding it was read in (native
-    pixels: no meta, no compression)."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and meta.get("TransferSyntaxUID"):
-        return UID(meta.TransferSyntaxUID)
-    implicit, little = ds.original_encoding
-    if implicit:
-        return ImplicitVRLittleEndian
-    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
 def _store_and_count(assoc, item: _File, summary: SendSummary) -> None:

@@ -733,6 +733,26 @@ def _changed_copy(folder: Path) -> Path:
     return second
 
 
+@pytest.mark.parametrize("cut", ["inside the pixel data", "inside an element header"])
+def test_a_cut_off_file_sent_as_it_is_is_refused_and_the_stored_copy_kept(
+    start_node: Any, send_raw: None, tmp_path: Path, cut: str
+) -> None:
+    # A sender that streams an interrupted copy: stored, it would replace
+    # the good copy the node holds with part of the pixels.
+    node = start_node()
+    good = pydicom_file("CT_small.dcm")
+    whole = good.read_bytes()
+    end = len(whole) - 3000 if cut == "inside the pixel data" else whole.rindex(b"\xe0\x7f\x10\x00") + 4
+    broken = tmp_path / "cut.dcm"
+    broken.write_bytes(whole[:end])
+    assert store_one(node.port, good).Status == 0x0000
+    response = store_one(node.port, broken)
+    assert response.Status == 0xC000 and response.ErrorComment.startswith("truncated: "), response
+    (row,) = all_instances(node)
+    assert row.times_received == 1
+    assert dcmread(node.spool.absolute(row.path)).PixelData == dcmread(good).PixelData
+
+
 def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: None, tmp_path: Path) -> None:
     first, second = pydicom_file("CT_small.dcm"), _changed_copy(tmp_path)
     node = start_node()

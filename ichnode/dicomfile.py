@@ -1,0 +1,74 @@
+"""Reading a DICOM file's elements without its pixels, and telling a whole
+file from one cut off (an interrupted copy, a transfer that ended early).
+
+``ichnode send`` refuses such a file, as DCMTK's storescu does, and the
+receiver refuses such a data set: stored, it would replace a good copy with
+whatever part of the Pixel Data arrived.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_description, dictionary_has_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+# Values longer than this (Pixel Data) are skipped, never read: their length
+# and position are kept.
+DEFER_BYTES = 1024
+
+
+class Truncated(ValueError):
+    """The file is cut off; the message says where."""
+
+
+def read_elements(path: Path, *, force: bool = False) -> Dataset:
+    """Every top-level element of a file, long values skipped; :class:`Truncated`
+    when it ends inside an element of undefined length."""
+    with warnings.catch_warnings():
+        # pydicom only warns, and keeps none of the data set, when the file
+        # ends inside an element of undefined length (encapsulated Pixel Data).
+        warnings.filterwarnings("error", message="End of file reached before delimiter")
+        try:
+            return dcmread(path, defer_size=DEFER_BYTES, force=force)
+        except UserWarning:
+            raise Truncated("the file ends inside an element of undefined length") from None
+
+
+def check_whole(path: Path, ds: Dataset) -> None:
+    """:class:`Truncated` when ``path`` (read into ``ds`` by :func:`read_elements`)
+    falls short of its last element, or ends in part of another."""
+    if not ds or transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+        return  # a deflated file's positions are those of the inflated stream
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return  # read to its end already: an undefined length ends at its delimiter
+    name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
+    left = path.stat().st_size - last.value_tell
+    if last.length > left:
+        raise Truncated(f"{name} {last.tag} is {last.length} bytes, the file has {left}")
+    if left > last.length:  # pydicom stops without a word where the next element's header is cut
+        raise Truncated(f"{left - last.length} bytes after {name} {last.tag} are no whole element")
+
+
+def transfer_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of a data set: its file meta's (a file may have one
+    without the preamble before it), else the encoding it was read in (native
+    pixels: no meta, no compression)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(meta.TransferSyntaxUID)
+    implicit, little = ds.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
