@@ -166,8 +166,8 @@ class Dispatcher:
         self._stopping = threading.Event()
 
     def stop(self) -> None:
-        """Start no more batches: the node is stopping (those under way finish,
-        each within its timeouts; what is left stays queued)."""
+        """Start no more batches, and end those under way after the report on
+        the wire: the node is stopping (what is left is queued for its next start)."""
         self._stopping.set()
 
     def run_once(self, now: dt.datetime | None = None) -> int:
