@@ -26,6 +26,8 @@ from pydicom.uid import (
 # Values longer than this (Pixel Data) are skipped, never read: their length
 # and position are kept.
 DEFER_BYTES = 1024
+# The shortest element header: tag and length (implicit VR).
+_ELEMENT_HEADER_BYTES = 8
 
 
 class Truncated(ValueError):
@@ -50,15 +52,28 @@ def check_whole(path: Path, ds: Dataset) -> None:
     falls short of its last element, or ends in part of another."""
     if not ds or transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
         return  # a deflated file's positions are those of the inflated stream
-    last = ds.get_item(max(ds.keys()), keep_deferred=True)
-    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+    # The element last in the file (not always the highest tag).
+    raw = [e for e in (ds.get_item(tag, keep_deferred=True) for tag in ds.keys()) if isinstance(e, RawDataElement)]
+    if not raw:
+        return
+    last = max(raw, key=lambda element: element.value_tell)
+    if last.length == 0xFFFFFFFF:
         return  # read to its end already: an undefined length ends at its delimiter
     name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
     left = path.stat().st_size - last.value_tell
     if last.length > left:
         raise Truncated(f"{name} {last.tag} is {last.length} bytes, the file has {left}")
-    if left > last.length:  # pydicom stops without a word where the next element's header is cut
-        raise Truncated(f"{left - last.length} bytes after {name} {last.tag} are no whole element")
+    rest = left - last.length
+    if 0 < rest < _ELEMENT_HEADER_BYTES and _tail(path, rest).strip(b"\0"):
+        # pydicom stops without a word where the next element's header is cut
+        # (padding of zeros after the data set is no element, and harmless).
+        raise Truncated(f"{rest} bytes after {name} {last.tag} are no whole element")
+
+
+def _tail(path: Path, count: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-count, 2)
+        return f.read()
 
 
 def transfer_syntax(ds: Dataset) -> UID:

@@ -13,7 +13,7 @@ Delivery life cycle (``Delivery.state``)::
     queued --due, claimed by one dispatcher--> sending --> sent
     sending --failed--> queued (next try after a backoff) | dead
     queued | sending --the worker stores a newer result--> superseded
-    sending --the dispatcher crashed--> queued   (at the next start-up)
+    sending --the dispatcher crashed--> queued   (at the next start-up; the one on the wire: an attempt more, or dead)
     sending --the node stops before its C-STORE--> queued
     dead --``ichnode requeue``--> queued   (attempts from 0)
 
@@ -32,11 +32,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from sqlalchemy import select, update
@@ -53,19 +52,37 @@ logger = logging.getLogger(__name__)
 Destination = tuple[str, str, int]  # (AE title, host, port)
 
 
-def requeue_interrupted(sessions: sessionmaker[Session]) -> int:
-    """At start-up: deliveries left sending by a crashed dispatcher go back to
-    queued, with no attempt counted (a batch claims all of a destination's
-    due deliveries; at most one of them was on the wire).
+# Recorded on the delivery that was on the wire when the dispatcher stopped.
+INTERRUPTED = "interrupted: the dispatcher stopped during the C-STORE"
+
+
+def requeue_interrupted(sessions: sessionmaker[Session], retry: RetryConfig) -> int:
+    """At start-up: deliveries left sending by a crashed dispatcher go back to queued.
+
+    A batch sends its destination's deliveries in id order, so of those left
+    sending the first was on the wire: that try counts as an attempt (the
+    last one: dead-lettered), so that a report whose sending brings the node
+    down every time is not retried for ever; the others were not tried.
 
     Assumes no other dispatcher on this database is sending right now: its
     deliveries under way would be queued again and might be sent twice.
     """
     with db.transaction(sessions) as session:
-        return _unclaim(session, select(db.Delivery.id).where(db.Delivery.state == db.SENDING).scalar_subquery())
+        left = session.scalars(
+            select(db.Delivery).where(db.Delivery.state == db.SENDING).order_by(db.Delivery.id)
+        ).all()
+        on_the_wire = {}
+        for delivery in left:
+            on_the_wire.setdefault(_destination(delivery), delivery)
+        for delivery in on_the_wire.values():
+            delivery.attempts += 1
+            delivery.last_error = INTERRUPTED
+            delivery.state = db.DEAD if delivery.attempts >= retry.max_attempts else db.QUEUED
+        _unclaim(session, [d.id for d in left if d not in on_the_wire.values()])
+        return len(left)
 
 
-def _unclaim(session: Session, ids: Any) -> int:
+def _unclaim(session: Session, ids: Sequence[int]) -> int:
     """Deliveries ``ids`` still sending back to queued, as they were before their claim."""
     return session.execute(
         update(db.Delivery).where(db.Delivery.id.in_(ids), db.Delivery.state == db.SENDING).values(state=db.QUEUED)

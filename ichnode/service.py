@@ -143,7 +143,7 @@ class Node:
             self._add_job(SCORING_JOB, self.score, interval)
         if self.dispatcher is not None:
             # Like the worker: assumes one dispatcher process per database.
-            requeued = requeue_interrupted_deliveries(self.sessions)
+            requeued = requeue_interrupted_deliveries(self.sessions, self.config.reports.retry)
             if requeued:
                 logger.warning("delivery of %d reports was interrupted; sending them again", requeued)
             # Starts each destination's batch and returns: one that does not

@@ -813,8 +813,9 @@ def _sender_address(allow: Sequence[Peer], calling_ae: str, peer_host: str | Non
     share it (scanners keep their factory AE titles), the one whose host is
     where the series came from; None when that does not name one."""
     named = [peer for peer in allow if peer.ae_title == calling_ae]
-    if len(named) > 1:  # an entry without a host admits any
-        named = [peer for peer in named if peer.host is None or (peer_host and peer_host in _addresses(peer.host))]
+    if len(named) > 1:  # the entry of the series' host, else one that admits any host
+        at_host = [peer for peer in named if peer.host and peer_host and peer_host in _addresses(peer.host)]
+        named = at_host or [peer for peer in named if peer.host is None]
     if len(named) != 1 or not (named[0].host and named[0].port):
         return None
     return (named[0].ae_title, named[0].host, named[0].port)

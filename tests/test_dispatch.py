@@ -438,11 +438,11 @@ def test_a_delivery_left_sending_by_a_crash_is_requeued_and_sent(tmp_path: Path,
     dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
     try:
         assert dispatcher.run_once() == 0  # another dispatcher's, for all this one knows
-        assert requeue_interrupted(sessions) == 1
+        assert requeue_interrupted(sessions, RetryConfig()) == 1
         assert dispatcher.run_once() == 1
         (row,) = deliveries(sessions)
-        assert (row.state, row.attempts) == (db.SENT, 1)
-        assert requeue_interrupted(sessions) == 0
+        assert (row.state, row.attempts) == (db.SENT, 2)  # the interrupted try and this one
+        assert requeue_interrupted(sessions, RetryConfig()) == 0
         assert len(pacs.stored()) == 1
     finally:
         engine.dispose()
@@ -458,8 +458,43 @@ def test_a_node_started_after_a_dispatcher_crash_sends_what_it_left_sending(
     engine.dispose()
     node = nodes.start(config, components=("dispatcher",))
     (row,) = wait_deliveries(node.sessions, _all_sent(1), timeout=30, message="the interrupted delivery sent")
-    assert row.attempts == 1
+    assert row.attempts == 2
     assert pacs.stored_counts() == {row.sop_instance_uid: 1}
+
+
+def test_a_delivery_interrupted_at_every_start_is_dead_lettered(tmp_path: Path) -> None:
+    # A report whose sending brings the node down each time is not retried for ever.
+    retry = RetryConfig(max_attempts=3)
+    engine, sessions, _ = _queue(tmp_path, 1, free_port())
+    try:
+        for attempt in range(1, 4):
+            _set_state(sessions, db.SENDING)  # the dispatcher dies during the C-STORE
+            assert requeue_interrupted(sessions, retry) == 1  # the next start
+            (row,) = deliveries(sessions)
+            assert (row.state, row.attempts) == (db.QUEUED if attempt < 3 else db.DEAD, attempt)
+        assert row.last_error == "interrupted: the dispatcher stopped during the C-STORE"
+    finally:
+        engine.dispose()
+
+
+def test_of_a_batch_left_sending_only_the_report_on_the_wire_is_charged(tmp_path: Path) -> None:
+    # A batch claims all of a destination's due reports and sends them in
+    # order: after a crash, the first still sending was on the wire.
+    engine, sessions, _ = _queue(tmp_path, 3, free_port(), also=[("ARCHIVE", free_port())])
+    try:
+        _set_state(sessions, db.SENDING)
+        assert requeue_interrupted(sessions, RetryConfig()) == 6
+        rows = sorted(deliveries(sessions), key=lambda r: (r.ae_title, r.id))
+        assert [(r.ae_title, r.state, r.attempts) for r in rows] == [
+            ("ARCHIVE", db.QUEUED, 1),
+            ("ARCHIVE", db.QUEUED, 0),
+            ("ARCHIVE", db.QUEUED, 0),
+            ("TEST_PACS", db.QUEUED, 1),
+            ("TEST_PACS", db.QUEUED, 0),
+            ("TEST_PACS", db.QUEUED, 0),
+        ]
+    finally:
+        engine.dispose()
 
 
 def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(tmp_path: Path) -> None:

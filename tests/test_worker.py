@@ -669,6 +669,9 @@ def test_a_sender_sharing_its_ae_title_is_told_apart_by_host() -> None:
     assert _sender_address(allow, "CT", "10.0.0.6") == ("CT", "10.0.0.6", 104)
     assert _sender_address(allow, "CT", "10.0.0.5") is None  # its entry gives no port: never the other scanner
     assert _sender_address(allow, "CT", None) is None
+    anyone = [Peer(ae_title="CT"), Peer(ae_title="CT", host="10.0.0.6", port=104)]
+    assert _sender_address(anyone, "CT", "10.0.0.6") == ("CT", "10.0.0.6", 104)
+    assert _sender_address(anyone, "CT", "10.0.0.7") is None  # admitted by the entry without an address
 
 
 def test_no_reports_are_built_for_nowhere(nodes: Nodes) -> None:
