@@ -17,6 +17,7 @@ file is either whole at its final path or absent.
 from __future__ import annotations
 
 import errno
+import filecmp
 import fcntl
 import hashlib
 import os
@@ -29,8 +30,6 @@ from pathlib import Path
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 # Instance locks: files the SOP Instance UIDs are spread over.
 LOCK_STRIPES = 256
-# Files are compared this much at a time.
-_COMPARE_CHUNK = 2**20
 
 
 def safe_name(uid: str) -> str:
@@ -164,16 +163,7 @@ class Spool:
     def same_content(self, path: Path, relative: str) -> bool:
         """Whether ``path`` holds the very bytes of the spooled file ``relative``
         (sizes first: most differing copies stop there)."""
-        stored = self.root / relative
-        if path.stat().st_size != stored.stat().st_size:
-            return False
-        with open(path, "rb") as a, open(stored, "rb") as b:
-            while True:
-                chunk = a.read(_COMPARE_CHUNK)
-                if chunk != b.read(_COMPARE_CHUNK):
-                    return False
-                if not chunk:
-                    return True
+        return filecmp.cmp(path, self.root / relative, shallow=False)
 
     def _make_parents(self, folder: Path) -> None:
         if folder.is_dir():
