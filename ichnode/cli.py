@@ -113,7 +113,7 @@ def main() -> None:
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
     from .config import model_path_problem
-    from .db import DatabaseUnreadable, check_opens
+    from .db import DatabaseUnreadable
     from .model import ModelCardError
     from .service import WORKER, CannotListen, Node
     from .spool import SpoolInUse
@@ -124,14 +124,10 @@ def serve(config_path: Path | None, components: str) -> None:
     problem = model_path_problem(config) if WORKER in stages else None
     if problem:  # before anything is created or imported for a model that is not there
         raise click.ClickException(f"invalid configuration:\n  {problem}")
-    try:  # before anything starts: a database that cannot be opened is one line naming it
-        check_opens(config.database.url)
-    except DatabaseUnreadable as exc:
-        raise click.ClickException(f"cannot start: {exc}") from None
     _setup_logging(config.logging.level)
-    try:
+    try:  # the database is opened first: one that cannot be is one line naming it, nothing made
         node = Node(config, components=stages)
-    except (ModelCardError, OSError, ValueError, SpoolInUse) as exc:
+    except (DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     try:
         node.run()

@@ -230,8 +230,8 @@ def driver_problem(url: str) -> str | None:
     return None
 
 
-def check_opens(url: str) -> None:
-    """Open the node's database as the node does (its tables created), and let it go.
+def open_node_database(url: str) -> Engine:
+    """The node's database, its tables made and its schema version checked.
 
     Raises :class:`DatabaseUnreadable` naming it, password hidden, and why: its
     driver is missing, its server refuses, the file is not a database, its
@@ -241,13 +241,14 @@ def check_opens(url: str) -> None:
     problem = driver_problem(url)
     if problem:
         raise DatabaseUnreadable(f"cannot open the database {where}: {problem}")
+    engine = None
     try:
         engine = make_engine(url)
-        try:
-            init_db(engine)
-        finally:
-            engine.dispose()
+        init_db(engine)
+        return engine
     except (SQLAlchemyError, NewerSchema, OSError) as exc:
+        if engine is not None:
+            engine.dispose()
         reason = exc.orig if isinstance(exc, DBAPIError) else exc
         # Drivers explain over several lines (PostgreSQL: "Is the server running ..."): one line in the log.
         raise DatabaseUnreadable(f"cannot open the database {where}: {' '.join(str(reason).split())}") from None

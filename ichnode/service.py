@@ -77,8 +77,7 @@ class Node:
         # receive; the first one also does the start-up recovery.
         self.receiver_index = receiver_index
         self._extra_receivers: list[multiprocessing.process.BaseProcess] = []
-        self.engine = db.make_engine(config.database.url)
-        db.init_db(self.engine)
+        self.engine = db.open_node_database(config.database.url)
         self.sessions = db.session_factory(self.engine)
         self.spool = Spool(
             config.storage.spool_dir,
