@@ -65,6 +65,7 @@ HOST_LOOKUP_SECONDS = 60.0
 # (besides at each association request).
 SWEEP_SECONDS = 30.0
 
+
 def decodable_transfer_syntaxes() -> list[UID]:
     """Transfer syntaxes whose pixel data this installation can decode.
 
@@ -124,12 +125,18 @@ class AccessPolicy:
         if cached is not None and time.monotonic() - cached[0] < HOST_LOOKUP_SECONDS:
             return cached[1]
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+            addresses = host_addresses(host)
         except OSError as exc:
             logger.warning("cannot resolve %s of access.allow: %s", host, exc)
             return {host}
         self._host_cache[host] = (time.monotonic(), addresses)
         return addresses
+
+
+def host_addresses(host: str) -> set[str]:
+    """The addresses a host name (or address) stands for, itself included;
+    OSError when it does not resolve."""
+    return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
 
 
 class ReceivedFile:

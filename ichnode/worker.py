@@ -17,7 +17,6 @@ batches, which keeps a GPU busy, and results are recorded on their own thread.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -47,6 +46,7 @@ from .preparation import (
     ready,
     write_reports,
 )
+from .receiver import host_addresses
 from .reports import Finding, ReportContent, report_uids
 from .spool import Spool
 
@@ -814,18 +814,18 @@ def _sender_address(allow: Sequence[Peer], calling_ae: str, peer_host: str | Non
     where the series came from; None when that does not name one."""
     named = [peer for peer in allow if peer.ae_title == calling_ae]
     if len(named) > 1:  # the entry of the series' host, else one that admits any host
-        at_host = [peer for peer in named if peer.host and peer_host and peer_host in _addresses(peer.host)]
+        at_host = [peer for peer in named if peer.host and peer_host and _is_at(peer_host, peer.host)]
         named = at_host or [peer for peer in named if peer.host is None]
     if len(named) != 1 or not (named[0].host and named[0].port):
         return None
     return (named[0].ae_title, named[0].host, named[0].port)
 
 
-def _addresses(host: str) -> set[str]:
+def _is_at(address: str, host: str) -> bool:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
-    except OSError:
-        return {host}
+        return address in host_addresses(host)
+    except OSError:  # a name that does not resolve now: only itself
+        return address == host
 
 
 def describe_device() -> str:
