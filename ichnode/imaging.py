@@ -60,6 +60,7 @@ __all__ = [
     "resize",
     "slice_normal",
     "slice_positions",
+    "sop_class_uid",
     "stack_context",
     "tilt_degrees",
     "to_hu",
@@ -429,6 +430,13 @@ def _vector(ds: Dataset, keyword: str, length: int) -> np.ndarray:
     if len(numbers) != length or not all(map(math.isfinite, numbers)):
         raise ValueError(f"Attribute {keyword} must hold {length} finite numbers, got {value!r}")
     return np.array(numbers, dtype=np.float64)
+
+
+def sop_class_uid(ds: Dataset) -> str:
+    """The SOP Class UID, from the file meta where the data set lacks it (the
+    RSNA files); "" when neither has one."""
+    value = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(value or "").strip()
 
 
 def image_position(ds: Dataset) -> np.ndarray:

@@ -61,7 +61,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from ichnode import __version__
 from ichnode.config import LABELS
-from ichnode.imaging import apply_windows
+from ichnode.imaging import apply_windows, sop_class_uid
 
 logger = logging.getLogger(__name__)
 
@@ -360,10 +360,7 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
         ):
             if keyword in ds:
                 header.add(deepcopy(ds[keyword]))
-    sop_class = str(ds.get("SOPClassUID") or "").strip()
-    if not sop_class:
-        meta = getattr(ds, "file_meta", None)
-        sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "").strip()
+    sop_class = sop_class_uid(ds)
     if not sop_class:
         raise ValueError(
             "source image "
@@ -411,14 +408,14 @@ def evidence_headers(key: Dataset, slices: Sequence[tuple[str, str]]) -> list[Da
     them, their UIDs."""
     key_uid = str(key.SOPInstanceUID)
     headers = []
-    for sop_class_uid, sop_instance_uid in slices:
+    for sop_class, sop_instance_uid in slices:
         if sop_instance_uid == key_uid:
             headers.append(key)
             continue
         header = Dataset()
         header.StudyInstanceUID = key.StudyInstanceUID
         header.SeriesInstanceUID = key.SeriesInstanceUID
-        header.SOPClassUID = sop_class_uid
+        header.SOPClassUID = sop_class
         header.SOPInstanceUID = sop_instance_uid
         headers.append(header)
     return headers

@@ -17,7 +17,7 @@ from pydicom.uid import UID
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type: ignore[attr-defined]
 
 from .config import SeriesConfig
-from .imaging import image_position, slice_normal, slice_positions, tilt_degrees
+from .imaging import image_position, slice_normal, slice_positions, sop_class_uid, tilt_degrees
 
 # Words in a series description that name a part of the body other than the
 # head: such a series is not scored even in a study described as a head study.
@@ -175,7 +175,7 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
     patient = named.most_common(1)[0][0] if named else ""
     # A secondary capture or another modality's image filed under the
     # series' UID is no CT slice, whatever its geometry.
-    kinds = [(_sop_class(ds), str(ds.get("Modality", "") or "")) for ds in headers]
+    kinds = [(sop_class_uid(ds), str(ds.get("Modality", "") or "")) for ds in headers]
     kind = Counter(kinds).most_common(1)[0][0] if kinds else ("", "")
     for index, ds in enumerate(headers):
         reason = _excluded_image_type(ds)
@@ -216,12 +216,6 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
                 if index != max(group):
                     strays[index] = f"{_SAME_POSITION} image {max(group) + 1}, which came later and is used instead"
     return dict(sorted(strays.items()))
-
-
-def _sop_class(ds: Dataset) -> str:
-    """The SOP Class UID, from the file meta where the dataset lacks it (RSNA)."""
-    value = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
-    return str(value or "")
 
 
 def _kind_text(kind: tuple[str, str]) -> str:
