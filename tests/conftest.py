@@ -31,6 +31,16 @@ T = TypeVar("T")
 from .peers import deep_merge, free_port, require_tool  # noqa: E402,F401  (used by the tests through conftest)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.tools(...)``: the programs a test runs are looked for
+    before its fixtures are made, so that a missing one fails it under
+    CI=true even where a fixture would skip it first (the shared data absent)."""
+    for marker in item.iter_markers("tools"):
+        for name in marker.args:
+            require_tool(name)
+
+
 def require_data(name: str) -> Path:
     """A folder of the shared real data, read in place (never copied into the repo).
 

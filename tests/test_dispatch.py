@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -92,6 +93,7 @@ def _dciodvfy(path: Path) -> list[str]:
     return (out.stdout + out.stderr).splitlines()
 
 
+@pytest.mark.tools("dciodvfy", "dsrdump")
 def test_reports_reach_the_destination_in_the_source_study_and_validate(nodes: Nodes, recorder) -> None:
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))
     source = pydicom.dcmread(files[0], stop_before_pixels=True)

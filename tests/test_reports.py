@@ -159,17 +159,20 @@ def _own_errors(report: Path, built: Built) -> list[str]:
     return own
 
 
+@pytest.mark.tools("dciodvfy")
 def test_sr_passes_dciodvfy(built: Built) -> None:
     assert _own_errors(built.sr_path, built) == []
     lines = _dciodvfy(built.sr_path)
     assert "Comprehensive3DSR" in lines  # the IOD it was checked against
 
 
+@pytest.mark.tools("dciodvfy")
 def test_summary_image_passes_dciodvfy(built: Built) -> None:
     assert _own_errors(built.sc_path, built) == []
     assert "SCImage" in _dciodvfy(built.sc_path)
 
 
+@pytest.mark.tools("dciodvfy")
 def test_ge_reports_have_no_errors_but_the_source_de_identification_method(
     tmp_path: Path,
 ) -> None:
@@ -199,6 +202,7 @@ def test_ge_reports_have_no_errors_but_the_source_de_identification_method(
 # dsrdump
 
 
+@pytest.mark.tools("dsrdump")
 def test_dsrdump_renders_every_finding(built: Built) -> None:
     result = subprocess.run(
         [require_tool("dsrdump"), str(built.sr_path)], capture_output=True, text=True, timeout=120

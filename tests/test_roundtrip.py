@@ -47,6 +47,7 @@ def _lookup(orthanc: Orthanc, uid: str, kind: str) -> str | None:
     return found[0] if found else None
 
 
+@pytest.mark.tools("Orthanc")
 def test_orthanc_sends_studies_and_gets_the_reports_back(tmp_path: Path, nodes: Nodes) -> None:
     ge_files = sorted(require_data("ge-head-ct").glob("*.dcm"))
     positive = phantom(PHANTOM_SEED, matrix=512, n_slices=None, hemorrhage=PHANTOM_HEMORRHAGE)
