@@ -46,7 +46,9 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
 
 
 def _latest_result(series: db.Series) -> db.SeriesResult | None:
-    current = [r for r in series.results if r.version == series.version]
+    # Not superseded: a version made of images that arrived after retention
+    # removed the series' own leaves the full series' result current.
+    current = [r for r in series.results if not r.superseded]
     pool = current or series.results
     return max(pool, key=lambda r: r.id) if pool else None
 

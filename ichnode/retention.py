@@ -3,7 +3,9 @@ after their series last changed, once the series is finished (scored, skipped
 or failed) and its reports are no longer waiting to be sent.
 
 The series, its results and the delivery history stay in the database; only
-the image files and their instance rows go. ``retention_days: 0`` keeps
+the image files and their instance rows go. Images of the series that arrive
+later do not replace its result unless they are all of it again (the worker's
+``_older_result_stands``). ``retention_days: 0`` keeps
 everything.
 """
 

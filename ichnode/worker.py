@@ -664,6 +664,8 @@ class Worker:
                         .values(quarantine_reason=reason)
                     )
                     logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
+            replaces = current and not _older_result_stands(session, item)
+            if replaces:
                 _supersede_older_results(session, item.series_id)
             result = db.SeriesResult(
                 series_id=item.series_id,
@@ -679,7 +681,7 @@ class Worker:
                 slice_count=len(item.sop_uids),
                 quarantined_count=item.quarantined_count,
                 created_at=now,
-                superseded=not current,
+                superseded=not replaces,
             )
             session.add(result)
             session.flush()
@@ -698,7 +700,7 @@ class Worker:
                         for position, (sop_uid, row) in enumerate(zip(item.sop_uids, slice_probs.tolist()))
                     ],
                 )
-            if current:
+            if replaces:
                 for ae_title, host, port in targets:
                     for kind, sop_uid, path in reports:
                         session.add(
@@ -714,14 +716,15 @@ class Worker:
                                 next_attempt_at=now,
                             )
                         )
-        if not current:
-            # A stale result's reports are never sent, so nothing else would remove them.
+        if not replaces:
+            # Reports of a result that is not current are never sent, so nothing else would remove them.
             for _, _, path in reports:
                 self.spool.remove(path)
 
     def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:
             current = session.execute(update(db.Series).where(*_as_claimed(item)).values(state=db.FAILED)).rowcount
+            replaces = current and not _older_result_stands(session, item)
             session.add(
                 db.SeriesResult(
                     series_id=item.series_id,
@@ -730,7 +733,7 @@ class Worker:
                     skip_reason=reason,
                     model_name=self.model.card.name,
                     model_version=self.model.card.version,
-                    superseded=not current,
+                    superseded=not replaces,
                 )
             )
 
@@ -739,6 +742,43 @@ def _as_claimed(item: ClaimedSeries) -> tuple[Any, ...]:
     """Conditions on the series row that hold while it is as ``item`` claimed
     it: processing, the same version (late slices make a new one)."""
     return (db.Series.id == item.series_id, db.Series.state == db.PROCESSING, db.Series.version == item.version)
+
+
+def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:
+    """Whether the series' current scored result stays current although
+    ``item``, a newer version, is done: retention removed images that result
+    was scored from, so ``item`` holds only what arrived since (a late slice,
+    part of the study sent again) and cannot judge the whole series. Sent
+    again in full, the images are back, and the new version replaces it."""
+    if item.version <= 1:
+        return False
+    older = session.scalar(
+        select(db.SeriesResult.id)
+        .where(
+            db.SeriesResult.series_id == item.series_id,
+            db.SeriesResult.version < item.version,
+            db.SeriesResult.status == db.SCORED,
+            db.SeriesResult.superseded.is_(False),
+        )
+        .order_by(db.SeriesResult.id.desc())
+        .limit(1)
+    )
+    if older is None:
+        return False
+    # Only retention deletes instance rows: a slice with none was removed, not re-filed.
+    kept = select(db.Instance.id).where(db.Instance.sop_instance_uid == db.SliceResult.sop_instance_uid)
+    removed = session.scalar(
+        select(func.count()).select_from(db.SliceResult).where(db.SliceResult.result_id == older, ~kept.exists())
+    )
+    if removed:
+        logger.warning(
+            "series %s version %d holds only images that arrived after retention removed %d it was scored "
+            "from; the result of those stays current, this one is recorded but not reported",
+            item.series_uid,
+            item.version,
+            removed,
+        )
+    return bool(removed)
 
 
 def _supersede_older_results(session: Session, series_id: int) -> None:

@@ -8,6 +8,7 @@ series by C-STORE and reads what the worker wrote to the database and spool.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import multiprocessing
 import os
 import platform
@@ -26,6 +27,8 @@ from ichnode import db, imaging, preparation
 from ichnode import worker as worker_module
 from ichnode.config import LABELS
 from ichnode.model import HemorrhageModel, aggregate_series
+from ichnode.results import list_results
+from ichnode.retention import purge_expired
 from ichnode.spool import safe_name
 from ichnode.worker import Worker, requeue_interrupted
 from tests.conftest import require_data, store_files, wait_series_state
@@ -273,6 +276,35 @@ def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, re
         for sop in series_item.ReferencedSOPSequence
     }
     assert predecessors == {str(sr1.SOPInstanceUID)}
+
+
+def test_images_arriving_after_retention_do_not_replace_the_full_series_result(nodes: Nodes) -> None:
+    series = phantom(24, n_slices=14)
+    series_uid = _uid(series.datasets[0])
+    node = nodes.start(reports={"destinations": []})
+    assert store_files(node.port, series.datasets[:12]) == [0x0000] * 12
+    v1 = wait_result(node.sessions, series_uid, instances=12)
+    assert v1.status == db.SCORED and v1.flags["subdural"]
+    later = db.utcnow() + dt.timedelta(days=30)
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 12
+
+    # A late slice: too few to score alone, and no judge of the whole series.
+    assert store_files(node.port, series.datasets[12:13]) == [0x0000]
+    v2 = wait_result(node.sessions, series_uid, version=2)
+    assert (v2.status, v2.superseded) == (db.SKIPPED, True)
+    with node.sessions() as session:
+        (row,) = list_results(session, positive=True)
+    assert (row["series_uid"], row["version"], row["status"]) == (series_uid, 1, db.SCORED)
+    assert row["scores"] == v1.scores
+
+    # Sent again in full, the series is scored again as a whole and that result replaces the first.
+    assert store_files(node.port, series.datasets) == [0x0000] * 14
+    v3 = wait_result(node.sessions, series_uid, version=3)
+    assert (v3.status, v3.slice_count, v3.superseded) == (db.SCORED, 14, False)
+    with node.sessions() as session:
+        (row,) = list_results(session)
+    assert (row["version"], row["slices_scored"]) == (3, 14)
+    assert [r.superseded for r in results_of(node.sessions, series_uid)] == [True, True, False]
 
 
 def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) -> None:
