@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import RetryConfig
-from .scu import associate, client_ae, status_category
+from .scu import associate, client_ae, request_store_contexts, status_category
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -298,8 +298,7 @@ class Dispatcher:
         ae = client_ae(self.calling_ae, self.timeout)
         # One context per (SOP class, transfer syntax): an association allows
         # at most 128, and many reports may be due after a long outage.
-        for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}):
-            ae.add_requested_context(sop_class, syntax)
+        request_store_contexts(ae, ((ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()))
         assoc, failure = associate(ae, ae_title, host, port)
         if failure:
             for delivery in deliveries:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tqdm import tqdm
@@ -61,6 +62,17 @@ def status_category(status: int | None) -> str:
     if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
         return "Warning"
     return "Failure"
+
+
+def request_store_contexts(ae: AE, pairs: Iterable[tuple[str, str]]) -> None:
+    """A presentation context per (SOP Class, transfer syntax) of the data sets
+    to send. Explicit VR Little Endian is offered with Implicit VR Little
+    Endian too: every SCP must accept that (PS3.5 10.1), some accept nothing
+    else, and pynetdicom re-encodes the data set for it."""
+    for sop_class, syntax in sorted(set(pairs)):
+        ae.add_requested_context(
+            sop_class, [syntax, ImplicitVRLittleEndian] if syntax == ExplicitVRLittleEndian else syntax
+        )
 
 
 def client_ae(calling_ae: str, timeout: float) -> AE:
@@ -236,8 +248,7 @@ def send_files(
     bar = tqdm(total=len(found), unit="file", disable=not progress)
     for batch, pairs in zip(batches, contexts):
         ae = client_ae(calling_ae, timeout)
-        for sop_class, syntax in sorted(pairs):
-            ae.add_requested_context(sop_class, syntax)
+        request_store_contexts(ae, pairs)
         assoc, failure = associate(ae, ae_title, host, port)
         if failure:
             summary.statuses["Not sent"] += len(batch)

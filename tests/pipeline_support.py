@@ -112,13 +112,22 @@ class Recorder:
 
     Set :attr:`status` at any time to make the next C-STOREs fail (0xA700),
     warn (0xB000) or succeed (0x0000).  ``sop_classes`` limits the storage
-    SOP classes it accepts (default: all).
+    SOP classes it accepts (default: all), ``transfer_syntaxes`` the transfer
+    syntaxes (default: pynetdicom's).
     """
 
-    def __init__(self, ae_title: str = "TEST_PACS", *, status: int = 0x0000, sop_classes: Sequence[str] | None = None):
+    def __init__(
+        self,
+        ae_title: str = "TEST_PACS",
+        *,
+        status: int = 0x0000,
+        sop_classes: Sequence[str] | None = None,
+        transfer_syntaxes: Sequence[str] | None = None,
+    ):
         self.ae_title = ae_title
         self.status = status
         self.sop_classes = sop_classes
+        self.transfer_syntaxes = transfer_syntaxes
         self.records: list[Received] = []
         self._lock = threading.Lock()
         self.server: Any = None
@@ -126,10 +135,8 @@ class Recorder:
     def start(self, port: int = 0) -> Recorder:
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        if self.sop_classes is None:
-            ae.supported_contexts = AllStoragePresentationContexts
-        else:
-            ae.supported_contexts = [build_context(uid) for uid in self.sop_classes]
+        sop_classes = self.sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]
+        ae.supported_contexts = [build_context(uid, self.transfer_syntaxes) for uid in sop_classes]
         self.server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )

@@ -313,6 +313,20 @@ def test_send_goes_on_past_a_file_the_peer_accepted_no_context_for(tmp_path: Pat
     assert not summary.all_stored
 
 
+def test_send_reaches_a_peer_that_accepts_only_implicit_vr(tmp_path: Path, recorder: Any) -> None:
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from ichnode.scu import send_files
+    from tests.pipeline_support import phantom, write_series
+
+    pacs = recorder(transfer_syntaxes=[ImplicitVRLittleEndian])
+    files = write_series(phantom(4, n_slices=2).datasets, tmp_path / "series")
+    assert {dcmread(f).file_meta.TransferSyntaxUID for f in files} == {ExplicitVRLittleEndian}
+    summary = send_files(files, pacs.ae_title, "127.0.0.1", pacs.port, timeout=5)
+    assert summary.statuses == {"Success": 2} and len(pacs.stored()) == 2
+
+
 def test_send_to_a_refusing_node_exits_1(start_node: Any) -> None:
     node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1"}]})
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -216,6 +217,16 @@ def test_a_destination_without_sr_support_gets_the_summary_and_the_sr_is_dead_le
     assert by_kind["sr"].state == db.DEAD and by_kind["sr"].attempts == 2
     assert "presentation context" in by_kind["sr"].last_error
     assert [r.sop_class_uid for r in pacs.stored()] == [SecondaryCaptureImageStorage]
+
+
+def test_a_destination_that_accepts_only_implicit_vr_gets_every_report(nodes: Nodes, recorder) -> None:
+    # The one transfer syntax every SCP must accept; some accept nothing else.
+    pacs = recorder(transfer_syntaxes=[ImplicitVRLittleEndian])
+    node = nodes.start(reports={"destinations": [pacs.destination]})
+    store_files(node.port, phantom(36).datasets)
+    rows = wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="both sent")
+    assert sorted(r.sop_instance_uid for r in pacs.stored()) == sorted(r.sop_instance_uid for r in rows)
+    assert {r.dataset.file_meta.TransferSyntaxUID for r in pacs.stored()} == {ImplicitVRLittleEndian}
 
 
 # -- backoff -------------------------------------------------------------------------
