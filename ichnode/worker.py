@@ -407,7 +407,8 @@ class Worker:
                     db.SeriesResult.series_id == item.series_id,
                     db.SeriesResult.version < item.version,
                     db.Delivery.kind == "sr",
-                    db.Delivery.state == db.SENT,
+                    # Sent, or still on its way: it may reach the PACS while this version is scored.
+                    db.Delivery.state.in_((db.QUEUED, db.SENDING, db.SENT)),
                 )
             )
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))

@@ -347,6 +347,25 @@ def test_a_new_version_names_as_predecessor_only_an_sr_that_was_sent(nodes: Node
     assert "PredecessorDocumentsSequence" not in sr
 
 
+def test_a_new_version_names_as_predecessor_an_sr_still_on_its_way(nodes: Nodes) -> None:
+    # Version 1's SR is queued while version 2 is scored: it may reach the PACS meanwhile.
+    series = phantom(55, n_slices=14)
+    series_uid, study_uid = _uid(series.datasets[0]), _uid(series.datasets[0], "StudyInstanceUID")
+    node = nodes.start(reports=UNREACHED)
+    assert store_files(node.port, series.datasets[:12]) == [0x0000] * 12
+    wait_result(node.sessions, series_uid, instances=12)
+    assert store_files(node.port, series.datasets[12:]) == [0x0000] * 2
+    wait_result(node.sessions, series_uid, instances=14, version=2)
+    srs = {
+        ds.SeriesDescription: ds
+        for ds in _spooled_reports(node, study_uid).values()
+        if ds.SOPClassUID == Comprehensive3DSRStorage
+    }
+    (study,) = srs["ICH AI results v2"].PredecessorDocumentsSequence
+    (named,) = [sop.ReferencedSOPInstanceUID for item in study.ReferencedSeriesSequence for sop in item.ReferencedSOPSequence]
+    assert named == srs["ICH AI results v1"].SOPInstanceUID
+
+
 @pytest.mark.parametrize("outcome", ["failed", "skipped"])
 @pytest.mark.parametrize("newer", ["in flight", "recorded"])
 def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, outcome: str, newer: str) -> None:
