@@ -248,13 +248,14 @@ class ReportUids:
     Made by :func:`report_uids`; the same (series, version) always gives the
     same UIDs.  ``tracking_uids`` (one per label, in label order) stay the same
     across versions, so a finding can be followed from one version to the
-    next; ``previous_sr_*`` name the SR of an earlier version that was sent,
-    the new SR's predecessor (None when there is none).
+    next; ``previous_sr_*`` name the SR of an earlier version that was sent
+    or is on its way, the new SR's predecessor (None when there is none).
     """
 
     series_uid: str
     version: int
     prefix: str
+    installation: str
     sr_series_uid: str
     sr_sop_instance_uid: str
     sc_series_uid: str
@@ -287,13 +288,14 @@ def report_uids(
         Result version, 1 or more.
     previous_version: int | None
         The earlier version whose SR this one replaces: only one whose SR
-        was sent (an SR that never existed, of a version that was skipped
-        or failed, or whose delivery was superseded, cannot be named).
+        was sent or is on its way (an SR that never existed, of a version
+        that was skipped or failed, cannot be named).
     prefix: str | None
         UID root ending in ``"."``; pydicom's root by default.
     installation: str
-        Mixed into every UID (:func:`ichnode.db.installation`): another node
-        scoring the same series makes other UIDs.
+        Mixed into every UID (:func:`ichnode.db.installation`), the SR's
+        Device Observer UID included: another node scoring the same series
+        makes other UIDs, and names itself another device.
 
     Returns
     -------
@@ -320,6 +322,7 @@ def report_uids(
         series_uid=series_uid,
         version=version,
         prefix=root,
+        installation=installation,
         sr_series_uid=derived(v, "sr-series"),
         sr_sop_instance_uid=derived(v, "sr-instance"),
         sc_series_uid=derived(v, "sc-series"),
@@ -520,7 +523,7 @@ def build_sr(
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_derived_uid(uids.prefix, "device", manufacturer, content.algorithm_name),
+            uid=_derived_uid(uids.prefix, "device", uids.installation, manufacturer, content.algorithm_name),
             name=content.algorithm_name,
             manufacturer_name=manufacturer,
             model_name=content.algorithm_name,

@@ -426,6 +426,28 @@ def test_each_database_gives_the_reports_uids_of_its_own(tmp_path: Path) -> None
     assert report_uids(series, 1, installation="") == report_uids(series, 1)
 
 
+def _device_observer_uids(sr: Dataset) -> list[str]:
+    found = []
+    for item in sr.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == "121012":  # Device Observer UID
+            found.append(str(item.UID))
+        found += _device_observer_uids(item)
+    return found
+
+
+def test_each_installation_names_itself_another_device() -> None:
+    from tests.pipeline_support import phantom
+
+    key = phantom(3, n_slices=2).datasets[0]
+    content = _content(str(key.SOPInstanceUID))
+    devices = [
+        _device_observer_uids(build_sr([key], content, uids=report_uids(key.SeriesInstanceUID, 1, installation=i)))
+        for i in ("a", "b", "a")
+    ]
+    assert [len(d) for d in devices] == [1, 1, 1]
+    assert devices[0] != devices[1] and devices[0] == devices[2]
+
+
 @pytest.mark.parametrize(
     ("series", "version", "error"),
     [
