@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 import unicodedata
 from collections.abc import Sequence
 from copy import deepcopy
@@ -111,6 +112,8 @@ _FINDING_CATEGORY = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnor
 
 _BRAIN_WINDOW = (40.0, 80.0)  # center, width (HU)
 _LO_MAX = 64
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
+_IS_MAX = 2**31 - 1
 _SUMMARY_MIN_WIDTH = 512
 # For text of our own (model card, configuration) that is not ASCII; patient
 # attributes are then re-encoded in UTF-8.
@@ -767,8 +770,15 @@ def build_summary_image(
     # Made by software from another DICOM image, not captured from video.
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "NO"
-    # An unpaired body part, so Laterality stays absent.
-    sc.BodyPartExamined = str(header.get("BodyPartExamined") or "").strip() or "HEAD"
+    # An unpaired body part, so Laterality stays absent. A source's free text
+    # ("Kopf/Schaedel") is no Code String: the series was selected as a head.
+    body_part = str(header.get("BodyPartExamined") or "").strip().upper()
+    sc.BodyPartExamined = body_part if _CODE_STRING.fullmatch(body_part) else "HEAD"
+    # Once lossy compressed, an image and what is derived from it say so (PS3.3 C.7.6.1.1.5).
+    if str(header.get("LossyImageCompression") or "").strip() == "01":
+        for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in header:
+                sc[keyword] = deepcopy(header[keyword])
     sc.DerivationDescription = (
         "Key slice in brain window (center 40, width 80 HU) with AI findings"
     )
@@ -975,7 +985,9 @@ def _series_number(header: Dataset, explicit: int | None, *, offset: int) -> int
         source = int(header.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
         source = 0
-    return max(source, 0) + offset
+    # Integer String holds 32 bits: past them, the offset alone.
+    number = max(source, 0) + offset
+    return number if number <= _IS_MAX else offset
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -363,6 +363,28 @@ def test_summary_image_of_a_small_slice_is_scaled_up() -> None:
     assert sc.PatientOrientation == ["L", "P"]
 
 
+@pytest.mark.tools("dciodvfy")
+@pytest.mark.filterwarnings("ignore:.*for VR CS")  # the source's free text, set below
+def test_summary_image_of_a_lossy_source_with_free_text_headers_is_valid_and_says_lossy(tmp_path: Path) -> None:
+    key = _synthetic_ct("1.2.3.4.5.1")
+    key.BodyPartExamined = "Kopf/Schaedel nativ"  # free text where a Code String belongs
+    key.SeriesNumber = 2**31 - 100  # + 2000 would pass what an Integer String holds
+    key.LossyImageCompression, key.LossyImageCompressionRatio, key.LossyImageCompressionMethod = "01", 10, "ISO_10918_1"
+    content = _content(str(key.SOPInstanceUID))
+    sc = build_summary_image(key, np.full((64, 64), 40.0), content, uids=report_uids(str(key.SeriesInstanceUID), 1))
+    assert (sc.BodyPartExamined, sc.SeriesNumber) == ("HEAD", 2000)
+    assert (sc.LossyImageCompression, sc.LossyImageCompressionRatio, sc.LossyImageCompressionMethod) == (
+        "01",
+        10,
+        "ISO_10918_1",
+    )
+    sc.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    assert [line for line in _dciodvfy(tmp_path / "sc.dcm") if line.startswith("Error")] == []
+    key.BodyPartExamined = "head"
+    again = build_summary_image(key, np.full((64, 64), 40.0), content, uids=report_uids(str(key.SeriesInstanceUID), 1))
+    assert again.BodyPartExamined == "HEAD"
+
+
 # --------------------------------------------------------------------------
 # UIDs and resends
 
