@@ -63,6 +63,7 @@ from pydicom.valuerep import DA, DT, TM
 from ichnode import __version__
 from ichnode.config import LABELS
 from ichnode.imaging import apply_windows, sop_class_uid
+from ichnode.results import shown_scores
 
 logger = logging.getLogger(__name__)
 
@@ -651,7 +652,8 @@ def prime() -> None:
 
 def _algorithm_parameters(content: ReportContent, finding: Finding) -> list[str]:
     # The slices left out are the Completion Flag Description's, not a parameter.
-    parameters = [f"operating threshold {finding.threshold:.3f}"]
+    # As many decimals as the probability measurement: 0.555 would read below a Probability 0.5552 that is Absent.
+    parameters = [f"operating threshold {finding.threshold:.6f}"]
     if content.disclaimer:
         parameters.append(content.disclaimer)
     return parameters
@@ -811,7 +813,7 @@ def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[i
         ((f"ICH AI results v{content.version} - key slice (highest 'any' score)",), _WHITE)
     ]
     for finding in content.findings:
-        probability, threshold = _shown_scores(finding)
+        probability, threshold = shown_scores(finding.probability, finding.threshold, finding.present)
         rows.append(
             (
                 (
@@ -829,19 +831,6 @@ def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[i
     if content.disclaimer:
         rows.append(((content.disclaimer,), _YELLOW))
     return rows
-
-
-def _shown_scores(finding: Finding) -> tuple[str, str]:
-    """Probability and threshold to 0.001, never contradicting the flag beside
-    them: the threshold rounded up, the probability towards its flag
-    (0.4996 absent at 0.5 reads 0.499, not 0.500)."""
-    threshold = math.ceil(round(finding.threshold * 1000, 6))
-    probability = round(finding.probability * 1000, 6)
-    if finding.present:
-        shown = math.ceil(probability)
-    else:
-        shown = min(math.floor(probability), threshold - 1)
-    return f"{shown / 1000:.3f}", f"{threshold / 1000:.3f}"
 
 
 def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:

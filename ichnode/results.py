@@ -147,7 +147,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         "positive": ",".join(label for label in LABELS if row["flags"].get(label)),
     }
     for label in LABELS:
-        flat[label] = _score(row["scores"].get(label))
+        flat[label] = _series_score(row, label)
     flat["delivery"] = _delivery_text(row)
     return flat
 
@@ -237,6 +237,25 @@ def _show_csv(rows: list[dict[str, Any]]) -> str:
 
 def _score(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
+
+
+def shown_scores(probability: float, threshold: float, present: bool) -> tuple[str, str]:
+    """A finding's probability and threshold to 0.001, as printed everywhere
+    (``results``, the summary image): rounded, except that an absent
+    finding's probability never reads as much as its threshold (0.5552
+    absent at 0.55548 reads 0.554, not 0.555). Rounding alone keeps a present
+    one at or above its threshold."""
+    shown, shown_threshold = round(probability, 3), round(threshold, 3)
+    if not present and shown >= shown_threshold:
+        shown = max(shown_threshold - 0.001, 0.0)
+    return f"{shown:.3f}", f"{shown_threshold:.3f}"
+
+
+def _series_score(row: dict[str, Any], label: str) -> str:
+    probability, threshold = row["scores"].get(label), row.get("thresholds", {}).get(label)
+    if probability is None or threshold is None:
+        return _score(probability)
+    return shown_scores(probability, threshold, bool(row["flags"].get(label)))[0]
 
 
 def _table(columns: list[str], rows: list[dict[str, str]]) -> str:

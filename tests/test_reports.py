@@ -39,6 +39,7 @@ from ichnode.reports import (
 from ichnode.reports import _summary_rows  # the panel's text, as drawn
 
 from ichnode.imaging import to_hu
+from ichnode.results import shown_scores
 
 from .conftest import require_data, require_tool
 
@@ -291,7 +292,7 @@ def test_sr_measurement_groups(built: Built) -> None:
     parameters = {item.TextValue for item in _texts(sr, "111002")}
     assert names == ["ichnode-default"] * len(LABELS)
     assert versions == ["0.3.1"] * len(LABELS)
-    assert {"operating threshold 0.500", DISCLAIMER} <= parameters
+    assert {"operating threshold 0.500000", DISCLAIMER} <= parameters
 
 
 def _texts(sr: Dataset, code: str) -> list[Dataset]:
@@ -664,7 +665,11 @@ def test_summary_numbers_never_contradict_the_flag_beside_them() -> None:
     assert cells["any"] == ("0.499", "absent", "threshold 0.500")
     assert cells["epidural"] == ("0.456", "PRESENT", "threshold 0.456")
     assert cells["intraparenchymal"] == ("0.455", "absent", "threshold 0.456")
+    assert shown_scores(0.5552, 0.55548, False) == ("0.554", "0.555")
     assert cells["subdural"] == ("0.100", "absent", "threshold 0.500")
+    # Away from the threshold, plain rounding: the numbers `ichnode results` prints too.
+    assert shown_scores(0.867203, 0.49237, True) == ("0.867", "0.492")
+    assert shown_scores(0.001774, 0.24, False) == ("0.002", "0.240")
 
 
 def test_summary_text_is_drawn_in_the_fonts_characters_and_within_the_panel() -> None:

@@ -242,3 +242,19 @@ def test_show_an_unknown_uid_fails_clearly(filled: Filled) -> None:
     out = run_cli(["results", "show", "1.2.3.4.5.6.7", "--config", str(filled.config)])
     assert out.returncode != 0
     assert "no study or series '1.2.3.4.5.6.7' in the database" in out.stderr
+
+
+def test_a_score_beside_its_threshold_reads_as_the_summary_image_has_it() -> None:
+    from ichnode.results import _EMPTY, format_results
+
+    row = {
+        **_EMPTY,
+        "series_uid": "1.2.3",
+        "status": "scored",
+        "scores": {"any": 0.5552, "subdural": 0.867203},
+        "thresholds": {"any": 0.55548, "subdural": 0.49237},
+        "flags": {"any": False, "subdural": True},
+    }
+    (parsed,) = csv.DictReader(io.StringIO(format_results([row], "csv")))
+    # Absent: never as much as its threshold (0.555); elsewhere plain rounding.
+    assert (parsed["any"], parsed["subdural"], parsed["positive"]) == ("0.554", "0.867", "subdural")
