@@ -154,12 +154,17 @@ class Finding:
         Whether the finding is flagged at the operating threshold.
     threshold: float
         The operating threshold in [0, 1].
+    source_sop_instance_uid: str | None
+        The slice with this label's highest slice score, where the finding
+        is seen: the SR's "Source of Measurement" of the label (a viewer opens
+        it). None: the key slice.
     """
 
     label: str
     probability: float
     present: bool
     threshold: float
+    source_sop_instance_uid: str | None = None
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
@@ -172,6 +177,9 @@ class Finding:
                 raise ValueError(f"Finding.{name} must be in [0, 1], got {value!r}")
         if not isinstance(self.present, (bool, np.bool_)):
             raise TypeError(f"Finding.present must be a bool, got {type(self.present).__name__}")
+        source = self.source_sop_instance_uid
+        if source is not None and (not isinstance(source, str) or not source.strip()):
+            raise ValueError(f"Finding.source_sop_instance_uid must be a non-empty string or None, got {source!r}")
 
 
 @dataclass(frozen=True)
@@ -533,20 +541,24 @@ def build_sr(
             model_name=content.algorithm_name,
         ),
     )
-    # The key slice is each group's source image.  A slice whose UIDs are not
-    # valid DICOM UIDs (RSNA: "ID_953bfd576") cannot be an IMAGE content item:
-    # DCMTK refuses the whole content tree.  Such a slice is then only listed
-    # in the evidence (header), which DCMTK reads with a warning.
-    key_images = []
-    if UID(str(key.SOPInstanceUID)).is_valid and UID(str(key.SOPClassUID)).is_valid:
-        key_images.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(key))
-    else:
-        logger.warning(
-            "key slice %s of series %s has no valid DICOM UID; the SR lists it as "
-            "evidence only, not as the measurements' source image",
-            key.SOPInstanceUID,
-            key.SeriesInstanceUID,
-        )
+    # Each group's source image is the slice its label scored highest on. A
+    # slice whose UIDs are not valid DICOM UIDs (RSNA: "ID_953bfd576") cannot
+    # be an IMAGE content item: DCMTK refuses the whole content tree. Such a
+    # slice is then only listed in the evidence, which DCMTK reads with a warning.
+    by_uid = {str(header.SOPInstanceUID): header for header in headers}
+    unnamed = set()
+
+    def source_images(finding: Finding) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+        uid = finding.source_sop_instance_uid or content.key_sop_instance_uid
+        if uid not in by_uid:
+            raise ValueError(f"the source slice {uid!r} of {finding.label} is not among the source images")
+        sop_class = str(by_uid[uid].SOPClassUID)
+        if UID(uid).is_valid and UID(sop_class).is_valid:
+            # By its UIDs: the headers of slices other than the key hold little more.
+            return [hd.sr.SourceImageForMeasurementGroup(sop_class, uid)]
+        unnamed.add(uid)
+        return None
+
     groups = []
     for finding, tracking_uid in zip(content.findings, uids.tracking_uids, strict=True):
         concept = FINDING_CODES[finding.label]
@@ -574,8 +586,15 @@ def build_sr(
                         name=concept, value=_PRESENT if finding.present else _ABSENT
                     )
                 ],
-                source_images=key_images or None,
+                source_images=source_images(finding),
             )
+        )
+    if unnamed:
+        logger.warning(
+            "%d source slices of series %s have no valid DICOM UID; the SR lists them as "
+            "evidence only, not as the measurements' source images",
+            len(unnamed),
+            key.SeriesInstanceUID,
         )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
@@ -742,7 +761,7 @@ def build_summary_image(
         )
     _check_lo("manufacturer", manufacturer)
     when = content_datetime or dt.datetime.now()
-    pixels = _render_summary(hu, content)
+    pixels = _render_summary(hu, content, header.get("InstanceNumber"))
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -807,10 +826,14 @@ def _window(hu: np.ndarray) -> np.ndarray:
 _WHITE, _GREY, _RED, _YELLOW = (255, 255, 255), (190, 190, 190), (255, 80, 80), (255, 210, 0)
 
 
-def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[int, int, int]]]:
+def _summary_rows(
+    content: ReportContent, key_number: object = None
+) -> list[tuple[tuple[str, ...], tuple[int, int, int]]]:
     """Text rows of the panel: one cell (free text) or four (a finding)."""
+    # The Instance Number finds the slice in a viewer; a subtype may be seen best on another one (the SR names it).
+    image = f"image {key_number}, " if str(key_number or "").strip() else ""
     rows: list[tuple[tuple[str, ...], tuple[int, int, int]]] = [
-        ((f"ICH AI results v{content.version} - key slice (highest 'any' score)",), _WHITE)
+        ((f"ICH AI results v{content.version} - key slice ({image}highest 'any' score)",), _WHITE)
     ]
     for finding in content.findings:
         probability, threshold = shown_scores(finding.probability, finding.threshold, finding.present)
@@ -833,7 +856,7 @@ def _summary_rows(content: ReportContent) -> list[tuple[tuple[str, ...], tuple[i
     return rows
 
 
-def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:
+def _render_summary(hu: np.ndarray, content: ReportContent, key_number: object = None) -> np.ndarray:
     image = Image.fromarray(_window(hu), mode="L").convert("RGB")
     if image.width < _SUMMARY_MIN_WIDTH:
         height = max(1, round(image.height * _SUMMARY_MIN_WIDTH / image.width))
@@ -847,7 +870,7 @@ def _render_summary(hu: np.ndarray, content: ReportContent) -> np.ndarray:
     for cells in (LABELS, ("0.000",), ("PRESENT",)):
         columns.append(columns[-1] + round(max(font.getlength(c) for c in cells)) + font_size)
     lines: list[tuple[tuple[str, ...], tuple[int, int, int]]] = []
-    for cells, colour in _summary_rows(content):
+    for cells, colour in _summary_rows(content, key_number):
         if len(cells) == 1:  # free text, wrapped to the panel width
             lines.extend(((part,), colour) for part in _wrap(_drawable(cells[0]), font, width - 2 * margin))
         else:

@@ -493,9 +493,14 @@ class Worker:
         card = self.model.card
         scores = series_scores(probs, card)
         found = flags(scores, self.thresholds)
+        # Where each label scored highest: the key slice is that of "any".
+        tops = [item.sop_uids[int(i)] for i in np.argmax(probs, axis=0)]
         key = int(np.argmax(probs[:, LABELS.index("any")]))
         content = ReportContent(
-            findings=tuple(Finding(label, scores[label], found[label], self.thresholds[label]) for label in LABELS),
+            findings=tuple(
+                Finding(label, scores[label], found[label], self.thresholds[label], tops[i])
+                for i, label in enumerate(LABELS)
+            ),
             key_sop_instance_uid=item.sop_uids[key],
             algorithm_name=card.name,
             algorithm_version=card.version,

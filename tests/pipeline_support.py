@@ -218,6 +218,31 @@ def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
 
 
 # -- database views ------------------------------------------------------------------
+def measurement_sources(sr: Dataset) -> dict[str, list[str]]:
+    """SOP Instance UIDs of each measurement group's "Source of Measurement"
+    images in an SR, by the label its tracking identifier ("ICH subdural") names."""
+    sources: dict[str, list[str]] = {}
+
+    def concept(item: Dataset) -> str:
+        return str(item.ConceptNameCodeSequence[0].CodeValue) if "ConceptNameCodeSequence" in item else ""
+
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            if item.ValueType == "CONTAINER" and concept(item) == "125007":  # Measurement Group
+                children = item.ContentSequence
+                (label,) = [c.TextValue.removeprefix("ICH ") for c in children if concept(c) == "112039"]
+                sources[label] = [
+                    str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                    for c in children
+                    if c.ValueType == "IMAGE" and concept(c) == "121112"  # Source of Measurement
+                ]
+            else:
+                walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return sources
+
+
 def results_of(sessions: Any, series_uid: str) -> list[db.SeriesResult]:
     """Every result of a series, oldest first, with slices and deliveries loaded."""
     with sessions() as session:

@@ -649,6 +649,27 @@ def test_build_summary_image_rejects_bad_arguments() -> None:
         build_summary_image(tilted, hu, content, uids=uids)
 
 
+def test_each_finding_names_as_its_source_the_slice_it_was_seen_on(built: Built) -> None:
+    from tests.pipeline_support import measurement_sources
+
+    uids = [str(h.SOPInstanceUID) for h in built.headers]
+    content = replace(
+        built.content,
+        findings=tuple(replace(f, source_sop_instance_uid=uids[i]) for i, f in enumerate(built.content.findings)),
+    )
+    sr = build_sr(built.headers, content, uids=report_uids(str(built.key.SeriesInstanceUID), 2, previous_version=1))
+    valid = UID(uids[0]).is_valid  # RSNA's "ID_..." UIDs cannot be IMAGE items
+    assert measurement_sources(sr) == {label: [uids[i]] if valid else [] for i, label in enumerate(LABELS)}
+    # Without a source of its own, a finding's is the key slice.
+    assert {tuple(v) for v in measurement_sources(built.sr).values()} == {(built.content.key_sop_instance_uid,) if valid else ()}
+
+
+def test_summary_names_the_key_slice_by_its_instance_number() -> None:
+    content = _content("1.2.3")
+    assert _summary_rows(content, 14)[0][0] == ("ICH AI results v1 - key slice (image 14, highest 'any' score)",)
+    assert _summary_rows(content, None)[0][0] == ("ICH AI results v1 - key slice (highest 'any' score)",)
+
+
 def test_summary_numbers_never_contradict_the_flag_beside_them() -> None:
     # Near a threshold, rounding to three decimals must not show an absent
     # finding at its threshold, nor a present one below it.

@@ -36,6 +36,7 @@ from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
     instances_of,
+    measurement_sources,
     phantom,
     results_of,
     shared_model,
@@ -276,6 +277,25 @@ def test_late_slices_make_a_new_version_that_supersedes_the_old(nodes: Nodes, re
         for sop in series_item.ReferencedSOPSequence
     }
     assert predecessors == {str(sr1.SOPInstanceUID)}
+
+
+def test_the_sr_sends_a_viewer_to_the_slice_each_label_scored_highest_on(nodes: Nodes) -> None:
+    series = phantom(62, n_slices=16, hemorrhage=("subdural", "intraparenchymal"))
+    series_uid = _uid(series.datasets[0])
+    node = nodes.start(reports=UNREACHED)
+    assert store_files(node.port, series.datasets) == [0x0000] * 16
+    result = wait_result(node.sessions, series_uid, instances=16)
+    top = {
+        label: max(result.slices, key=lambda s: s.scores[label]).sop_instance_uid for label in LABELS
+    }
+    assert top["any"] == result.key_sop_instance_uid
+    (sr,) = [
+        ds
+        for ds in _spooled_reports(node, _uid(series.datasets[0], "StudyInstanceUID")).values()
+        if ds.SOPClassUID == Comprehensive3DSRStorage
+    ]
+    assert measurement_sources(sr) == {label: [top[label]] for label in LABELS}
+    assert len(set(top.values())) > 1  # not all the key slice
 
 
 def test_images_arriving_after_retention_do_not_replace_the_full_series_result(nodes: Nodes) -> None:
