@@ -200,7 +200,8 @@ class ReportContent:
         Result version of the series (1, 2, ...); a later one supersedes.
     quarantined_count: int
         Slices that could not be used (unreadable, undecodable, or not a
-        slice of the volume) and were not scored.
+        slice of the volume) and were not scored; an older copy of a slice
+        sent again is not one.
     disclaimer: str | None
         Text from the model card, e.g. ``"Not for clinical use"``.
     """

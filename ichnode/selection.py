@@ -38,6 +38,12 @@ _SAME_POSITION_MM = 0.01
 _SAME_POSITION = "at the slice position of"
 
 
+def replaced_by_a_later_copy(reason: str) -> bool:
+    """Whether an image was left out only because a later one took its slice
+    position (a slice sent again under a new UID): nothing of the volume is missing."""
+    return _SAME_POSITION in reason
+
+
 def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: SeriesConfig) -> str | None:
     """None when the series is eligible, else a one-line reason.
 

@@ -48,6 +48,7 @@ from .preparation import (
 )
 from .receiver import host_addresses
 from .reports import Finding, ReportContent, report_uids
+from .selection import replaced_by_a_later_copy
 from .spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ class ClaimedSeries:
     parts: int = 1  # helper processes decoding it
     failed: bool = False
     volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
-    # Slices quarantined by earlier versions: not read again, still not scored.
+    # Slices quarantined by earlier versions (and missing from the volume): not read again, still not scored.
     quarantined_before: int = 0
-    # The latest earlier version whose SR was stored at a destination: the new
+    # The latest earlier version whose SR was sent or is on its way: the new
     # SR names it as its predecessor.
     previous_sr_version: int | None = None
 
@@ -101,7 +102,10 @@ class ClaimedSeries:
 
     @property
     def quarantined_count(self) -> int:
-        return len(self.quarantined) + self.quarantined_before
+        """Images left out for what they lack, this version's and earlier
+        ones': an older copy of a slice sent again is not missing."""
+        missing = [reason for reason in self.quarantined.values() if not replaced_by_a_later_copy(reason)]
+        return len(missing) + self.quarantined_before
 
 
 @dataclass(frozen=True)
@@ -395,10 +399,13 @@ class Worker:
                     .order_by(db.Instance.id)
                 )
             ]
-            item.quarantined_before = session.scalar(
-                select(func.count())
-                .select_from(db.Instance)
-                .where(db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_not(None))
+            item.quarantined_before = sum(
+                not replaced_by_a_later_copy(reason)
+                for reason in session.scalars(
+                    select(db.Instance.quarantine_reason).where(
+                        db.Instance.series_id == item.series_id, db.Instance.quarantine_reason.is_not(None)
+                    )
+                )
             )
             item.previous_sr_version = session.scalar(
                 select(func.max(db.SeriesResult.version))

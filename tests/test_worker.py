@@ -327,6 +327,36 @@ def test_images_arriving_after_retention_do_not_replace_the_full_series_result(n
     assert [r.superseded for r in results_of(node.sessions, series_uid)] == [True, True, False]
 
 
+def test_a_slice_sent_again_under_a_new_uid_replaces_the_old_copy_and_nothing_is_missing(nodes: Nodes) -> None:
+    series = phantom(56, n_slices=12)
+    series_uid, study_uid = _uid(series.datasets[0]), _uid(series.datasets[0], "StudyInstanceUID")
+    node = nodes.start(reports=UNREACHED)
+    assert store_files(node.port, series.datasets) == [0x0000] * 12
+    wait_result(node.sessions, series_uid, instances=12)
+    again = copy.deepcopy(series.datasets[4])
+    again.SOPInstanceUID = pydicom.uid.generate_uid()
+    assert store_files(node.port, [again]) == [0x0000]
+    v2 = wait_result(node.sessions, series_uid, instances=13, version=2)
+    assert (v2.status, v2.slice_count, v2.quarantined_count) == (db.SCORED, 12, 0)
+    (old,) = [i for i in instances_of(node.sessions, series_uid) if i.quarantine_reason]
+    assert old.sop_instance_uid == series.datasets[4].SOPInstanceUID and "used instead" in old.quarantine_reason
+    (sr,) = [
+        ds
+        for ds in _spooled_reports(node, study_uid).values()
+        if ds.SOPClassUID == Comprehensive3DSRStorage and ds.SeriesDescription == "ICH AI results v2"
+    ]
+    assert sr.CompletionFlag == "COMPLETE"
+    # A third version (one slice more) still counts nothing missing.
+    extra = copy.deepcopy(series.datasets[11])
+    extra.SOPInstanceUID = pydicom.uid.generate_uid()
+    extra.ImagePositionPatient = [float(v) for v in extra.ImagePositionPatient[:2]] + [
+        float(extra.ImagePositionPatient[2]) + 5.0
+    ]
+    assert store_files(node.port, [extra]) == [0x0000]
+    v3 = wait_result(node.sessions, series_uid, instances=14, version=3)
+    assert (v3.slice_count, v3.quarantined_count) == (13, 0)
+
+
 def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) -> None:
     series = phantom(53, n_slices=14)
     datasets = _with_a_truncated_slice(series.datasets, 5)
