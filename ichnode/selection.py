@@ -36,6 +36,20 @@ _SAME_ORIENTATION_DEGREES = 1.0
 # Slices closer than this along the normal are at one position.
 _SAME_POSITION_MM = 0.01
 _SAME_POSITION = "at the slice position of"
+# Images at one position that differ in one of these are passes of a dynamic
+# series or reconstructions, not copies of one image sent again.
+_ACQUISITION_KEYWORDS = (
+    "AcquisitionNumber",
+    "AcquisitionDateTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ContentDate",
+    "ContentTime",
+    "TemporalPositionIdentifier",
+    "TriggerTime",
+    "ConvolutionKernel",
+    "SliceThickness",
+)
 
 
 def replaced_by_a_later_copy(reason: str) -> bool:
@@ -137,7 +151,7 @@ def mixed_series(headers: Sequence[Dataset]) -> str | None:
     positions: a dynamic (perfusion) series or several reconstructions filed
     as one series, which would be scored as if their images were slices.
     """
-    strays = _strays(headers)
+    strays, _ = _strays(headers)
     if not strays:
         return None
     repeats = [index for index, why in strays.items() if why.startswith(_SAME_POSITION)]
@@ -148,7 +162,7 @@ def mixed_series(headers: Sequence[Dataset]) -> str | None:
             "(a dynamic or perfusion series, or several reconstructions in one series)"
         )
     index, why = next(iter(strays.items()))
-    return f"{len(strays)} of {len(headers)} images are not slices of one volume (image {index + 1}: {why})"
+    return f"{len(strays)} of {len(headers)} images are not slices of one volume ({_named(headers[index])}: {why})"
 
 
 def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
@@ -158,17 +172,33 @@ def stray_slices(headers: Sequence[Dataset]) -> dict[int, str]:
     study or patient than most, one oriented otherwise than most (its
     reformat, say), one without a usable position, or one at the position
     of an image received after it (a slice sent again under a new UID) is
-    left out of the volume. Only a minority can be stray: a series made
-    mostly of such images is judged whole by :func:`skip_reason` (see
-    :func:`mixed_series`).
+    left out of the volume. Only a minority can be stray, copies aside (a
+    series sent again whole under new UIDs is scored from its last copy): a
+    series made mostly of such images is judged whole by :func:`skip_reason`
+    (see :func:`mixed_series`).
     """
-    strays = _strays(headers)
-    return strays if 2 * len(strays) < len(headers) else {}
+    strays, copies = _strays(headers)
+    return strays if 2 * (len(strays) - len(copies)) < len(headers) - len(copies) else {}
 
 
-def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
-    """Every image that is not a slice of the volume most images share, and why."""
+def _named(ds: Dataset) -> str:
+    """An image as an administrator finds it: its Instance Number and SOP Instance UID."""
+    number = str(ds.get("InstanceNumber", "") or "").strip()
+    return f"image {number} ({ds.get('SOPInstanceUID', '?')})" if number else f"image {ds.get('SOPInstanceUID', '?')}"
+
+
+def _acquisition(ds: Dataset) -> tuple[str, ...] | None:
+    """What tells two passes or reconstructions at one position apart; None where nothing does."""
+    values = tuple(str(ds.get(keyword, "") or "").strip() for keyword in _ACQUISITION_KEYWORDS)
+    return values if any(values) else None
+
+
+def _strays(headers: Sequence[Dataset]) -> tuple[dict[int, str], set[int]]:
+    """Every image that is not a slice of the volume most images share, and
+    why; and which of them are copies of a later image (the same acquisition
+    at the same position)."""
     strays: dict[int, str] = {}
+    copies: set[int] = set()
     origins: dict[int, np.ndarray] = {}
     normals: dict[int, np.ndarray] = {}
     # One Series Instance UID for images of two patients or studies: a series
@@ -218,10 +248,14 @@ def _strays(headers: Sequence[Dataset]) -> dict[int, str]:
             groups[-1].append(index)
             previous = position
         for group in groups:
+            latest = max(group)
             for index in group:
-                if index != max(group):
-                    strays[index] = f"{_SAME_POSITION} image {max(group) + 1}, which came later and is used instead"
-    return dict(sorted(strays.items()))
+                if index != latest:
+                    strays[index] = f"{_SAME_POSITION} {_named(headers[latest])}, which came later and is used instead"
+                    same = _acquisition(headers[index])
+                    if same is not None and same == _acquisition(headers[latest]):
+                        copies.add(index)
+    return dict(sorted(strays.items())), copies
 
 
 def _kind_text(kind: tuple[str, str]) -> str:

@@ -39,10 +39,11 @@ def test_a_perfusion_series_is_skipped_not_scored_as_one_volume() -> None:
     # valid axial head slice, but their volume is not a head.
     series = _series()
     timed = []
-    for _ in range(3):
+    for seconds in range(3):
         for ds in series:
             again = copy.deepcopy(ds)
             again.SOPInstanceUID = generate_uid()
+            again.AcquisitionTime = again.ContentTime = f"2107{seconds:02d}"
             timed.append(again)
     assert stray_slices(timed) == {}
     assert _reason(timed) == (
@@ -108,8 +109,30 @@ def test_a_slice_sent_again_under_a_new_uid_is_scored_once() -> None:
     again = copy.deepcopy(series[4])
     again.SOPInstanceUID = generate_uid()
     series.append(again)  # came after the first copy
-    assert stray_slices(series) == {4: "at the slice position of image 13, which came later and is used instead"}
+    assert stray_slices(series) == {
+        4: f"at the slice position of image {again.InstanceNumber} ({again.SOPInstanceUID}), "
+        "which came later and is used instead"
+    }
     assert _reason(series) is None
+
+
+def test_a_series_sent_again_whole_under_new_uids_is_scored_from_the_last_copy() -> None:
+    # A gateway that gives every instance a new UID each time it forwards:
+    # the same acquisition at every position, twice, is no dynamic series.
+    series = _series()
+    again = []
+    for ds in series:
+        copied = copy.deepcopy(ds)
+        copied.SOPInstanceUID = generate_uid()
+        again.append(copied)
+    strays = stray_slices(series + again)
+    assert sorted(strays) == list(range(12))
+    assert all("which came later and is used instead" in why for why in strays.values())
+    assert _reason(series + again) is None
+    # Another reconstruction at the same positions is no copy.
+    for ds in again:
+        ds.ConvolutionKernel = "BONE"
+    assert _reason(series + again).startswith("24 images at 12 slice positions: several images per position")
 
 
 @pytest.mark.parametrize(
