@@ -206,6 +206,9 @@ def make_engine(url: str) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
         # Threads of one process share the engine; SQLite itself serialises writers.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        # A pooled connection a database server's restart left stale is replaced, not handed out to fail.
+        kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_on_connect)

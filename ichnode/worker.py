@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db, imaging
@@ -544,6 +545,10 @@ class Worker:
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, "a helper process died"):
                 return  # its reports were being built
+            if isinstance(exc, OperationalError):  # locked past its timeout, a connection gone: not the series'
+                logger.exception("the database did not record series %s; it is scored again", item.series_uid)
+                self._put_back.append(item)
+                return
             logger.exception("storing the result of series %s failed", item.series_uid)
             self._fail_or_keep(item, f"{type(exc).__name__}: {exc}")
 
