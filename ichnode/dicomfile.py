@@ -1,7 +1,8 @@
-"""Reading a DICOM file's elements without its pixels, and telling a whole
-file from one cut off (an interrupted copy, a transfer that ended early).
+"""Reading a DICOM file's elements without its pixels, telling a whole file
+from one cut off (an interrupted copy, a transfer that ended early), and
+telling one data set sent again in another encoding.
 
-``ichnode send`` refuses such a file, as DCMTK's storescu does, and the
+``ichnode send`` refuses a cut-off file, as DCMTK's storescu does, and the
 receiver refuses such a data set: stored, it would replace a good copy with
 whatever part of the Pixel Data arrived.
 """
@@ -11,10 +12,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from pydicom import dcmread
 from pydicom.datadict import dictionary_description, dictionary_has_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -28,6 +33,7 @@ from pydicom.uid import (
 DEFER_BYTES = 1024
 # The shortest element header: tag and length (implicit VR).
 _ELEMENT_HEADER_BYTES = 8
+_PIXEL_DATA = Tag("PixelData")
 
 
 class Truncated(ValueError):
@@ -87,3 +93,38 @@ def transfer_syntax(ds: Dataset) -> UID:
     if implicit:
         return ImplicitVRLittleEndian
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def same_data_set(first: Path, second: Path) -> bool:
+    """Whether two files hold one data set, whatever their encodings: a PACS
+    forwarding a study in Implicit VR, or compressed without loss, sends the
+    scanner's images again, not other ones. The same elements with equal
+    values (their VRs and group lengths aside), and the same pixels once
+    decoded. Any doubt (a file that cannot be read or decoded) is a difference."""
+    try:
+        a, b = dcmread(first), dcmread(second)
+        if not _same_elements(a, b):
+            return False
+        if "PixelData" not in a:
+            return True
+        if transfer_syntax(a) == transfer_syntax(b):
+            return a.PixelData == b.PixelData
+        return bool(np.array_equal(a.pixel_array, b.pixel_array))
+    except Exception:
+        return False
+
+
+def _same_elements(a: Dataset, b: Dataset) -> bool:
+    tags = {tag for tag in a.keys() if tag.element != 0 and tag != _PIXEL_DATA}
+    if tags != {tag for tag in b.keys() if tag.element != 0 and tag != _PIXEL_DATA}:
+        return False
+    for tag in tags:
+        x, y = a[tag].value, b[tag].value
+        if isinstance(x, Sequence) or isinstance(y, Sequence):
+            if not (isinstance(x, Sequence) and isinstance(y, Sequence) and len(x) == len(y)):
+                return False
+            if not all(_same_elements(i, j) for i, j in zip(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True

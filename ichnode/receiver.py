@@ -40,7 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import AccessConfig, Config
-from .dicomfile import Truncated, check_whole, read_elements
+from .dicomfile import Truncated, check_whole, read_elements, same_data_set
 from .scu import disable_nagle
 from .series import InstanceHeader, Registration, register_instance
 from .spool import Spool
@@ -441,11 +441,12 @@ def _store_again(
 ) -> int | Dataset:
     """A copy of an instance whose file is already at its path. The row first,
     then the file: until the row describes the new copy, the acknowledged one
-    stays in place, so a failure leaves both as they were. A byte-identical
-    copy is only counted (its file and series stay as they are)."""
+    stays in place, so a failure leaves both as they were. An identical copy
+    (the same bytes, or the same data set in another encoding) is only
+    counted: its file and series stay as they are."""
     try:
         size = received.stat().st_size
-        identical = spool.same_content(received, relative)
+        identical = spool.same_content(received, relative) or same_data_set(received, spool.absolute(relative))
         if not identical:
             spool.sync_file(received)  # on disk before the row says it is there
     except OSError as exc:

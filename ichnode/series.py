@@ -92,7 +92,7 @@ class Registration:
     # Spool path of an older copy of the same SOP Instance UID that now lies
     # elsewhere (its series UID changed) and can be deleted.
     replaced_path: str | None
-    # A byte-identical copy of the recorded file: only counted, the file stays.
+    # An identical copy of the recorded file (its bytes, or its data set in another encoding): only counted, the file stays.
     identical: bool = False
 
 
@@ -249,7 +249,7 @@ def _register(
 def _count_identical_copy(
     conn: Connection, header: InstanceHeader, path: str, calling_ae: str | None
 ) -> Registration | None:
-    """Count a byte-identical resend of a recorded instance (a routing rule
+    """Count an identical resend of a recorded instance (a routing rule
     that fired twice, a study sent again) and change nothing else: its series
     keeps its state and version, so it is not scored and reported again
     (only its time of last receipt moves), unless it failed or was skipped.

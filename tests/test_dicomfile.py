@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -45,3 +46,35 @@ def test_a_file_cut_off_is_told_from_a_whole_one(tmp_path: Path, change: str, wh
     else:
         with pytest.raises(Truncated):
             _check(path)
+
+
+@pytest.mark.parametrize("encoding", ["implicit VR", "RLE", "deflated"])
+def test_one_data_set_in_another_encoding_is_the_same_and_any_change_is_not(tmp_path: Path, encoding: str) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+
+    from ichnode.dicomfile import same_data_set
+    from tests.pipeline_support import phantom
+
+    original = phantom(8, n_slices=2).datasets[0]
+    original.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    again = pydicom.dcmread(tmp_path / "a.dcm")
+    if encoding == "RLE":
+        again.compress(RLELossless, generate_instance_uid=False)
+    else:
+        again.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if encoding == "implicit VR" else DeflatedExplicitVRLittleEndian
+        )
+    again.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    assert (tmp_path / "a.dcm").read_bytes() != (tmp_path / "b.dcm").read_bytes()
+    assert same_data_set(tmp_path / "a.dcm", tmp_path / "b.dcm")
+
+    changed = pydicom.dcmread(tmp_path / "b.dcm")
+    changed.ImageComments = "corrected"
+    changed.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    assert not same_data_set(tmp_path / "a.dcm", tmp_path / "c.dcm")
+    pixels = pydicom.dcmread(tmp_path / "a.dcm")
+    array = pixels.pixel_array.copy()
+    array[0, 0] += 1
+    pixels.PixelData = array.tobytes()
+    pixels.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+    assert not same_data_set(tmp_path / "b.dcm", tmp_path / "d.dcm")

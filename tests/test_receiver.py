@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -914,8 +914,9 @@ def test_an_identical_resend_of_a_complete_series_changes_nothing(start_node: An
     series_uid = ge_series_uid()
     node = start_node()
 
-    def send() -> None:
-        result = run_dcmtk([storescu, "-aet", "PACS", "-aec", "ICHNODE", "127.0.0.1", str(node.port), *map(str, files)])
+    def send(*options: str) -> None:
+        command = [storescu, *options, "-aet", "PACS", "-aec", "ICHNODE", "127.0.0.1", str(node.port)]
+        result = run_dcmtk([*command, *map(str, files)])
         assert result.returncode == 0, result.stdout + result.stderr
 
     send()
@@ -927,6 +928,16 @@ def test_an_identical_resend_of_a_complete_series_changes_nothing(start_node: An
     assert {i.times_received for i in all_instances(node)} == {2}
     spooled, rows = _files_and_rows(node)
     assert spooled == rows and len(rows) == 28
+
+    # The same study forwarded by a PACS in another encoding: Implicit VR,
+    # or compressed without loss. The same images, so nothing changes.
+    send("-xi")
+    rle = dcmread(files[0])
+    rle.compress(RLELossless, generate_instance_uid=False)
+    assert store_files(node.port, [rle]) == [0]
+    again = series_by_uid(node, series_uid)
+    assert (again.state, again.version) == (db.COMPLETE, 1)
+    assert sorted(i.times_received for i in all_instances(node)) == [3] * 27 + [4]
 
     # A copy that differs is news: the series is completed (and scored) again.
     changed = dcmread(files[0])
