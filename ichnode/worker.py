@@ -67,6 +67,11 @@ RUNS_PER_BATCH = 8
 # for others to fill its batch: a backlog (of series to skip, say) must not
 # hold a head CT's result back.
 LONGEST_WAIT_FOR_A_BATCH_SECONDS = 1.0
+# A helper that takes longer than this to prepare a series (or its part) has
+# stopped answering: a decoder looping on a crafted frame, a spool on a hung
+# network mount. Its helpers are replaced, and the series is scored again alone.
+PREPARATION_SECONDS = 60.0
+PREPARATION_SECONDS_PER_SLICE = 1.0
 
 
 @dataclass
@@ -81,7 +86,9 @@ class ClaimedSeries:
     peer_host: str | None  # where the series came from: the sender to return reports to
     prepared: PreparedVolume = field(default_factory=PreparedVolume)
     parts: int = 1  # helper processes decoding it
+    slice_count: int = 0  # images handed to the helpers
     failed: bool = False
+    stuck: bool = False  # a helper preparing it stopped answering
     volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
     # Slices quarantined by earlier versions (and missing from the volume): not read again, still not scored.
     quarantined_before: int = 0
@@ -268,7 +275,12 @@ class Worker:
         handled = 0
         # Helper-process work under way, and the series and step it is for.
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
+        deadlines: dict[Future[Any], float] = {}  # past it, the helper has stopped answering
         stores: list[Future[None]] = []
+
+        def hand_over(future: Future[Any], item: ClaimedSeries, step: str) -> None:
+            preparing[future] = (item, step)
+            deadlines[future] = time.monotonic() + PREPARATION_SECONDS + PREPARATION_SECONDS_PER_SLICE * item.slice_count
 
         def in_preparation() -> list[ClaimedSeries]:
             return list({id(item): item for item, _ in preparing.values()}.values())
@@ -279,10 +291,12 @@ class Worker:
             if item.volume_file is not None:
                 Path(item.volume_file).unlink(missing_ok=True)
             handled += 1
-            if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, "a helper process died"):
+            why = "a helper process stopped answering" if item.stuck else "a helper process died"
+            if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, why):
                 return
             logger.exception("preparing series %s failed", item.series_uid)
-            stores.append(self._store_pool.submit(self._fail_or_keep, item, f"preparing failed: {exc!r}"))
+            reason = f"preparing failed: {why} (BrokenProcessPool)" if item.stuck else f"preparing failed: {exc!r}"
+            stores.append(self._store_pool.submit(self._fail_or_keep, item, reason))
 
         def prepare(claimed: list[ClaimedSeries]) -> None:
             for item in claimed:
@@ -294,24 +308,31 @@ class Worker:
                     fail(item, exc)
                     continue
                 for future, step in started:
-                    preparing[future] = (item, step)
+                    hand_over(future, item, step)
 
         prepare(claimed)
         held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
         held_since = 0.0
         while preparing:
-            timeout = None
+            # The work of helpers already ended (stuck) fails by itself, soon.
+            ends = [deadlines[future] for future, (item, _) in preparing.items() if not item.stuck]
             if held:
-                timeout = max(0.0, held_since + LONGEST_WAIT_FOR_A_BATCH_SECONDS - time.monotonic())
+                ends.append(held_since + LONGEST_WAIT_FOR_A_BATCH_SECONDS)
+            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
             done, _ = wait(preparing, timeout=timeout, return_when=FIRST_COMPLETED)
+            now = time.monotonic()
+            overdue = {id(item): item for f, (item, _) in preparing.items() if deadlines[f] <= now and not item.stuck}
+            if overdue:
+                self._replace_stuck_helpers(list(overdue.values()))  # their work then ends as at a helper's death
             items = []
             for future in done:
                 item, step = preparing.pop(future)
+                del deadlines[future]
                 if item.failed:
                     continue  # another part of it failed already
                 try:
                     for more, next_step in self._prepared(item, step, future.result()):
-                        preparing[more] = (item, next_step)
+                        hand_over(more, item, next_step)
                     if any(other is item for other, _ in preparing.values()):
                         continue  # parts of it still being decoded
                     item.prepared.receive_volume(self.config.series.min_slices)
@@ -385,6 +406,17 @@ class Worker:
             self._processes = process_pool(self._process_count)
             return self._processes.submit(fn, *args, **kwargs)
 
+    def _replace_stuck_helpers(self, stuck: list[ClaimedSeries]) -> None:
+        """End the helper processes, one of which stopped answering: every
+        series they held fails as at a helper's death (each is scored again
+        alone once), and the next work starts new ones."""
+        for item in stuck:
+            item.stuck = True
+            logger.error("a helper process preparing series %s stopped answering; replacing the helpers", item.series_uid)
+        # The executor knows its processes only by this attribute.
+        for process in list(getattr(self._processes, "_processes", {}).values()):
+            process.kill()
+
     # -- preparing -------------------------------------------------------
     def _start_preparing(self, item: ClaimedSeries, busy: int) -> list[tuple[Future[Any], str]]:
         """Hand a claimed series to the helper processes. A series with many
@@ -419,6 +451,7 @@ class Worker:
                     db.Delivery.state.in_((db.QUEUED, db.SENDING, db.SENT)),
                 )
             )
+        item.slice_count = len(rows)
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
         item.volume_file = str(self._handoff / f"volume-{uuid.uuid4().hex}.npy")
         root, rules = self.spool.root, self.config.series

@@ -946,6 +946,40 @@ def test_a_series_a_dying_helper_took_down_is_scored_again_once(nodes: Nodes, de
         assert "BrokenProcessPool" in result.skip_reason
 
 
+def test_a_helper_that_stops_answering_is_replaced_and_holds_back_no_other_series(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A decoder looping on a crafted frame, a spool on a hung mount: the
+    # helper never returns. Past its deadline the helpers are replaced; the
+    # other series is scored, the stuck one scored again alone, then failed.
+    import time
+
+    monkeypatch.setattr(worker_module, "PREPARATION_SECONDS", 3.0)
+    monkeypatch.setattr(worker_module, "PREPARATION_SECONDS_PER_SLICE", 0.0)
+    stuck, innocent = phantom(63), phantom(64)
+    stuck_uid = _uid(stuck.datasets[0])
+    config, receiver = _received_complete(nodes, stuck, innocent, model={"worker_processes": 2})
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submit = worker._submit
+
+    def hang_on_the_stuck_one(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is preparation.prepare_series and safe_name(stuck_uid) in args[1][0].path:
+            return submit(time.sleep, 3600)
+        return submit(fn, *args, **kwargs)
+
+    worker._submit = hang_on_the_stuck_one
+    try:
+        assert worker.run_once() == 2
+        assert results_of(receiver.sessions, stuck_uid) == []  # put back, not failed: it may not be its fault
+        assert worker.run_once() >= 1
+    finally:
+        worker.close()
+    (failed,) = results_of(receiver.sessions, stuck_uid)
+    (scored,) = results_of(receiver.sessions, _uid(innocent.datasets[0]))
+    assert (scored.status, scored.slice_count) == (db.SCORED, len(innocent.datasets))
+    assert failed.status == db.FAILED and "stopped answering" in failed.skip_reason
+
+
 def test_helpers_outlive_ctrl_c_but_end_on_sigterm() -> None:
     # Ctrl-C signals the node's whole process group: the helpers go on with
     # their series. SIGTERM is how the pool ends the others when one dies: a
