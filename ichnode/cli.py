@@ -41,23 +41,53 @@ def _load(config_path: Path | None) -> Config:
         raise click.ClickException(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str, process: str = "") -> None:
+    """The log of ``serve`` and ``demo``, and of a node's extra receiver processes
+    (``process``, e.g. "receiver-1", names them in each line)."""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {process + ' ' if process else ''}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     # These log every PDU / every copied module at INFO; their warnings are what matter here.
     for noisy in ("pynetdicom", "highdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    # Real-world UIDs such as "ID_1f6d1e8aeb" are accepted by design; pydicom
-    # would warn on every one of them. highdicom's warning about an odd
-    # patient name would put that name in the log. Other warnings go to the log.
-    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+    quiet_uid_warnings()
+    # highdicom's warning about an odd patient name would put that name in
+    # the log. Other warnings go to the log.
     warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
     logging.captureWarnings(True)
     # A job still running at its next tick is skipped by design, not a problem.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
+
+# Real-world UIDs such as "ID_1f6d1e8aeb" (RSNA), or with leading zeros from
+# older modalities, are accepted by design. pydicom would warn of each one
+# (a warning and a log record) and pynetdicom log each one it sends or
+# receives: a dozen lines per image that hide the warnings that matter.
+_UID_NOISE = {"pydicom": "Invalid value for VR UI", "pynetdicom.utils": "Non-conformant '"}
+
+
+class _UidNoiseToDebug(logging.Filter):
+    """Those records at DEBUG, where they can still be looked at."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefix = _UID_NOISE.get(record.name)
+        if prefix is None or record.levelno != logging.WARNING or not record.getMessage().startswith(prefix):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_UID_NOISE_FILTER = _UidNoiseToDebug()
+
+
+def quiet_uid_warnings() -> None:
+    """Keep non-conformant UIDs out of the log and stderr: for ``serve``, its
+    extra receiver processes (through :func:`setup_logging`) and ``send``."""
+    for name in _UID_NOISE:
+        logging.getLogger(name).addFilter(_UID_NOISE_FILTER)
+    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
 
 
 def parse_address(value: str) -> tuple[str, str, int]:
@@ -112,23 +142,30 @@ def main() -> None:
 )
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
-    from .config import model_path_problem
+    from .config import keras_backend, model_path_problem
     from .db import DatabaseUnreadable
     from .model import ModelCardError
-    from .service import WORKER, CannotListen, Node
+    from .service import ALL_COMPONENTS, WORKER, CannotListen, Node
     from .spool import SpoolInUse
 
+    stages = [c.strip() for c in components.split(",") if c.strip()]
+    if not stages:  # a node with no stage would run and do nothing until stopped
+        raise click.BadParameter(f"name at least one of {', '.join(ALL_COMPONENTS)}", param_hint="--components")
     _keep_files_private()
     config = _load(config_path)
-    stages = [c.strip() for c in components.split(",") if c.strip()]
     problem = model_path_problem(config) if WORKER in stages else None
     if problem:  # before anything is created or imported for a model that is not there
         raise click.ClickException(f"invalid configuration:\n  {problem}")
-    _setup_logging(config.logging.level)
+    setup_logging(config.logging.level)
     try:  # the database is opened first: one that cannot be is one line naming it, nothing made
         node = Node(config, components=stages)
     except (DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+    except ImportError as exc:  # KERAS_BACKEND names a backend this environment lacks
+        raise click.ClickException(
+            f"cannot start: Keras backend {keras_backend()!r} (KERAS_BACKEND) cannot be loaded "
+            f"in this environment: {exc}"
+        ) from None
     try:
         node.run()
     except CannotListen as exc:
@@ -143,8 +180,12 @@ def _keep_files_private() -> None:
 @main.command("check-config")
 @config_option
 def check_config(config_path: Path | None) -> None:
-    """Validate the configuration and print the effective values (exit 1 on error)."""
-    from .config import model_path_problem
+    """Validate the configuration and print the effective values (exit 1 on error).
+
+    Also checks the model (its card, its file) and that the Keras backend
+    ($KERAS_BACKEND, as this command sees it) is installed.
+    """
+    from .config import keras_backend, keras_backend_problem, model_path_problem
     from .db import driver_problem
 
     try:
@@ -153,12 +194,14 @@ def check_config(config_path: Path | None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     driver = driver_problem(config.database.url)
-    problems = [model_path_problem(config), f"database.url: {driver}" if driver else None]
+    problems = [model_path_problem(config), f"database.url: {driver}" if driver else None, keras_backend_problem()]
     problems = [problem for problem in problems if problem]
     if problems:
         click.echo("error: invalid configuration:\n  " + "\n  ".join(problems), err=True)
         sys.exit(1)
     click.echo(config.to_yaml(), nl=False)
+    # A YAML comment: the output stays a valid configuration file.
+    click.echo(f"# Keras backend: {keras_backend()} (KERAS_BACKEND), installed")
 
 
 # The node's own AE title by default: a PACS that checks calling AE titles
@@ -212,6 +255,7 @@ def send(
 
     ae_title, host, port = address
     calling_ae = _calling_ae(calling_ae, config_path)
+    quiet_uid_warnings()
     summary = send_files(list(paths), ae_title, host, port, calling_ae=calling_ae, progress=progress)
     for line in summary.lines():
         click.echo(line)
@@ -240,20 +284,41 @@ def status(config_path: Path | None, as_json: bool) -> None:
     callback=_address_option,
     help="Only the dead letters to this destination.",
 )
-def requeue(config_path: Path | None, destination: tuple[str, str, int] | None) -> None:
+@click.option(
+    "--to",
+    "to",
+    metavar="AE@HOST:PORT",
+    default=None,
+    callback=_address_option,
+    help="Send them to this address instead (e.g. a corrected destination); with --destination, "
+    "the deliveries still queued to that destination too.",
+)
+def requeue(
+    config_path: Path | None, destination: tuple[str, str, int] | None, to: tuple[str, str, int] | None
+) -> None:
     """Put dead-lettered reports back in the delivery queue, as new (attempts from 0).
 
     The running node's dispatcher sends them at its next round. A dead letter
     whose report file is gone, or whose series has a newer result, stays dead
-    and is listed.
+    and is listed. Each report keeps the address it was queued with, unless
+    --to gives a new one.
     """
     from .dispatch import requeue_dead
+    from .status import unconfigured_destinations, unconfigured_warning
 
     config = _load(config_path)
     with _reading(config, action="write"), _writable_sessions(config) as sessions:
-        found = requeue_dead(sessions, config.storage.spool_dir, destination)
+        try:
+            found = requeue_dead(sessions, config.storage.spool_dir, destination, to)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        with sessions() as session:
+            unconfigured = unconfigured_destinations(session, config)
     count = len(found.requeued)
-    click.echo(f"requeued {count} dead letter{'' if count == 1 else 's'}")
+    where = f" to {to[0]}@{to[1]}:{to[2]}" if to else ""
+    click.echo(f"requeued {count} dead letter{'' if count == 1 else 's'}{where}")
+    if found.redirected:
+        click.echo(f"redirected {found.redirected} queued deliver{'y' if found.redirected == 1 else 'ies'}{where}")
     for reason, letters in (
         ("its report file is gone", found.file_gone),
         ("its series has a newer result", found.superseded),
@@ -263,6 +328,10 @@ def requeue(config_path: Path | None, destination: tuple[str, str, int] | None) 
                 f"not requeued, {reason}: {letter.sop_instance_uid} to {letter.ae_title}@{letter.host}:{letter.port} "
                 f"({config.storage.spool_dir / letter.path})"
             )
+    # A delivery keeps the address it was made with: say so when that is no
+    # longer one the configuration names (a corrected destination).
+    for entry in unconfigured:
+        click.echo(f"warning: {unconfigured_warning(entry)}", err=True)
 
 
 @main.group()
@@ -301,6 +370,9 @@ def results_list(config_path: Path | None, positive: bool, since: str | None, fm
 def results_show(uid: str, config_path: Path | None, fmt: str) -> None:
     """Every series of a study (Study Instance UID) or one series (Series Instance UID).
 
+    UID may also be the end of one, as the `results list` table shows it
+    ("...5728997848661150714813892"), if no other UID ends so.
+
     The table also lists each series' reports (destination, state, attempts,
     last error) and its slices' scores, in z order.
     """
@@ -308,7 +380,10 @@ def results_show(uid: str, config_path: Path | None, fmt: str) -> None:
 
     config = _load(config_path)
     with _reading(config), _session(config) as session:
-        rows = show_results(session, uid)
+        try:
+            rows = show_results(session, uid)
+        except ValueError as exc:  # a suffix of several UIDs
+            raise click.ClickException(str(exc)) from None
     if not rows:
         raise click.ClickException(f"no study or series {uid!r} in the database")
     click.echo(format_show(rows, fmt))
@@ -358,7 +433,7 @@ def demo(keep: bool, timeout: float) -> None:
     """Run a node on its defaults in a temporary folder, send it phantom studies, print the findings."""
     from .demo import run_demo
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     sys.exit(run_demo(keep=keep, timeout=timeout, echo=click.echo))
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "ICHNODE_CONFIG"
 DEFAULT_PATH = Path("config.yaml")
@@ -36,6 +37,13 @@ class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        # A section whose keys are all commented out ("node:" alone) reads as
+        # None: that is how the shipped file's values are reset to defaults.
+        return {} if data is None else data
+
 
 def _check_ae_title(value: str) -> str:
     # Leading and trailing spaces are not significant (PS3.5 6.2) and the
@@ -49,9 +57,18 @@ def _check_ae_title(value: str) -> str:
 
 
 def _check_peer_host(value: str | None) -> str | None:
+    if value is None:
+        return value
+    # "" would be looked up as a host name and never match or connect.
+    if not value.strip():
+        raise ValueError("host must not be empty")
+    # "10.1.2.0/24" would be looked up as a host name, fail, and refuse every
+    # association with only a log warning to explain.
+    if "/" in value:
+        raise ValueError("host must be one host name or address; networks are not supported: list each host")
     # "10.1.2.10:104" would be looked up as a host name and never match or
     # connect; an IPv6 address is the one host with colons.
-    if value is not None and ":" in value:
+    if ":" in value:
         try:
             ipaddress.IPv6Address(value)
         except ValueError:
@@ -59,6 +76,23 @@ def _check_peer_host(value: str | None) -> str | None:
                 f"host must be a name or an address without a port (give that as port), got {value!r}"
             ) from None
     return value
+
+
+def _check_allowed_host(value: str | None) -> str | None:
+    try:
+        return _check_peer_host(value)
+    except ValueError as exc:
+        if value is not None and not value.strip():
+            raise ValueError(f"{exc}; leave host out to accept the AE title from any host") from None
+        raise
+
+
+def _check_listen_host(value: str) -> str:
+    # "" makes the server listen on every interface: a node meant to be
+    # local would not be. Listening everywhere must be written out.
+    if not value.strip():
+        raise ValueError("host must not be empty; write 0.0.0.0 (or ::) to listen on every interface")
+    return _check_peer_host(value)
 
 
 class NodeConfig(_Section):
@@ -73,6 +107,7 @@ class NodeConfig(_Section):
     receiver_processes: int = Field(1, ge=1, le=32)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_listen_host)
 
 
 class Peer(_Section):
@@ -90,7 +125,7 @@ class Peer(_Section):
     def _ae(cls, value: str) -> str:
         return value if value == "*" else _check_ae_title(value)
 
-    _host = field_validator("host")(_check_peer_host)
+    _host = field_validator("host")(_check_allowed_host)
 
 
 class AccessConfig(_Section):
@@ -202,6 +237,22 @@ class ReportsConfig(_Section):
     destinations: tuple[Destination, ...] = ()
     retry: RetryConfig = RetryConfig()
 
+    @field_validator("destinations")
+    @classmethod
+    def _once_each(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        # One delivery is made per entry: a destination listed twice (merged
+        # config snippets) would get every report twice.
+        seen = set()
+        for destination in value:
+            key = (destination.ae_title, destination.host.lower(), destination.port)
+            if key in seen:
+                raise ValueError(
+                    f"{destination.ae_title}@{destination.host}:{destination.port} is listed twice; "
+                    "every report would be sent to it twice"
+                )
+            seen.add(key)
+        return value
+
 
 class LoggingConfig(_Section):
     level: str = "INFO"
@@ -245,6 +296,18 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def report_addresses(self) -> set[tuple[str, str, int]]:
+        """Where reports may go now: ``reports.destinations`` and, with
+        ``return_to_sender``, the senders' addresses in ``access.allow``."""
+        addresses = {(d.ae_title, d.host, d.port) for d in self.reports.destinations}
+        if self.reports.return_to_sender:
+            addresses |= {
+                (peer.ae_title, peer.host, peer.port)
+                for peer in self.access.allow
+                if peer.ae_title != "*" and peer.host and peer.port
+            }
+        return addresses
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
@@ -306,6 +369,49 @@ def model_path_problem(config: Config) -> str | None:
         return f"model.path: expected a .keras file or a folder holding one, {what} (got {str(model)!r})"
     if not card_path_for(found[0]).is_file():
         return f"model.path: the model card {card_path_for(found[0])} is missing (got {str(model)!r})"
+    # What serve would refuse at start, checked without loading a backend:
+    # the card as serve reads it, and a .keras file that is a Keras archive.
+    from .model import ModelCard, ModelCardError
+
+    try:
+        ModelCard.from_json(card_path_for(found[0]))
+    except ModelCardError as exc:
+        return f"model.path: {exc}"
+    try:
+        with zipfile.ZipFile(found[0]) as archive:
+            has_config = "config.json" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        has_config = False
+    if not has_config:
+        return f"model.path: {found[0]} is not a Keras model file (a zip archive holding config.json)"
+    return None
+
+
+# The module each Keras backend needs (KERAS_BACKEND; Keras's default is TensorFlow).
+KERAS_BACKEND_MODULES = {
+    "tensorflow": "tensorflow",
+    "jax": "jax",
+    "torch": "torch",
+    "numpy": "numpy",
+    "openvino": "openvino",
+}
+
+
+def keras_backend() -> str:
+    """The Keras backend this environment selects: ``$KERAS_BACKEND``, else Keras's default."""
+    return os.environ.get("KERAS_BACKEND") or "tensorflow"
+
+
+def keras_backend_problem() -> str | None:
+    """Why the worker could not load a model under :func:`keras_backend` here, if it could not."""
+    import importlib.util
+
+    backend = keras_backend()
+    module = KERAS_BACKEND_MODULES.get(backend)
+    if module is None:
+        return f"KERAS_BACKEND: unknown Keras backend {backend!r}, expected one of {sorted(KERAS_BACKEND_MODULES)}"
+    if importlib.util.find_spec(module) is None:
+        return f"KERAS_BACKEND: Keras backend {backend!r} needs {module!r}, which is not installed in this environment"
     return None
 
 
@@ -342,11 +448,48 @@ def load_config(path: Path | str | None = None) -> Config:
         return parse_config({}, Path.cwd())
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A comment saved as Latin-1 on a Windows workstation: name the place.
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_config(data, path.resolve().parent)
+
+
+class _DuplicateKey(Exception):
+    """A mapping of the configuration file gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error:
+    PyYAML would keep the last one, so a second ``node:`` block would silently
+    undo the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" merges, it does not repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"{key} is given twice, lines {first} and {line}; remove one")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)

@@ -15,7 +15,7 @@ Delivery life cycle (``Delivery.state``)::
     queued | sending --the worker stores a newer result--> superseded
     sending --the dispatcher crashed--> queued   (at the next start-up; the one on the wire: an attempt more, or dead)
     sending --the node stops before its C-STORE--> queued
-    dead --``ichnode requeue``--> queued   (attempts from 0)
+    dead --``ichnode requeue``--> queued   (attempts from 0; ``--to`` gives it a new address)
 
 Each destination's due deliveries are sent over one association in a thread
 of their own, so a destination that is down or does not answer delays only
@@ -96,45 +96,85 @@ class DeadLetters:
     requeued: list[db.Delivery] = field(default_factory=list)
     file_gone: list[db.Delivery] = field(default_factory=list)  # the report can no longer be sent
     superseded: list[db.Delivery] = field(default_factory=list)  # its series has a newer result
+    redirected: int = 0  # deliveries still queued to ``destination``, given the new address
 
 
 def requeue_dead(
-    sessions: sessionmaker[Session], spool_dir: Path, destination: Destination | None = None
+    sessions: sessionmaker[Session],
+    spool_dir: Path,
+    destination: Destination | None = None,
+    to: Destination | None = None,
 ) -> DeadLetters:
     """Dead letters (all, or one destination's) go back to queued, due now with
     attempts from 0: the running dispatcher sends them at its next round.
 
     Not one whose spooled report file is gone, nor one of a superseded result:
     that report would reach the PACS after the newer one.
+
+    A delivery keeps the address it was made with, so after a wrong address in
+    ``reports.destinations`` is corrected, its dead letters would go to the
+    old one again: ``to`` gives the letters requeued that new address and,
+    with ``destination``, the deliveries still queued to ``destination`` too
+    (as new). Without ``destination``, ``to`` needs the letters to share one
+    address: reports meant for several PACS must not all go to one.
     """
     found = DeadLetters()
     query = select(db.Delivery).join(db.SeriesResult).where(db.Delivery.state == db.DEAD).order_by(db.Delivery.id)
     if destination is not None:
-        ae_title, host, port = destination
-        query = query.where(db.Delivery.ae_title == ae_title, db.Delivery.host == host, db.Delivery.port == port)
+        query = query.where(*_to(destination))
     with db.transaction(sessions) as session:
+        sendable = []
         for delivery in session.scalars(query):
             if delivery.result.superseded:
                 found.superseded.append(delivery)
             elif not (spool_dir / delivery.path).is_file():
                 found.file_gone.append(delivery)
-            elif _requeue_if_current(session, delivery):
+            else:
+                sendable.append(delivery)
+        addresses = sorted({_destination(d) for d in sendable})
+        if to is not None and destination is None and len(addresses) > 1:
+            raise ValueError(
+                "the dead letters go to "
+                + ", ".join(f"{ae_title}@{host}:{port}" for ae_title, host, port in addresses)
+                + "; choose one of them with --destination"
+            )
+        for delivery in sendable:
+            if _requeue_if_current(session, delivery, to):
                 found.requeued.append(delivery)
             else:  # the worker stored a newer result meanwhile
                 found.superseded.append(delivery)
+        if to is not None and destination is not None and to != destination:
+            ae_title, host, port = to
+            found.redirected = session.execute(
+                update(db.Delivery)
+                .where(db.Delivery.state == db.QUEUED, *_to(destination))
+                .values(
+                    ae_title=ae_title, host=host, port=port, attempts=0, last_error=None, next_attempt_at=db.utcnow()
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
     return found
 
 
-def _requeue_if_current(session: Session, delivery: db.Delivery) -> bool:
+def _to(destination: Destination) -> tuple:
+    """Where-clauses: deliveries addressed to ``destination``."""
+    ae_title, host, port = destination
+    return db.Delivery.ae_title == ae_title, db.Delivery.host == host, db.Delivery.port == port
+
+
+def _requeue_if_current(session: Session, delivery: db.Delivery, to: Destination | None = None) -> bool:
     """One conditional update: a result superseded since it was read keeps its letter dead."""
     current = select(db.SeriesResult.id).where(
         db.SeriesResult.id == delivery.result_id, db.SeriesResult.superseded.is_(False)
     )
+    values = dict(state=db.QUEUED, attempts=0, last_error=None, next_attempt_at=db.utcnow())
+    if to is not None:
+        values.update(zip(("ae_title", "host", "port"), to))
     return bool(
         session.execute(
             update(db.Delivery)
             .where(db.Delivery.id == delivery.id, db.Delivery.state == db.DEAD, db.Delivery.result_id.in_(current))
-            .values(state=db.QUEUED, attempts=0, last_error=None, next_attempt_at=db.utcnow())
+            .values(**values)
             .execution_options(synchronize_session=False)
         ).rowcount
     )

@@ -221,6 +221,11 @@ def send_files(
     were found in a folder, as passed over.
     """
     summary = SendSummary()
+    # A mistyped series folder that exists but holds nothing would otherwise
+    # end the send with no line at all.
+    for path in paths:
+        if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            summary.failures.append(f"no files found under {path}")
     found: list[_File] = []
     for path, in_folder in iter_files(paths):
         try:

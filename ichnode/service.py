@@ -288,8 +288,11 @@ class Node:
 def run_extra_receiver(config: Config, index: int) -> None:
     """Entry point of receiver process ``index`` (>= 1) of a node."""
     _die_with_parent()
-    logging.basicConfig(level=config.logging.level, format=f"%(asctime)s %(levelname)s receiver-{index} %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # The main process's log set-up (quiet libraries, UID warnings at DEBUG): a
+    # spawned process starts without it.
+    from .cli import setup_logging
+
+    setup_logging(config.logging.level, process=f"receiver-{index}")
     Node(config, components=(RECEIVER,), receiver_index=index).run()
 
 

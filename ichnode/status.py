@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from . import db
 from .config import Config
@@ -40,6 +41,7 @@ def collect_status(config: Config) -> dict[str, Any]:
                 }
                 for d in session.scalars(select(db.Delivery).where(db.Delivery.state == db.DEAD))
             ]
+            unconfigured = unconfigured_destinations(session, config)
     finally:
         engine.dispose()
     spool_bytes = _spool_bytes(spool_dir)
@@ -51,10 +53,40 @@ def collect_status(config: Config) -> dict[str, Any]:
         "series": series,
         "deliveries": deliveries,
         "dead_letters": dead,
+        "unconfigured_destinations": unconfigured,
         "spool_bytes": spool_bytes,
         "free_disk_mb": round(usage.free / 2**20),
         "min_free_mb": config.storage.min_free_mb,
     }
+
+
+def unconfigured_destinations(session: Session, config: Config) -> list[dict[str, Any]]:
+    """Addresses that queued or dead deliveries still go to but the configuration no longer names.
+
+    A delivery keeps the address it was made with: after a wrong destination
+    is corrected, these still go to the old one (``requeue --to`` redirects them).
+    """
+    configured = config.report_addresses()
+    counts: dict[str, dict[str, int]] = {}
+    rows = session.execute(
+        select(db.Delivery.ae_title, db.Delivery.host, db.Delivery.port, db.Delivery.state, func.count())
+        .where(db.Delivery.state.in_((db.QUEUED, db.DEAD)))
+        .group_by(db.Delivery.ae_title, db.Delivery.host, db.Delivery.port, db.Delivery.state)
+    )
+    for ae_title, host, port, state, count in rows:
+        if (ae_title, host, port) not in configured:
+            counts.setdefault(f"{ae_title}@{host}:{port}", {})[state] = count
+    return [{"destination": address, **by_state} for address, by_state in sorted(counts.items())]
+
+
+def unconfigured_warning(entry: dict[str, Any]) -> str:
+    """One line on deliveries to an address no longer configured, and how to send them elsewhere."""
+    address = entry["destination"]
+    counts = ", ".join(f"{entry[state]} {state}" for state in (db.QUEUED, db.DEAD) if entry.get(state))
+    return (
+        f"{counts} to {address}, which is not a configured report destination (reports.destinations); "
+        f"ichnode requeue --destination {address} --to AE@HOST:PORT sends them elsewhere"
+    )
 
 
 def _spool_bytes(spool_dir: Path) -> int:
@@ -84,4 +116,6 @@ def format_status(report: dict[str, Any]) -> str:
             f"{dead['attempts']} attempts: {dead['last_error']}; file {dead['path']}"
             + ("" if dead["file_exists"] else " (deleted)")
         )
+    for entry in report["unconfigured_destinations"]:
+        lines.append(f"warning      {unconfigured_warning(entry)}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install ichnode as a system service (run as root from the repository root):
 # a virtual environment in /opt/ichnode, the config in /etc/ichnode, data in
-# /var/lib/ichnode, and the systemd unit. Re-running upgrades the package and
-# keeps an existing /etc/ichnode/config.yaml.
+# /var/lib/ichnode, and the systemd unit. Re-running upgrades the package,
+# keeps an existing /etc/ichnode/config.yaml and replaces the unit (local
+# settings go in a drop-in: systemctl edit ichnode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,15 @@ if [ ! -e /etc/ichnode/config.yaml ]; then
 fi
 /opt/ichnode/venv/bin/ichnode check-config --config /etc/ichnode/config.yaml >/dev/null
 
+# The unit is replaced at each run: local settings belong in a drop-in
+# (systemctl edit ichnode), which is kept. Say so when a changed unit is replaced.
+if [ -e /etc/systemd/system/ichnode.service ] \
+    && ! cmp -s systemd/ichnode.service /etc/systemd/system/ichnode.service; then
+    echo "note: replacing /etc/systemd/system/ichnode.service, which differs from systemd/ichnode.service;" \
+        "local changes to it (Environment=, ReadWritePaths=) are lost: put them in a drop-in with" \
+        "'sudo systemctl edit ichnode'" >&2
+    diff -u /etc/systemd/system/ichnode.service systemd/ichnode.service >&2 || true
+fi
 install -D -m 0644 systemd/ichnode.service /etc/systemd/system/ichnode.service
 systemctl daemon-reload
 # A running node goes on with the code it loaded: an upgrade restarts it.

@@ -650,3 +650,64 @@ def test_serve_keeps_patient_data_from_other_users(
         if mode & ~(folder_mode if (tmp_path / path).is_dir() else file_mode)
     }
     assert not too_open
+
+
+def test_send_a_folder_with_no_files_says_so(tmp_path: Path) -> None:
+    # A mistyped series folder that exists but holds nothing: not a silent exit 1.
+    folder = tmp_path / "series"
+    (folder / "empty-too").mkdir(parents=True)
+    result = run_cli(["send", str(folder), "--to", f"PACS@127.0.0.1:{free_port()}", "--no-progress"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [f"failed: no files found under {folder}"]
+
+
+@pytest.mark.parametrize("components", ["", " , "])
+def test_serve_refuses_no_components(tmp_path: Path, components: str) -> None:
+    # It would run, doing nothing, until stopped.
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path, port=free_port()))
+    result = run_cli(["serve", "--config", str(path), "--components", components], timeout=60)
+    assert result.returncode == 2
+    assert "Error: Invalid value for --components: name at least one of receiver, worker, dispatcher" in result.stderr
+    assert not (tmp_path / "ichnode.db").exists()
+
+
+def test_serve_names_a_keras_backend_that_is_not_installed(tmp_path: Path) -> None:
+    from tests.test_config import _missing_keras_backend
+
+    missing = _missing_keras_backend()
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path, port=free_port()))
+    env = {**os.environ, "KERAS_BACKEND": missing}
+    result = run_cli(["serve", "--config", str(path), "--components", "worker"], env=env, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot start: Keras backend {missing!r} (KERAS_BACKEND) cannot be loaded in this environment: "
+        f"No module named {missing!r}"
+    )
+
+
+def _id_uid_file(path: Path) -> Path:
+    """A CT image whose UIDs are RSNA-style "ID_..." names: accepted, though not conformant."""
+    import warnings
+
+    from pydicom import dcmread
+
+    _ct_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(path)
+        stem = path.stem.replace("-", "")[:9]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"ID_{stem}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "ID_1f6d1e8aeb", "ID_2a7c0e9b1d"
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the node in this process reading them
+def test_send_of_non_conformant_uids_keeps_stderr_clean(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    node, _ = node_from_file
+    files = [_id_uid_file(tmp_path / f"a{index:08x}.dcm") for index in range(4)]
+    result = run_cli(["send", *map(str, files), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["Success: 4"]
+    assert result.stderr == ""

@@ -266,3 +266,161 @@ def test_return_to_sender_needs_a_named_sender_with_host_and_port(tmp_path: Path
     allow = [*allow, {"ae_title": "PACS", "host": "10.1.2.10", "port": 104}]
     config = parse_config({"access": {"allow": allow}, "reports": {"return_to_sender": True}}, tmp_path)
     assert config.reports.return_to_sender
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_and_line(tmp_path: Path) -> None:
+    # A comment saved as Latin-1 on a Windows workstation.
+    path = tmp_path / "latin1.yaml"
+    head = b"node:\n  port: 4244\n# PACS Radiologie, Geb"
+    path.write_bytes(head + "äude 3\n".encode("latin-1"))
+    expected = f"{path} is not UTF-8 text: byte 0xe4 at offset {len(head)} (line 3); save it as UTF-8"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == expected
+    # One line from check-config, meant to catch bad files, and from the other commands.
+    checked = run_cli(["check-config", "--config", str(path)])
+    assert (checked.returncode, checked.stderr.splitlines()) == (1, [f"error: {expected}"])
+    status = run_cli(["status", "--config", str(path)])
+    assert (status.returncode, status.stderr.splitlines()) == (1, [f"Error: {expected}"])
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    # A second "node:" block appended later would silently undo the first.
+    path = tmp_path / "dup.yaml"
+    path.write_text("node:\n  port: 4242\n  ae_title: MYNODE\nstorage:\n  min_free_mb: 10\nnode:\n  host: 0.0.0.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: node is given twice, lines 1 and 6; remove one"
+    checked = run_cli(["check-config", "--config", str(path)])
+    assert checked.returncode == 1 and "node is given twice, lines 1 and 6" in checked.stderr
+    assert checked.stdout == ""
+    # Within a section too.
+    path.write_text("node:\n  port: 4242\n  ae_title: MYNODE\n  port: 4243\n")
+    with pytest.raises(ConfigError, match="port is given twice, lines 2 and 4"):
+        load_config(path)
+    # A merge key is no repeat.
+    path.write_text("node:\n  <<: {port: 4242}\n  ae_title: MYNODE\n")
+    assert load_config(path).node.port == 4242
+
+
+def test_a_section_left_empty_takes_the_defaults(tmp_path: Path) -> None:
+    # Commenting out every key of a section is how the shipped file is reset to defaults.
+    from ichnode.config import NodeConfig, RetryConfig
+
+    path = tmp_path / "empty-section.yaml"
+    path.write_text("node:\n  # ae_title: ICHNODE\n  # port: 11112\nreports:\n  retry:\nstorage:\n  min_free_mb: 100\n")
+    config = load_config(path)
+    assert config.node == NodeConfig()
+    assert config.reports.retry == RetryConfig()
+    assert config.storage.min_free_mb == 100
+    checked = run_cli(["check-config", "--config", str(path)])
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "says"),
+    [
+        # A subnet would be looked up as a host name and refuse every association.
+        (
+            {"access": {"allow": [{"ae_title": "*", "host": "10.1.2.0/24"}]}},
+            "access.allow.0.host",
+            "networks are not supported",
+        ),
+        ({"access": {"allow": [{"ae_title": "*", "host": ""}]}}, "access.allow.0.host", "leave host out"),
+        # "" would listen on every interface.
+        ({"node": {"host": ""}}, "node.host", "write 0.0.0.0 (or ::) to listen on every interface"),
+        ({"node": {"host": "10.1.2.0/24"}}, "node.host", "networks are not supported"),
+        ({"node": {"host": "10.0.0.1:104"}}, "node.host", "without a port"),
+        (
+            {"reports": {"destinations": [{"ae_title": "PACS", "host": " ", "port": 104}]}},
+            "reports.destinations.0.host",
+            "host must not be empty",
+        ),
+    ],
+)
+def test_hosts_that_can_never_work_are_refused(tmp_path: Path, data: dict, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path)
+    assert f"{key}: Value error, " in str(info.value)
+    assert says in str(info.value)
+
+
+def test_listening_everywhere_is_written_out(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "::", "ichnode.example", "fd00::1"):
+        assert parse_config({"node": {"host": host}}, tmp_path).node.host == host
+
+
+def test_a_destination_listed_twice_is_refused(tmp_path: Path) -> None:
+    # Each report would be C-STOREd twice to the same PACS.
+    pacs = {"ae_title": "PACS", "host": "10.1.2.10", "port": 104}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"reports": {"destinations": [pacs, pacs]}}, tmp_path)
+    assert "reports.destinations: Value error, PACS@10.1.2.10:104 is listed twice" in str(info.value)
+    # Host names are not case-sensitive.
+    upper = {**pacs, "host": "PACS.example"}
+    with pytest.raises(ConfigError, match="is listed twice"):
+        parse_config({"reports": {"destinations": [upper, {**upper, "host": "pacs.example"}]}}, tmp_path)
+    # Another port or AE title is another destination.
+    others = [pacs, {**pacs, "port": 11112}, {**pacs, "ae_title": "PACS2"}]
+    assert len(parse_config({"reports": {"destinations": others}}, tmp_path).reports.destinations) == 3
+
+
+def test_check_config_reads_the_model_card_and_file_as_serve_does(tmp_path: Path) -> None:
+    import json
+    import zipfile
+
+    from ichnode.config import model_path_problem
+    from ichnode.model import card_path_for, default_model_path
+
+    bundled = default_model_path()
+    (tmp_path / "m").mkdir()
+    model = tmp_path / "m" / "x.keras"
+    model.write_bytes(bundled.read_bytes())
+    card = json.loads(card_path_for(bundled).read_text())
+    card["thresholds"]["subdural"] = 1.7
+    card_path_for(model).write_text(json.dumps(card))
+    data = config_data(tmp_path, model={"path": "m/x.keras"})
+    path = write_config(tmp_path / "node.yaml", data)
+
+    problem = model_path_problem(load_config(path))
+    assert problem.startswith(f"model.path: model card {card_path_for(model)} is invalid: field 'thresholds'")
+    assert "1.7" in problem
+    checked = run_cli(["check-config", "--config", str(path)])
+    assert checked.returncode == 1
+    assert checked.stderr.splitlines() == ["error: invalid configuration:", f"  {problem}"]
+
+    # A good card beside a file that is no Keras model: garbage, or a zip without config.json.
+    card_path_for(model).write_text(card_path_for(bundled).read_text())
+    assert model_path_problem(load_config(path)) is None
+    not_keras = f"model.path: {model} is not a Keras model file (a zip archive holding config.json)"
+    model.write_text("garbage\n")
+    assert model_path_problem(load_config(path)) == not_keras
+    with zipfile.ZipFile(model, "w") as archive:
+        archive.writestr("model.weights.h5", b"")
+    assert model_path_problem(load_config(path)) == not_keras
+
+
+def _missing_keras_backend() -> str:
+    import importlib.util
+
+    for backend in ("jax", "torch", "openvino"):
+        if importlib.util.find_spec(backend) is None:
+            return backend
+    pytest.skip("every Keras backend is installed here")
+
+
+def test_check_config_names_a_keras_backend_that_is_not_installed(tmp_path: Path) -> None:
+    missing = _missing_keras_backend()
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path))
+    result = run_cli(["check-config", "--config", str(path)], env={**os.environ, "KERAS_BACKEND": missing})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: invalid configuration:",
+        f"  KERAS_BACKEND: Keras backend {missing!r} needs {missing!r}, which is not installed in this environment",
+    ]
+    # The backend this environment has is reported, as a comment of the YAML printed.
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 0, result.stderr
+    backend = os.environ.get("KERAS_BACKEND") or "tensorflow"
+    assert result.stdout.splitlines()[-1] == f"# Keras backend: {backend} (KERAS_BACKEND), installed"
+    assert parse_config(yaml.safe_load(result.stdout), tmp_path) == load_config(path)

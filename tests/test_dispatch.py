@@ -792,3 +792,74 @@ def test_kill_9_between_scoring_and_delivery_delivers_each_report_exactly_once(
     for series in studies:
         (result,) = results_of(node.sessions, _series_uid(series))  # scored once, not again
         assert (result.status, result.version) == (db.SCORED, 1)
+
+
+def _unconfigured(counts: str, address: str) -> str:
+    return (
+        f"{counts} to {address}, which is not a configured report destination (reports.destinations); "
+        f"ichnode requeue --destination {address} --to AE@HOST:PORT sends them elsewhere"
+    )
+
+
+def test_requeue_to_sends_dead_letters_to_the_corrected_destination(tmp_path: Path, nodes: Nodes, recorder) -> None:
+    # The reports went dead at a wrong port; the admin corrects reports.destinations.
+    old = free_port()  # nothing listens there
+    pacs = recorder("PACS")
+    retry = {"first_delay_s": 0.1, "max_delay_s": 0.2, "max_attempts": 2}
+    config_path, config = nodes.config(tmp_path, reports={"destinations": [pacs.destination], "retry": retry})
+    engine, _, _ = _queue(tmp_path, 2, old, "PACS")
+    engine.dispose()
+    node = nodes.start(config, components=("dispatcher",))
+    wait_deliveries(node.sessions, lambda rows: all(r.state == db.DEAD for r in rows), message="dead letters")
+    # status says that they go to an address the configuration no longer names.
+    assert f"warning      {_unconfigured('2 dead', f'PACS@127.0.0.1:{old}')}" in _status_lines(config_path)
+
+    out = run_cli(["requeue", "--config", str(config_path), "--to", f"PACS@127.0.0.1:{pacs.port}"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"requeued 2 dead letters to PACS@127.0.0.1:{pacs.port}"]
+    assert out.stderr == ""  # nothing goes to an old address any more
+    rows = wait_deliveries(node.sessions, _all_sent(2), timeout=30, message="the requeued reports sent")
+    assert {(r.ae_title, r.host, r.port, r.attempts) for r in rows} == {("PACS", "127.0.0.1", pacs.port, 1)}
+    assert pacs.stored_counts() == {r.sop_instance_uid: 1 for r in rows}
+    assert not [line for line in _status_lines(config_path) if line.startswith("warning")]
+
+
+def test_requeue_warns_of_old_addresses_and_redirects_what_is_still_queued(tmp_path: Path, nodes: Nodes) -> None:
+    corrected = {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}
+    config_path, _ = nodes.config(tmp_path, reports={"destinations": [corrected]})
+    engine, sessions, _ = _queue(tmp_path, 2, 104, "PACS", also=[("OTHER", 104)])
+    try:
+        with db.transaction(sessions) as session:
+            session.execute(update(db.Delivery).values(state=db.DEAD, attempts=20, last_error="connection refused"))
+        # Reports meant for two PACS are never all sent to one.
+        out = run_cli(["requeue", "--config", str(config_path), "--to", "PACS@127.0.0.1:11112"])
+        assert out.returncode == 1
+        assert out.stderr.splitlines() == [
+            "Error: the dead letters go to OTHER@127.0.0.1:104, PACS@127.0.0.1:104; "
+            "choose one of them with --destination"
+        ]
+        assert {r.state for r in deliveries(sessions)} == {db.DEAD}
+
+        # Without --to, the letters go to the address they were made with, and requeue says so.
+        out = run_cli(["requeue", "--config", str(config_path), "--destination", "PACS@127.0.0.1:104"])
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["requeued 2 dead letters"]
+        assert out.stderr.splitlines() == [
+            f"warning: {_unconfigured('2 dead', 'OTHER@127.0.0.1:104')}",
+            f"warning: {_unconfigured('2 queued', 'PACS@127.0.0.1:104')}",
+        ]
+
+        # What the warning says to run moves those still queued too, as new.
+        lines = _requeue(config_path, "--destination", "PACS@127.0.0.1:104", "--to", "PACS@127.0.0.1:11112")
+        assert lines == [
+            "requeued 0 dead letters to PACS@127.0.0.1:11112",
+            "redirected 2 queued deliveries to PACS@127.0.0.1:11112",
+        ]
+        assert [(r.ae_title, r.port, r.state, r.attempts) for r in deliveries(sessions)] == [
+            ("PACS", 11112, db.QUEUED, 0),
+            ("PACS", 11112, db.QUEUED, 0),
+            ("OTHER", 104, db.DEAD, 20),
+            ("OTHER", 104, db.DEAD, 20),
+        ]
+    finally:
+        engine.dispose()

@@ -15,13 +15,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
 from ichnode import db
 from ichnode.config import LABELS
-from tests.conftest import require_data, run_cli, store_files
+from tests.conftest import config_data, require_data, run_cli, store_files, write_config
 from tests.pipeline_support import (
     PIPELINE_WARNINGS,
     Nodes,
@@ -258,3 +259,37 @@ def test_a_score_beside_its_threshold_reads_as_the_summary_image_has_it() -> Non
     (parsed,) = csv.DictReader(io.StringIO(format_results([row], "csv")))
     # Absent: never as much as its threshold (0.555); elsewhere plain rounding.
     assert (parsed["any"], parsed["subdural"], parsed["positive"]) == ("0.554", "0.867", "subdural")
+
+
+def test_show_takes_the_end_of_a_uid_as_the_list_table_prints_it(filled: Filled) -> None:
+    lines = _results(filled, "list").splitlines()
+    (shown,) = [line.split()[0] for line in lines[1:] if filled.scored.endswith(line.split()[0].removeprefix("..."))]
+    assert shown.startswith("...")  # the table shortens a long UID
+    full = json.loads(_results(filled, "show", filled.scored, "--format", "json"))
+    assert json.loads(_results(filled, "show", shown, "--format", "json")) == full
+    assert json.loads(_results(filled, "show", shown.removeprefix("..."), "--format", "json")) == full
+
+
+def test_show_says_when_the_end_of_a_uid_is_the_end_of_several(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    db.init_db(engine)
+    with db.transaction(db.session_factory(engine)) as session:
+        session.add(db.Series(series_uid="1.2.3.1045", study_uid="1.2.3"))
+        session.add(db.Series(series_uid="1.2.7.2045", study_uid="1.2.7"))
+        session.add(db.Series(series_uid="IDX0099", study_uid="ID_9"))  # "_" is no wildcard
+    engine.dispose()
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path))
+
+    def show(uid: str) -> Any:
+        return run_cli(["results", "show", uid, "--config", str(path), "--format", "json"])
+
+    out = show("045")
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "Error: '045' is the end of 2 study or series UIDs (1.2.3.1045, 1.2.7.2045); give more of it"
+    ]
+    out = show("...1045")
+    assert out.returncode == 0, out.stderr
+    assert [row["series_uid"] for row in json.loads(out.stdout)] == ["1.2.3.1045"]
+    out = show("D_0099")
+    assert out.returncode == 1 and "no study or series 'D_0099' in the database" in out.stderr

@@ -130,3 +130,30 @@ def test_a_second_worker_or_dispatcher_on_one_spool_is_refused(tmp_path: Path, r
     finally:
         first.stop()
     Node(config, components=(role,), model=model).stop()  # once the first has stopped
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # this process writing and sending them
+def test_non_conformant_uids_do_not_flood_the_log_of_any_receiver_process(node_process: Any, tmp_path: Path) -> None:
+    # RSNA-style "ID_..." UIDs are accepted by design; pydicom and pynetdicom
+    # would log a dozen warnings per image, in the main process and in the
+    # extra receiver processes alike, hiding the warnings that matter.
+    from tests.test_cli import _id_uid_file
+
+    node = node_process(node={"receiver_processes": 2}, access={"allow": [{"ae_title": "*"}]})
+    node.start()
+    sent = 0
+
+    def received_by_the_second_process() -> bool:
+        # The kernel spreads associations over the processes by source address and port.
+        nonlocal sent
+        sent += 1
+        source = f"127.0.0.{1 + sent}"
+        assert store_files(node.port, [_id_uid_file(tmp_path / f"b{sent:08x}.dcm")], source_host=source) == [0]
+        return f"receiver-1 ichnode.receiver: association from TEST_SCU@{source}" in node.log()
+
+    wait_for(received_by_the_second_process, timeout=60, interval=0, message="an association in receiver-1")
+    log = node.log()
+    assert "Invalid value for VR UI" not in log
+    assert "Non-conformant" not in log
+    assert "UserWarning" not in log
+    assert "apscheduler" not in log
