@@ -358,6 +358,8 @@ class Dispatcher:
                 if not assoc.is_established:
                     self._failed(delivery, "association lost before sending")
                     continue
+                if not self._still_sending(delivery):  # a newer result superseded it since the batch began
+                    continue
                 try:
                     response = assoc.send_c_store(ds)
                 except Exception as exc:  # e.g. the peer rejected this SOP class's context
@@ -378,6 +380,10 @@ class Dispatcher:
                 with db.transaction(self.sessions) as session:
                     _unclaim(session, untried)
         return sent
+
+    def _still_sending(self, delivery: db.Delivery) -> bool:
+        with self.sessions() as session:
+            return session.scalar(select(db.Delivery.state).where(db.Delivery.id == delivery.id)) == db.SENDING
 
     def _sent(self, delivery: db.Delivery) -> None:
         # Whatever the state now (even superseded meanwhile): the PACS holds it.

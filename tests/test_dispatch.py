@@ -340,8 +340,8 @@ class _SupersedingPacs(Recorder):
     """A PACS during whose C-STORE the worker stores a newer result (superseding
     every undelivered report, as the worker does), and which then refuses the store."""
 
-    def __init__(self, sessions: Any) -> None:
-        super().__init__(status=0xA700)
+    def __init__(self, sessions: Any, status: int = 0xA700) -> None:
+        super().__init__(status=status)
         self.sessions = sessions
 
     def _on_store(self, event: Any) -> int:
@@ -406,6 +406,22 @@ def test_a_report_superseded_during_a_failed_c_store_stays_superseded(tmp_path: 
         assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
         assert len(pacs.records) == 1
         assert deliveries(sessions)[0].state == db.SUPERSEDED
+    finally:
+        pacs.stop()
+        engine.dispose()
+
+
+def test_reports_superseded_while_their_batch_is_under_way_are_not_sent(tmp_path: Path) -> None:
+    # A backlog goes in one batch: a newer result recorded meanwhile must keep
+    # the rest of the old one from the PACS. The one on the wire is stored.
+    port = free_port()
+    engine, sessions, spool = _queue(tmp_path, 3, port)
+    pacs = _SupersedingPacs(sessions, status=0x0000).start(port)
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
+    try:
+        assert dispatcher.run_once() == 1
+        assert len(pacs.records) == 1
+        assert sorted(r.state for r in deliveries(sessions)) == [db.SENT, db.SUPERSEDED, db.SUPERSEDED]
     finally:
         pacs.stop()
         engine.dispose()
