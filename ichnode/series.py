@@ -338,3 +338,16 @@ def complete_stable_series(
                 logger.info("series %s complete with %d instances", series_uid, count)
                 completed.append(series_uid)
     return completed
+
+
+def restamp_future_receipts(factory: sessionmaker[Session], *, now: dt.datetime | None = None) -> int:
+    """After the system clock went back: a series still receiving whose last
+    image is stamped later than now would wait until the clock caught up
+    before it is complete. It is stamped now instead; returns how many."""
+    now = now or db.utcnow()
+    with db.transaction(factory) as session:
+        return session.execute(
+            update(db.Series)
+            .where(db.Series.state == db.RECEIVING, db.Series.last_received_at > now)
+            .values(last_received_at=now)
+        ).rowcount

@@ -33,7 +33,7 @@ from .dispatch import requeue_interrupted as requeue_interrupted_deliveries
 from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
-from .series import InstanceHeader, complete_stable_series, register_instance
+from .series import InstanceHeader, complete_stable_series, register_instance, restamp_future_receipts
 from .spool import Spool
 from .worker import Worker, describe_device, requeue_interrupted
 
@@ -44,6 +44,12 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 
 # How often spooled files past storage.retention_days are looked for.
 RETENTION_CHECK_SECONDS = 3600.0
+
+# The scheduler's ticks are wall-clock times: a system clock stepped back (an
+# NTP correction, a virtual machine restored) would hold every stage back
+# as long. Checked this often; a step back of more than this runs them now.
+CLOCK_CHECK_SECONDS = 1.0
+CLOCK_STEP_SECONDS = 2.0
 
 RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
 
@@ -153,8 +159,27 @@ class Node:
             # stops here with nothing running.
             self.server = self._listen()
         self.scheduler.start()
+        threading.Thread(target=self._watch_clock, name="ichnode-clock", daemon=True).start()
         if RECEIVER in self.components and primary:
             self._start_extra_receivers()
+
+    def _watch_clock(self) -> None:
+        offset = wall_minus_monotonic()
+        while not self._stopped.wait(CLOCK_CHECK_SECONDS):
+            now = wall_minus_monotonic()
+            if now < offset - CLOCK_STEP_SECONDS:
+                self._after_clock_went_back(offset - now)
+            offset = now
+
+    def _after_clock_went_back(self, seconds: float) -> None:
+        logger.warning("the system clock went back %.0f s; every stage runs now", seconds)
+        try:
+            if self.receiver_index == 0:
+                restamp_future_receipts(self.sessions)
+            for job in self.scheduler.get_jobs():
+                job.modify(next_run_time=dt.datetime.now(dt.UTC))
+        except Exception:  # the next check tries nothing again: the stages' own ticks go on
+            logger.exception("catching up with the clock failed")
 
     def _listen(self) -> ThreadedAssociationServer:
         node = self.config.node
@@ -283,6 +308,11 @@ class Node:
             raise
         wake.wait()
         self.stop()
+
+
+def wall_minus_monotonic() -> float:
+    """The wall clock less the monotonic one: it drops when the system clock is set back."""
+    return time.time() - time.monotonic()
 
 
 def run_extra_receiver(config: Config, index: int) -> None:

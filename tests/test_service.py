@@ -157,3 +157,34 @@ def test_non_conformant_uids_do_not_flood_the_log_of_any_receiver_process(node_p
     assert "Non-conformant" not in log
     assert "UserWarning" not in log
     assert "apscheduler" not in log
+
+
+def test_the_system_clock_set_back_holds_no_stage_back(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An NTP correction or a restored virtual machine steps the wall clock
+    # back: the scheduler's next ticks, and a series' last receipt, then lie
+    # that far in the future. Without a catch-up nothing completes until then.
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from ichnode import service
+
+    stepped = [0.0]
+    real = service.wall_minus_monotonic
+    monkeypatch.setattr(service, "wall_minus_monotonic", lambda: real() - stepped[0])
+    node = start_node(series={"stable_seconds": 1})
+    series = phantom(5, n_slices=3)
+    assert store_files(node.port, series.datasets) == [0] * 3
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    with db.transaction(node.sessions) as session:  # stamped before the clock went back 10 minutes
+        session.execute(update(db.Series).values(last_received_at=later.replace(tzinfo=None)))
+    for job in node.scheduler.get_jobs():
+        job.modify(next_run_time=later)
+    stepped[0] = 600.0
+    uid = str(series.datasets[0].SeriesInstanceUID)
+    wait_for(lambda: series_state(node, uid) == db.COMPLETE, timeout=10, message="the series complete")
+
+
+def series_state(node: Any, uid: str) -> str | None:
+    with node.sessions() as session:
+        return session.scalar(select(db.Series.state).where(db.Series.series_uid == uid))
