@@ -91,6 +91,13 @@ def series_summary(series: db.Series, *, with_slices: bool = False) -> dict[str,
             for d in (result.deliveries if result else [])
         ],
     }
+    if with_slices:
+        # Which images were left out, and why: what to fix or send again.
+        row["quarantined"] = [
+            {"sop_instance_uid": i.sop_instance_uid, "instance_number": i.instance_number, "reason": i.quarantine_reason}
+            for i in sorted(series.instances, key=lambda i: i.id)
+            if i.quarantine_reason
+        ]
     if with_slices and result is not None:
         row["slices"] = [
             {"sop_instance_uid": s.sop_instance_uid, "position": s.position, "scores": s.scores}
@@ -128,7 +135,7 @@ def show_results(session: Session, uid: str) -> list[dict[str, Any]]:
     the end of several.
     """
     query = _query().options(
-        selectinload(db.Series.results).selectinload(db.SeriesResult.slices)
+        selectinload(db.Series.results).selectinload(db.SeriesResult.slices), selectinload(db.Series.instances)
     ).where(or_(db.Series.study_uid == uid, db.Series.series_uid == uid))
     rows = [series_summary(series, with_slices=True) for series in session.scalars(query)]
     if rows:
@@ -233,13 +240,23 @@ def format_show(rows: list[dict[str, Any]], fmt: str) -> str:
         ]
         if slices:
             parts.append(_table(list(slices[0]), slices))
+        left_out = [
+            {
+                "left out": q["sop_instance_uid"],
+                "instance": "" if q["instance_number"] is None else str(q["instance_number"]),
+                "reason": q["reason"],
+            }
+            for q in row.get("quarantined", [])
+        ]
+        if left_out:
+            parts.append(_table(list(left_out[0]), left_out))
     return "\n\n".join(parts)
 
 
 def _show_csv(rows: list[dict[str, Any]]) -> str:
     # One table for a spreadsheet or pandas: the ``level`` column tells a
     # series' own scores from its slices'.
-    fieldnames = ["level", "slice", "sop_instance_uid", *_flat(_EMPTY).keys()]
+    fieldnames = ["level", "slice", "sop_instance_uid", *_flat(_EMPTY).keys(), "quarantine_reason"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fieldnames, restval="")
     writer.writeheader()
@@ -256,6 +273,16 @@ def _show_csv(rows: list[dict[str, Any]]) -> str:
                     "series_uid": series["series_uid"],
                     "version": series["version"],
                     **{label: _score(s["scores"].get(label)) for label in LABELS},
+                }
+            )
+        for q in row.get("quarantined", []):
+            writer.writerow(
+                {
+                    "level": "quarantined",
+                    "sop_instance_uid": q["sop_instance_uid"],
+                    "study_uid": series["study_uid"],
+                    "series_uid": series["series_uid"],
+                    "quarantine_reason": q["reason"],
                 }
             )
     return out.getvalue().rstrip("\n")

@@ -714,7 +714,8 @@ class Worker:
                         .where(db.Instance.id == instance_id, db.Instance.series_id == item.series_id)
                         .values(quarantine_reason=reason)
                     )
-                    logger.warning("quarantined instance %d of series %s: %s", instance_id, item.series_uid, reason)
+                    uid = session.scalar(select(db.Instance.sop_instance_uid).where(db.Instance.id == instance_id))
+                    logger.warning("quarantined %s of series %s: %s", uid, item.series_uid, reason)
             replaces = current and not _older_result_stands(session, item)
             if replaces:
                 _supersede_older_results(session, item.series_id)

@@ -8,7 +8,9 @@ series by C-STORE and reads what the worker wrote to the database and spool.
 from __future__ import annotations
 
 import copy
+import csv
 import datetime as dt
+import io
 import multiprocessing
 import os
 import platform
@@ -27,7 +29,7 @@ from ichnode import db, imaging, preparation
 from ichnode import worker as worker_module
 from ichnode.config import LABELS
 from ichnode.model import HemorrhageModel, aggregate_series
-from ichnode.results import list_results
+from ichnode.results import format_show, list_results, show_results
 from ichnode.retention import purge_expired
 from ichnode.spool import safe_name
 from ichnode.worker import Worker, requeue_interrupted
@@ -194,6 +196,16 @@ def test_a_corrupt_slice_is_quarantined_and_the_rest_scored(nodes: Nodes) -> Non
     (sr,) = [ds for ds in reports.values() if ds.SOPClassUID == Comprehensive3DSRStorage]
     assert sr.CompletionFlag == "PARTIAL"
     assert sr.CompletionFlagDescription == "1 slice could not be used and was not scored"
+    # What an administrator reads: which image, and why.
+    with node.sessions() as session:
+        (shown,) = show_results(session, series_uid)
+    (left_out,) = shown["quarantined"]
+    assert (left_out["sop_instance_uid"], left_out["instance_number"]) == (bad_uid, int(bad.InstanceNumber))
+    assert left_out["reason"].startswith("cannot decode pixels")
+    table = format_show([shown], "table")
+    assert bad_uid in table and "cannot decode pixels" in table
+    (row,) = [r for r in csv.DictReader(io.StringIO(format_show([shown], "csv"))) if r["level"] == "quarantined"]
+    assert row["sop_instance_uid"] == bad_uid and row["quarantine_reason"].startswith("cannot decode pixels")
 
 
 def test_too_few_decodable_slices_are_skipped_with_the_reason(nodes: Nodes) -> None:
