@@ -60,6 +60,24 @@ DEAD = "dead"
 SUPERSEDED = "superseded"  # a newer result of the series replaced this report
 UNDELIVERED = (QUEUED, SENDING)  # still on its way: what a newer result supersedes
 
+# How a scored result whose report objects could not be made (a full disk)
+# begins its reason: nothing is on its way to the PACS for it.
+REPORTS_NOT_BUILT = "scored, but its reports could not be built"
+
+
+def reports_not_built(series_id: Any) -> Any:
+    """Whether the series' current result is one whose reports could not be
+    built (a condition for queries; ``series_id`` a column or a value)."""
+    return (
+        select(SeriesResult.id)
+        .where(
+            SeriesResult.series_id == series_id,
+            SeriesResult.superseded.is_(False),
+            SeriesResult.skip_reason.startswith(REPORTS_NOT_BUILT, autoescape=True),
+        )
+        .exists()
+    )
+
 
 def utcnow() -> dt.datetime:
     """Naive UTC now: every timestamp in the database is naive UTC."""

@@ -252,7 +252,8 @@ def _count_identical_copy(
     """Count an identical resend of a recorded instance (a routing rule
     that fired twice, a study sent again) and change nothing else: its series
     keeps its state and version, so it is not scored and reported again
-    (only its time of last receipt moves), unless it failed or was skipped.
+    (only its time of last receipt moves), unless it failed or was skipped,
+    or its reports could not be built.
     None when the row does not say that ``path`` in this series is the
     instance's file (then it is recorded as any other copy)."""
     series_t = db.Series.__table__
@@ -264,9 +265,11 @@ def _count_identical_copy(
             instance_t.c.sop_instance_uid == header.sop_instance_uid,
             instance_t.c.path == path,
             series_t.c.series_uid == header.series_uid,
-            # A series that failed or was skipped is tried again when its
-            # study is sent again (after a fix of the node or its settings).
+            # A series that failed or was skipped, or whose reports could not
+            # be built, is tried again when its study is sent again (after a
+            # fix of the node, its settings or its disk).
             series_t.c.state.not_in((db.FAILED, db.SKIPPED)),
+            ~db.reports_not_built(series_t.c.id),
         )
     ).first()
     if row is None:

@@ -26,7 +26,10 @@ def collect_status(config: Config) -> dict[str, Any]:
                 )
                 or 0
             )
-            duplicates = session.scalar(select(func.sum(db.Instance.times_received - 1))) or 0
+            received_again = session.scalar(select(func.sum(db.Instance.times_received - 1))) or 0
+            unreported = session.scalar(
+                select(func.count()).select_from(db.Series).where(db.reports_not_built(db.Series.id))
+            )
             series = db.count_by_state(session, db.Series.state)
             deliveries = db.count_by_state(session, db.Delivery.state)
             dead = [
@@ -49,8 +52,10 @@ def collect_status(config: Config) -> dict[str, Any]:
     return {
         "database": make_url(config.database.url).render_as_string(hide_password=True),
         "spool_dir": str(spool_dir),
-        "instances": {"total": instances, "quarantined": quarantined, "duplicates_replaced": int(duplicates)},
+        # Copies of stored instances: counted when identical, else replacing them.
+        "instances": {"total": instances, "quarantined": quarantined, "received_again": int(received_again)},
         "series": series,
+        "scored_without_reports": unreported,
         "deliveries": deliveries,
         "dead_letters": dead,
         "unconfigured_destinations": unconfigured,
@@ -115,6 +120,11 @@ def format_status(report: dict[str, Any]) -> str:
             f"dead letter  {dead['sop_instance_uid']} to {dead['destination']} after "
             f"{dead['attempts']} attempts: {dead['last_error']}; file {dead['path']}"
             + ("" if dead["file_exists"] else " (deleted)")
+        )
+    if report["scored_without_reports"]:
+        lines.append(
+            f"warning      {report['scored_without_reports']} scored series have no reports on their way: they "
+            "could not be built (ichnode results show says why); send the study again to score and report it"
         )
     for entry in report["unconfigured_destinations"]:
         lines.append(f"warning      {unconfigured_warning(entry)}")

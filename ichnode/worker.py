@@ -664,7 +664,7 @@ class Worker:
             raise  # the helper died: the series is scored again
         except Exception as exc:
             logger.exception("the reports of series %s could not be built", item.series_uid)
-            return [], f"scored, but its reports could not be built: {type(exc).__name__}: {exc}"
+            return [], f"{db.REPORTS_NOT_BUILT}: {type(exc).__name__}: {exc}"
 
     # -- recording -------------------------------------------------------
     def destinations(self, calling_ae: str | None, peer_host: str | None = None) -> list[tuple[str, str, int]]:

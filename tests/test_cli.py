@@ -438,7 +438,7 @@ def test_status_json_reports_what_the_node_holds(node_from_file: tuple[Any, Path
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["instances"]["total"] == 6
-    assert report["instances"]["duplicates_replaced"] == 1
+    assert report["instances"]["received_again"] == 1
     assert report["series"] == {"complete": 1}
     spooled = [p for p in node.spool.instances_dir.rglob("*.dcm")]
     assert len(spooled) == 6

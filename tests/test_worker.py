@@ -776,6 +776,19 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     assert result.skip_reason.startswith("scored, but its reports could not be built: ")
     with db.transaction(receiver.sessions) as session:
         assert session.scalars(select(db.Delivery)).all() == []
+    from ichnode.status import collect_status, format_status
+
+    assert collect_status(config)["scored_without_reports"] == 1
+    assert "1 scored series have no reports on their way" in format_status(collect_status(config))
+
+    # The disk mended, the study sent again unchanged: scored and reported this time.
+    blocker.unlink()
+    _store_complete(receiver, series)
+    _score_once(config, receiver)
+    old, new = results_of(receiver.sessions, _uid(series.datasets[0]))
+    assert (old.superseded, new.version, new.skip_reason) == (True, 2, None)
+    assert {d.kind for d in new.deliveries} == {"sr", "summary"}
+    assert collect_status(config)["scored_without_reports"] == 0
 
 
 def test_a_sender_sharing_its_ae_title_is_told_apart_by_host() -> None:
