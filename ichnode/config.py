@@ -196,6 +196,9 @@ class SeriesConfig(_Section):
     # these words (case-insensitive); when that tag is empty, when a study or
     # series description or protocol name does; with all of them empty, it is.
     head_keywords: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "NEURO")
+    # Hemorrhage is read on non-contrast CT: in a contrast-enhanced series
+    # (ContrastBolusAgent named) vessels and dura are as bright as blood.
+    skip_contrast: bool = True
 
 
 class ModelConfig(_Section):

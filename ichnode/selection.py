@@ -52,6 +52,10 @@ _ACQUISITION_KEYWORDS = (
 )
 
 
+# ContrastBolusAgent values that scanners write for no contrast at all.
+_NO_CONTRAST_AGENT = {"", "NONE", "NO", "N", "N/A", "NA", "NIL", "-", "0", "NO CONTRAST", "NON-CONTRAST", "WITHOUT"}
+
+
 def replaced_by_a_later_copy(reason: str) -> bool:
     """Whether an image was left out only because a later one took its slice
     position (a slice sent again under a new UID): nothing of the volume is missing."""
@@ -95,6 +99,9 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     not_head = _not_head(first, rules.head_keywords)
     if not_head:
         return not_head
+    agent = str(first.get("ContrastBolusAgent", "") or "").strip()
+    if rules.skip_contrast and agent.upper() not in _NO_CONTRAST_AGENT:
+        return f"contrast-enhanced (ContrastBolusAgent {agent}): hemorrhage is read on non-contrast CT (series.skip_contrast)"
     mixed = mixed_series(headers)
     if mixed:
         return mixed

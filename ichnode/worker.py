@@ -401,7 +401,7 @@ class Worker:
         try:
             return self._processes.submit(fn, *args, **kwargs)
         except BrokenProcessPool:
-            logger.error("a helper process died (its series failed); starting new helper processes")
+            logger.error("a helper process died; starting new helper processes (its series are scored again alone)")
             self._processes.shutdown(wait=False)
             self._processes = process_pool(self._process_count)
             return self._processes.submit(fn, *args, **kwargs)

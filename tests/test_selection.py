@@ -195,3 +195,20 @@ def test_a_tilt_past_series_axial_tolerance_degrees_is_skipped() -> None:
     assert skip_reason(series, kinds, SeriesConfig(axial_tolerance_degrees=15)) == (
         "not axial: slice normal 20.0 degrees from the patient axis (series.axial_tolerance_degrees is 15)"
     )
+
+
+@pytest.mark.parametrize(("agent", "scored"), [("OMNIPAQUE 350", False), ("NONE", True), ("", True)])
+def test_a_contrast_enhanced_series_is_skipped_unless_told_otherwise(agent: str, scored: bool) -> None:
+    series = _series()
+    for ds in series:
+        ds.ContrastBolusAgent = agent
+    reason = _reason(series)
+    if scored:
+        assert reason is None
+    else:
+        assert reason == (
+            "contrast-enhanced (ContrastBolusAgent OMNIPAQUE 350): hemorrhage is read on non-contrast CT "
+            "(series.skip_contrast)"
+        )
+        kept = [ds for index, ds in enumerate(series) if index not in stray_slices(series)]
+        assert skip_reason(kept, [CTImageStorage] * len(kept), SeriesConfig(skip_contrast=False)) is None
