@@ -34,6 +34,20 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
+# Errors of the moment, not of the file: short of memory or file descriptors,
+# a read that failed. A slice is not quarantined for good for one of them.
+_SHORT_OF = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EIO}
+
+
+class ShortOfResources(Exception):
+    """A slice could not be read or decoded for want of what the helper had
+    at that moment (memory, file descriptors); its series is scored again."""
+
+
+def _check_not_short_of(exc: Exception, path: str) -> None:
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _SHORT_OF):
+        raise ShortOfResources(f"{path}: {type(exc).__name__}: {exc}") from exc
+
 
 def default_processes() -> int:
     """All cores but one for the model's own dispatch, and at least two."""
@@ -193,6 +207,7 @@ def _read_and_order(
         try:
             readable.append((row, dcmread(Path(spool_root) / row.path, stop_before_pixels=not pixels)))
         except Exception as exc:
+            _check_not_short_of(exc, row.path)
             prepared.quarantined[row.id] = f"unreadable file: {exc}"
     strays = stray_slices([ds for _, ds in readable])
     for index, reason in strays.items():
@@ -236,6 +251,7 @@ def _decode_into(
                 # Exactly one row's bytes, or an error: never a neighbour's.
                 image = np.ascontiguousarray(image, dtype=layout.dtype).reshape(layout.shape[1:])
             except Exception as exc:
+                _check_not_short_of(exc, row.path)
                 quarantined[row.id] = f"cannot decode pixels: {type(exc).__name__}: {exc}"
                 continue
             out.seek(layout.offset + (start + offset) * row_bytes)

@@ -38,6 +38,7 @@ from .model import HemorrhageModel, ModelCard, flags, series_scores
 from .preparation import (
     InstanceRow,
     PreparedVolume,
+    ShortOfResources,
     decode_slices,
     default_processes,
     new_volume_file,
@@ -293,6 +294,8 @@ class Worker:
             handled += 1
             why = "a helper process stopped answering" if item.stuck else "a helper process died"
             if isinstance(exc, BrokenProcessPool) and self._scored_again_alone(item, why):
+                return
+            if isinstance(exc, ShortOfResources) and self._scored_again_alone(item, f"a helper ran short ({exc})"):
                 return
             logger.exception("preparing series %s failed", item.series_uid)
             reason = f"preparing failed: {why} (BrokenProcessPool)" if item.stuck else f"preparing failed: {exc!r}"

@@ -1005,6 +1005,53 @@ def test_a_helper_that_stops_answering_is_replaced_and_holds_back_no_other_serie
     assert failed.status == db.FAILED and "stopped answering" in failed.skip_reason
 
 
+def test_a_slice_a_helper_could_not_read_for_want_of_memory_is_not_quarantined(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import Future
+
+    series = phantom(65)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    # In a helper: out of memory (or file descriptors) is no fault of the file.
+    rows = [
+        preparation.InstanceRow(i.id, i.path, i.sop_class_uid, i.sop_instance_uid)
+        for i in instances_of(receiver.sessions, series_uid)
+    ]
+    real = imaging.preprocess_slice
+
+    def short(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError()
+
+    monkeypatch.setattr(imaging, "preprocess_slice", short)
+    volume = str(receiver.spool.tmp_dir / "volume.npy")
+    with pytest.raises(preparation.ShortOfResources, match="MemoryError"):
+        preparation.prepare_series(receiver.spool.root, rows, config.series, ((40, 80),) * 3, (256, 256), volume)
+    monkeypatch.setattr(imaging, "preprocess_slice", real)
+
+    # The worker scores the series again, whole, at its next round.
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    submit, short_once = worker._submit, []
+
+    def runs_short_once(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is preparation.prepare_series and not short_once:
+            short_once.append(fn)
+            future: Future[Any] = Future()
+            future.set_exception(preparation.ShortOfResources("x.dcm: MemoryError: "))
+            return future
+        return submit(fn, *args, **kwargs)
+
+    worker._submit = runs_short_once
+    try:
+        assert worker.run_once() == 1
+        assert results_of(receiver.sessions, series_uid) == []  # put back
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (result,) = results_of(receiver.sessions, series_uid)
+    assert (result.status, result.slice_count, result.quarantined_count) == (db.SCORED, len(series.datasets), 0)
+
+
 def test_helpers_outlive_ctrl_c_but_end_on_sigterm() -> None:
     # Ctrl-C signals the node's whole process group: the helpers go on with
     # their series. SIGTERM is how the pool ends the others when one dies: a
