@@ -239,6 +239,10 @@ class ReportsConfig(_Section):
     return_to_sender: bool = False
     destinations: tuple[Destination, ...] = ()
     retry: RetryConfig = RetryConfig()
+    # Connect, association, DIMSE and network timeouts with a destination: a
+    # PACS across a slow link may need more, one that never answers holds
+    # back only its own reports for this long.
+    timeout_seconds: float = Field(30.0, gt=0, le=3600)
 
     @field_validator("destinations")
     @classmethod

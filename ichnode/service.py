@@ -110,7 +110,11 @@ class Node:
                 logger.info("scoring on %s", describe_device())
             if DISPATCHER in self.components:
                 self.dispatcher = Dispatcher(
-                    self.sessions, self.spool, config.reports.retry, calling_ae=config.node.ae_title
+                    self.sessions,
+                    self.spool,
+                    config.reports.retry,
+                    calling_ae=config.node.ae_title,
+                    timeout=config.reports.timeout_seconds,
                 )
         except BaseException:
             self._let_go()

@@ -575,14 +575,15 @@ def test_a_destination_that_never_answers_holds_back_no_other(tmp_path: Path, no
     from ichnode.service import Node
 
     good = recorder("GOOD")
-    _, config = nodes.config(tmp_path)
+    # AAA_HUNG's request stays unanswered all through the test.
+    _, config = nodes.config(tmp_path, reports={"timeout_seconds": 600})
     with _unanswering_peer() as hung_port:
         # AAA_HUNG sorts first: the order in which destinations are looked at.
         engine, _, _ = _queue(tmp_path, 1, hung_port, "AAA_HUNG", also=[("GOOD", good.port)])
         engine.dispose()
         node = Node(config, components=("dispatcher",))
         nodes.started.append(node)
-        node.dispatcher.timeout = 600  # AAA_HUNG's request stays unanswered all through the test
+        assert node.dispatcher.timeout == 600
         node.start()
         rows = wait_deliveries(
             node.sessions, lambda rows: _states(rows, "GOOD") == [db.SENT], timeout=60, message="GOOD's first report"
