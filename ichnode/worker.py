@@ -804,11 +804,12 @@ def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:
     ``item``, a newer version, is done: retention removed images that result
     was scored from, so ``item`` holds only what arrived since (a late slice,
     part of the study sent again) and cannot judge the whole series. Sent
-    again in full, the images are back, and the new version replaces it."""
+    again in full (as many slices, under their UIDs or new ones), the new
+    version replaces it."""
     if item.version <= 1:
         return False
-    older = session.scalar(
-        select(db.SeriesResult.id)
+    older = session.execute(
+        select(db.SeriesResult.id, db.SeriesResult.slice_count)
         .where(
             db.SeriesResult.series_id == item.series_id,
             db.SeriesResult.version < item.version,
@@ -817,13 +818,13 @@ def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:
         )
         .order_by(db.SeriesResult.id.desc())
         .limit(1)
-    )
-    if older is None:
+    ).first()
+    if older is None or len(item.sop_uids) >= (older.slice_count or 0):
         return False
     # Only retention deletes instance rows: a slice with none was removed, not re-filed.
     kept = select(db.Instance.id).where(db.Instance.sop_instance_uid == db.SliceResult.sop_instance_uid)
     removed = session.scalar(
-        select(func.count()).select_from(db.SliceResult).where(db.SliceResult.result_id == older, ~kept.exists())
+        select(func.count()).select_from(db.SliceResult).where(db.SliceResult.result_id == older.id, ~kept.exists())
     )
     if removed:
         logger.warning(

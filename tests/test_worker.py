@@ -338,6 +338,17 @@ def test_images_arriving_after_retention_do_not_replace_the_full_series_result(n
     assert (row["version"], row["slices_scored"]) == (3, 14)
     assert [r.superseded for r in results_of(node.sessions, series_uid)] == [True, True, False]
 
+    # So too when a gateway sends it again whole under new SOP Instance UIDs.
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 14
+    renamed = []
+    for ds in series.datasets:
+        ds = copy.deepcopy(ds)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        renamed.append(ds)
+    assert store_files(node.port, renamed) == [0x0000] * 14
+    v4 = wait_result(node.sessions, series_uid, version=4)
+    assert (v4.status, v4.slice_count, v4.superseded) == (db.SCORED, 14, False)
+
 
 def test_a_slice_sent_again_under_a_new_uid_replaces_the_old_copy_and_nothing_is_missing(nodes: Nodes) -> None:
     series = phantom(56, n_slices=12)
