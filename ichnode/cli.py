@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ import click
 
 from . import __version__
 from .config import Config, ConfigError, _check_ae_title, load_config
+from .logs import quiet_uid_warnings, setup_logging
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -39,55 +39,6 @@ def _load(config_path: Path | None) -> Config:
         return load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def setup_logging(level: str, process: str = "") -> None:
-    """The log of ``serve`` and ``demo``, and of a node's extra receiver processes
-    (``process``, e.g. "receiver-1", names them in each line)."""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s {process + ' ' if process else ''}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # These log every PDU / every copied module at INFO; their warnings are what matter here.
-    for noisy in ("pynetdicom", "highdicom", "apscheduler"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    quiet_uid_warnings()
-    # highdicom's warning about an odd patient name would put that name in
-    # the log. Other warnings go to the log.
-    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
-    logging.captureWarnings(True)
-    # A job still running at its next tick is skipped by design, not a problem.
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
-
-
-# Real-world UIDs such as "ID_1f6d1e8aeb" (RSNA), or with leading zeros from
-# older modalities, are accepted by design. pydicom would warn of each one
-# (a warning and a log record) and pynetdicom log each one it sends or
-# receives: a dozen lines per image that hide the warnings that matter.
-_UID_NOISE = {"pydicom": "Invalid value for VR UI", "pynetdicom.utils": "Non-conformant '"}
-
-
-class _UidNoiseToDebug(logging.Filter):
-    """Those records at DEBUG, where they can still be looked at."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        prefix = _UID_NOISE.get(record.name)
-        if prefix is None or record.levelno != logging.WARNING or not record.getMessage().startswith(prefix):
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-_UID_NOISE_FILTER = _UidNoiseToDebug()
-
-
-def quiet_uid_warnings() -> None:
-    """Keep non-conformant UIDs out of the log and stderr: for ``serve``, its
-    extra receiver processes (through :func:`setup_logging`) and ``send``."""
-    for name in _UID_NOISE:
-        logging.getLogger(name).addFilter(_UID_NOISE_FILTER)
-    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
 
 
 def parse_address(value: str) -> tuple[str, str, int]:

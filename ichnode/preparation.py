@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from . import imaging
+from .logs import quiet_uid_warnings
 from .config import SeriesConfig
 from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers, prime
 from .selection import skip_reason, stray_slices
@@ -77,6 +78,7 @@ def _start_helper(parent: int) -> None:
     # in de-identified data). The reports copy the source's names as they are:
     # in the node's log that warning is nothing anyone could act on.
     warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning, r"highdicom\.")
+    quiet_uid_warnings()  # a series with UIDs such as "ID_1f6d1e8aeb" is no news, report after report
     try:
         prime()
     except Exception:  # a real report then fails with its reason; the helper still decodes

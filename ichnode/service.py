@@ -30,6 +30,7 @@ from . import db
 from .config import Config
 from .dispatch import Dispatcher
 from .dispatch import requeue_interrupted as requeue_interrupted_deliveries
+from .logs import setup_logging
 from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
@@ -324,8 +325,6 @@ def run_extra_receiver(config: Config, index: int) -> None:
     _die_with_parent()
     # The main process's log set-up (quiet libraries, UID warnings at DEBUG): a
     # spawned process starts without it.
-    from .cli import setup_logging
-
     setup_logging(config.logging.level, process=f"receiver-{index}")
     Node(config, components=(RECEIVER,), receiver_index=index).run()
 

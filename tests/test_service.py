@@ -159,6 +159,28 @@ def test_non_conformant_uids_do_not_flood_the_log_of_any_receiver_process(node_p
     assert "apscheduler" not in log
 
 
+@pytest.mark.slow
+def test_non_conformant_uids_do_not_flood_the_log_of_the_helpers_building_reports(
+    node_process: Any, series_states: Any
+) -> None:
+    # The helper processes are spawned: they build the SR of such a series
+    # without the main process's log set-up unless they make their own.
+    from ichnode.scu import send_files
+    from tests.conftest import require_data
+
+    files = sorted(require_data("rsna-series").glob("*.dcm"))
+    node = node_process(reports={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}]})
+    node.components = "receiver,worker"
+    node.start(timeout=180)
+    # As `ichnode send` sends them: their SOP Class UID is in the file meta only.
+    assert send_files(files, "ICHNODE", "127.0.0.1", node.port, timeout=30).all_stored
+    wait_for(lambda: series_states() == [db.SCORED], timeout=120, message="the RSNA series scored")
+    wait_for(lambda: "scored (version 1" in node.log(), timeout=30, message="its result logged")
+    log = node.log()
+    assert "Invalid value for VR UI" not in log
+    assert "UserWarning" not in log
+
+
 def test_the_system_clock_set_back_holds_no_stage_back(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # An NTP correction or a restored virtual machine steps the wall clock
     # back: the scheduler's next ticks, and a series' last receipt, then lie
