@@ -34,6 +34,10 @@ DEFER_BYTES = 1024
 # The shortest element header: tag and length (implicit VR).
 _ELEMENT_HEADER_BYTES = 8
 _PIXEL_DATA = Tag("PixelData")
+# What an encoder adds or sets when it compresses without loss (DCMTK's
+# lossless JPEG describes itself in Derivation Description), besides the
+# pixels, which are compared decoded.
+_ENCODER_NOTES = {_PIXEL_DATA, Tag("DerivationDescription"), Tag("LossyImageCompression")}
 
 
 class Truncated(ValueError):
@@ -99,8 +103,9 @@ def same_data_set(first: Path, second: Path) -> bool:
     """Whether two files hold one data set, whatever their encodings: a PACS
     forwarding a study in Implicit VR, or compressed without loss, sends the
     scanner's images again, not other ones. The same elements with equal
-    values (their VRs and group lengths aside), and the same pixels once
-    decoded. Any doubt (a file that cannot be read or decoded) is a difference."""
+    values (their VRs and group lengths aside, and what a lossless encoder
+    notes of itself), and the same pixels once decoded. Any doubt (a file
+    that cannot be read or decoded) is a difference."""
     try:
         a, b = dcmread(first), dcmread(second)
         if not _same_elements(a, b):
@@ -115,8 +120,10 @@ def same_data_set(first: Path, second: Path) -> bool:
 
 
 def _same_elements(a: Dataset, b: Dataset) -> bool:
-    tags = {tag for tag in a.keys() if tag.element != 0 and tag != _PIXEL_DATA}
-    if tags != {tag for tag in b.keys() if tag.element != 0 and tag != _PIXEL_DATA}:
+    tags = {tag for tag in a.keys() if tag.element != 0 and tag not in _ENCODER_NOTES}
+    if tags != {tag for tag in b.keys() if tag.element != 0 and tag not in _ENCODER_NOTES}:
+        return False
+    if a.get("LossyImageCompression", "00") != b.get("LossyImageCompression", "00"):
         return False
     for tag in tags:
         x, y = a[tag].value, b[tag].value
