@@ -8,6 +8,7 @@ reason a PACS administrator can read in ``ichnode results``.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -52,8 +53,34 @@ _ACQUISITION_KEYWORDS = (
 )
 
 
-# ContrastBolusAgent values that scanners write for no contrast at all.
-_NO_CONTRAST_AGENT = {"", "NONE", "NO", "N", "N/A", "NA", "NIL", "-", "0", "NO CONTRAST", "NON-CONTRAST", "WITHOUT"}
+# ContrastBolusAgent is free text, typed by technologists: a series counts
+# as contrast-enhanced only on evidence (an agent named, a volume or dose
+# given), never for text that is not understood, and not where the text
+# says no ("NONE", "No IV contrast", "NATIVE", "OHNE KM", "0 ml").
+_NO_CONTRAST_WORDS = {"NO", "NON", "NONE", "NIL", "N", "NA", "WITHOUT", "WO", "NATIVE", "NATIV", "OHNE", "SANS", "SIN", "0"}
+_CONTRAST_WORDS = {"YES", "APPLIED", "IV", "IA", "KM", "CM", "CONTRAST", "KONTRAST", "CONTRASTE", "C+"}
+# Iodinated agents (generic and brand name stems) and gadolinium.
+_CONTRAST_AGENTS = (
+    "IOD", "IOHEX", "OMNIPAQUE", "IOPAMID", "ISOVUE", "IOPAMIRO", "SOLUTRAST", "IODIXAN", "VISIPAQUE", "IOVERSOL",
+    "OPTIRAY", "IOPROMID", "ULTRAVIST", "IOMEPROL", "IOMERON", "IMERON", "IOBITRIDOL", "XENETIX", "IOPENTOL",
+    "IMAGOPAQUE", "GADO", "ACCUPAQUE",
+)
+
+
+def _contrast_given(ds: Dataset) -> str | None:
+    """What says the series was imaged with contrast, if anything does."""
+    agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
+    words = set(re.split(r"[^A-Z0-9+]+", agent.upper().replace("NON-", "NON ").replace("W/O", "WO"))) - {""}
+    if agent and not words & _NO_CONTRAST_WORDS:
+        if words & _CONTRAST_WORDS or any(name in agent.upper() for name in _CONTRAST_AGENTS):
+            return f"ContrastBolusAgent {agent}"
+    for keyword in ("ContrastBolusVolume", "ContrastBolusTotalDose"):
+        try:
+            if float(ds.get(keyword) or 0) > 0:
+                return f"{keyword} {ds.get(keyword)}"
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def replaced_by_a_later_copy(reason: str) -> bool:
@@ -99,9 +126,9 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
     not_head = _not_head(first, rules.head_keywords)
     if not_head:
         return not_head
-    agent = str(first.get("ContrastBolusAgent", "") or "").strip()
-    if rules.skip_contrast and agent.upper() not in _NO_CONTRAST_AGENT:
-        return f"contrast-enhanced (ContrastBolusAgent {agent}): hemorrhage is read on non-contrast CT (series.skip_contrast)"
+    contrast = _contrast_given(first)
+    if rules.skip_contrast and contrast:
+        return f"contrast-enhanced ({contrast}): hemorrhage is read on non-contrast CT (series.skip_contrast)"
     mixed = mixed_series(headers)
     if mixed:
         return mixed

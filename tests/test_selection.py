@@ -197,18 +197,38 @@ def test_a_tilt_past_series_axial_tolerance_degrees_is_skipped() -> None:
     )
 
 
-@pytest.mark.parametrize(("agent", "scored"), [("OMNIPAQUE 350", False), ("NONE", True), ("", True)])
-def test_a_contrast_enhanced_series_is_skipped_unless_told_otherwise(agent: str, scored: bool) -> None:
+@pytest.mark.parametrize(
+    ("given", "scored"),
+    [
+        ({"ContrastBolusAgent": "OMNIPAQUE 350"}, False),
+        ({"ContrastBolusAgent": "Iohexol"}, False),
+        ({"ContrastBolusAgent": "IV contrast"}, False),
+        ({"ContrastBolusVolume": "80"}, False),
+        # Free text that says no, or says nothing understood: scored (a triage must not miss a head).
+        ({"ContrastBolusAgent": "NONE"}, True),
+        ({"ContrastBolusAgent": "No IV contrast"}, True),
+        ({"ContrastBolusAgent": "NON CONTRAST"}, True),
+        ({"ContrastBolusAgent": "non-contrast"}, True),
+        ({"ContrastBolusAgent": "OHNE KM"}, True),
+        ({"ContrastBolusAgent": "NATIVE"}, True),
+        ({"ContrastBolusAgent": "0 ml"}, True),
+        ({"ContrastBolusAgent": "per protocol"}, True),
+        ({"ContrastBolusAgent": ""}, True),
+        ({}, True),
+    ],
+)
+def test_a_contrast_enhanced_series_is_skipped_unless_told_otherwise(given: dict, scored: bool) -> None:
     series = _series()
     for ds in series:
-        ds.ContrastBolusAgent = agent
+        for keyword, value in given.items():
+            setattr(ds, keyword, value)
     reason = _reason(series)
     if scored:
         assert reason is None
     else:
+        ((keyword, value),) = given.items()
         assert reason == (
-            "contrast-enhanced (ContrastBolusAgent OMNIPAQUE 350): hemorrhage is read on non-contrast CT "
-            "(series.skip_contrast)"
+            f"contrast-enhanced ({keyword} {value}): hemorrhage is read on non-contrast CT (series.skip_contrast)"
         )
         kept = [ds for index, ds in enumerate(series) if index not in stray_slices(series)]
         assert skip_reason(kept, [CTImageStorage] * len(kept), SeriesConfig(skip_contrast=False)) is None
