@@ -261,8 +261,8 @@ class ReportUids:
     Made by :func:`report_uids`; the same (series, version) always gives the
     same UIDs.  ``tracking_uids`` (one per label, in label order) stay the same
     across versions, so a finding can be followed from one version to the
-    next; ``previous_sr_*`` name the SR of an earlier version that was sent
-    or is on its way, the new SR's predecessor (None when there is none).
+    next; ``previous_srs`` are the (Series, SOP Instance) UIDs of the SRs
+    of earlier versions the PACS holds or may get, the new SR's predecessors.
     """
 
     series_uid: str
@@ -274,8 +274,7 @@ class ReportUids:
     sc_series_uid: str
     sc_sop_instance_uid: str
     tracking_uids: tuple[str, ...]
-    previous_sr_series_uid: str | None = None
-    previous_sr_sop_instance_uid: str | None = None
+    previous_srs: tuple[tuple[str, str], ...] = ()
 
 
 def _derived_uid(prefix: str, *parts: str) -> str:
@@ -286,7 +285,7 @@ def report_uids(
     series_uid: str,
     version: int,
     *,
-    previous_version: int | None = None,
+    previous_versions: Sequence[int] = (),
     prefix: str | None = None,
     installation: str = "",
 ) -> ReportUids:
@@ -299,10 +298,11 @@ def report_uids(
         is not a valid UID).
     version: int
         Result version, 1 or more.
-    previous_version: int | None
-        The earlier version whose SR this one replaces: only one whose SR
-        was sent or is on its way (an SR that never existed, of a version
-        that was skipped or failed, cannot be named).
+    previous_versions: Sequence[int]
+        The earlier versions whose SRs this one replaces: the newest whose
+        SR was sent, and any after it whose SR is on its way (an SR that
+        never existed, of a version that was skipped or failed, cannot be
+        named).
     prefix: str | None
         UID root ending in ``"."``; pydicom's root by default.
     installation: str
@@ -318,10 +318,10 @@ def report_uids(
     if not isinstance(series_uid, str) or not series_uid.strip():
         raise ValueError(f"series_uid must be a non-empty string, got {series_uid!r}")
     _check_positive_int("version", version)
-    if previous_version is not None:
-        _check_positive_int("previous_version", previous_version)
-        if previous_version >= version:
-            raise ValueError(f"previous_version {previous_version} is not before version {version}")
+    for previous in previous_versions:
+        _check_positive_int("previous_versions", previous)
+        if previous >= version:
+            raise ValueError(f"previous version {previous} is not before version {version}")
     root = PYDICOM_ROOT_UID if prefix is None else prefix
     # Without an installation the UIDs stay those of databases made before there was one.
     source = [installation, series_uid] if installation else [series_uid]
@@ -329,8 +329,7 @@ def report_uids(
     def derived(*parts: str) -> str:
         return _derived_uid(root, *source, *parts)
 
-    v, before = str(version), str(previous_version)
-    no_predecessor = previous_version is None
+    v = str(version)
     return ReportUids(
         series_uid=series_uid,
         version=version,
@@ -341,8 +340,10 @@ def report_uids(
         sc_series_uid=derived(v, "sc-series"),
         sc_sop_instance_uid=derived(v, "sc-instance"),
         tracking_uids=tuple(derived("tracking", label) for label in LABELS),
-        previous_sr_series_uid=None if no_predecessor else derived(before, "sr-series"),
-        previous_sr_sop_instance_uid=None if no_predecessor else derived(before, "sr-instance"),
+        previous_srs=tuple(
+            (derived(str(before), "sr-series"), derived(str(before), "sr-instance"))
+            for before in sorted(set(previous_versions))
+        ),
     )
 
 
@@ -603,14 +604,14 @@ def build_sr(
         imaging_measurements=groups,
     )
 
-    previous = None
-    if uids.previous_sr_sop_instance_uid is not None:
+    previous = []
+    for series_uid, sop_instance_uid in uids.previous_srs:
         prior = Dataset()
         prior.SOPClassUID = Comprehensive3DSRStorage
-        prior.SOPInstanceUID = uids.previous_sr_sop_instance_uid
+        prior.SOPInstanceUID = sop_instance_uid
         prior.StudyInstanceUID = key.StudyInstanceUID
-        prior.SeriesInstanceUID = uids.previous_sr_series_uid
-        previous = [prior]
+        prior.SeriesInstanceUID = series_uid
+        previous.append(prior)
 
     complete = content.quarantined_count == 0
     sr = hd.sr.Comprehensive3DSR(
@@ -626,7 +627,7 @@ def build_sr(
         is_verified=False,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
-        previous_versions=previous,
+        previous_versions=previous or None,
         series_description=f"ICH AI results v{content.version}",
         manufacturer_model_name="ichnode",
         software_versions=__version__,

@@ -93,9 +93,9 @@ class ClaimedSeries:
     volume_file: str | None = None  # where helpers leave its volume (chosen here, removed on failure)
     # Slices quarantined by earlier versions (and missing from the volume): not read again, still not scored.
     quarantined_before: int = 0
-    # The latest earlier version whose SR was sent or is on its way: the new
-    # SR names it as its predecessor.
-    previous_sr_version: int | None = None
+    # Earlier versions whose SR the PACS holds (the newest sent) or may get
+    # while this one is scored (on its way): the new SR names them as predecessors.
+    previous_sr_versions: tuple[int, ...] = ()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -443,17 +443,17 @@ class Worker:
                     )
                 )
             )
-            item.previous_sr_version = session.scalar(
-                select(func.max(db.SeriesResult.version))
+            sr_states = session.execute(
+                select(db.SeriesResult.version, db.Delivery.state)
                 .join(db.Delivery)
                 .where(
                     db.SeriesResult.series_id == item.series_id,
                     db.SeriesResult.version < item.version,
                     db.Delivery.kind == "sr",
-                    # Sent, or still on its way: it may reach the PACS while this version is scored.
                     db.Delivery.state.in_((db.QUEUED, db.SENDING, db.SENT)),
                 )
-            )
+            ).all()
+        item.previous_sr_versions = _predecessors(sr_states)
         item.slice_count = len(rows)
         item.parts = max(1, min(self._process_count - busy, -(-len(rows) // SLICES_PER_PART)))
         item.volume_file = str(self._handoff / f"volume-{uuid.uuid4().hex}.npy")
@@ -567,7 +567,7 @@ class Worker:
                 report_uids(
                     item.series_uid,
                     item.version,
-                    previous_version=item.previous_sr_version,
+                    previous_versions=item.previous_sr_versions,
                     installation=self._installation,
                 ),
                 sr=wanted.sr,
@@ -797,6 +797,15 @@ def _as_claimed(item: ClaimedSeries) -> tuple[Any, ...]:
     """Conditions on the series row that hold while it is as ``item`` claimed
     it: processing, the same version (late slices make a new one)."""
     return (db.Series.id == item.series_id, db.Series.state == db.PROCESSING, db.Series.version == item.version)
+
+
+def _predecessors(sr_states: Sequence[tuple[int, str]]) -> tuple[int, ...]:
+    """Of the (version, delivery state) of earlier SRs, the versions a new SR
+    replaces: the newest one sent, which the PACS holds, and any after it on
+    its way, which it may get meanwhile (one superseded before it went never will)."""
+    sent = max((version for version, state in sr_states if state == db.SENT), default=0)
+    on_its_way = {version for version, state in sr_states if state != db.SENT and version > sent}
+    return tuple(sorted(on_its_way | ({sent} if sent else set())))
 
 
 def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:

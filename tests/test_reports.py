@@ -106,7 +106,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         warnings.simplefilter("ignore")
         key = pydicom.dcmread(paths[index])
     content = _content(str(key.SOPInstanceUID), version=2, quarantined=1)
-    uids = report_uids(str(key.SeriesInstanceUID), 2, previous_version=1)
+    uids = report_uids(str(key.SeriesInstanceUID), 2, previous_versions=(1,))
     sr = build_sr(headers, content, uids=uids, content_datetime=WHEN)
     sc = build_summary_image(key, to_hu(key), content, uids=uids, content_datetime=WHEN)
     out = tmp_path_factory.mktemp(name)
@@ -237,7 +237,7 @@ def _read_sr(built: Built) -> hd.sr.Comprehensive3DSR:
 def test_sr_joins_the_study_in_a_new_series(built: Built) -> None:
     sr = _read_sr(built)
     source = built.headers[0]
-    uids = report_uids(str(source.SeriesInstanceUID), 2, previous_version=1)
+    uids = report_uids(str(source.SeriesInstanceUID), 2, previous_versions=(1,))
     assert sr.SOPClassUID == Comprehensive3DSRStorage
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
@@ -252,10 +252,7 @@ def test_sr_joins_the_study_in_a_new_series(built: Built) -> None:
     # Version 2 names the SR of version 1 as its predecessor.
     (study,) = sr.PredecessorDocumentsSequence
     (series,) = study.ReferencedSeriesSequence
-    assert series.SeriesInstanceUID == uids.previous_sr_series_uid
-    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
-        uids.previous_sr_sop_instance_uid
-    )
+    assert ((series.SeriesInstanceUID, series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID),) == uids.previous_srs
 
 
 def test_sr_lists_every_slice_as_evidence(built: Built) -> None:
@@ -393,20 +390,24 @@ def test_summary_image_of_a_lossy_source_with_free_text_headers_is_valid_and_say
 def test_report_uids_are_deterministic_per_version() -> None:
     series = "1.2.826.0.1.3680043.9.4245.3115138630835728997848661150714813892"
     first, again = report_uids(series, 1), report_uids(series, 1)
-    second = report_uids(series, 2, previous_version=1)
+    second = report_uids(series, 2, previous_versions=(1,))
     assert first == again
     own = ("sr_series_uid", "sr_sop_instance_uid", "sc_series_uid", "sc_sop_instance_uid")
     values = [getattr(first, name) for name in own] + [getattr(second, name) for name in own]
     assert len(set(values)) == len(values)
     assert first.tracking_uids == second.tracking_uids  # the same findings, followed
     assert len(set(first.tracking_uids)) == len(LABELS)
-    assert first.previous_sr_sop_instance_uid is None
-    assert second.previous_sr_series_uid == first.sr_series_uid
-    assert second.previous_sr_sop_instance_uid == first.sr_sop_instance_uid
-    # Only a version whose SR was sent is named: version 3 after a skipped version 2.
-    third = report_uids(series, 3, previous_version=1)
-    assert third.previous_sr_sop_instance_uid == first.sr_sop_instance_uid
-    assert report_uids(series, 2).previous_sr_sop_instance_uid is None
+    assert first.previous_srs == ()
+    assert second.previous_srs == ((first.sr_series_uid, first.sr_sop_instance_uid),)
+    # Only versions that had an SR are named: version 3 after a skipped version 2.
+    third = report_uids(series, 3, previous_versions=(1,))
+    assert third.previous_srs == second.previous_srs
+    assert report_uids(series, 2).previous_srs == ()
+    # Several: the SR the PACS holds, and one that may reach it meanwhile.
+    assert report_uids(series, 3, previous_versions=(2, 1)).previous_srs == (
+        (first.sr_series_uid, first.sr_sop_instance_uid),
+        (second.sr_series_uid, second.sr_sop_instance_uid),
+    )
     assert report_uids("ID_4d28912ba6", 1) != report_uids("ID_4d28912ba7", 1)
     rsna = report_uids("ID_4d28912ba6", 1)
     for uid in [*values, *first.tracking_uids, *rsna.tracking_uids, rsna.sr_series_uid]:
@@ -435,8 +436,8 @@ def test_each_database_gives_the_reports_uids_of_its_own(tmp_path: Path) -> None
     a, b = (report_uids(series, 1, installation=i) for i in installations)
     assert all(installations) and a.sr_sop_instance_uid != b.sr_sop_instance_uid
     assert a == report_uids(series, 1, installation=installations[0])
-    assert report_uids(series, 2, previous_version=1, installation=installations[0]).previous_sr_sop_instance_uid == (
-        a.sr_sop_instance_uid
+    assert report_uids(series, 2, previous_versions=(1,), installation=installations[0]).previous_srs == (
+        (a.sr_series_uid, a.sr_sop_instance_uid),
     )
     # A database made before there were installations keeps deriving the
     # UIDs it sent, so that its next version names the right predecessor.
@@ -488,7 +489,7 @@ def test_report_uids_rejects(series: str, version: object, error: type[Exception
 @pytest.mark.parametrize("previous", [2, 3, 0])
 def test_report_uids_rejects_a_predecessor_that_is_not_earlier(previous: int) -> None:
     with pytest.raises(ValueError):
-        report_uids("1.2.3", 2, previous_version=previous)
+        report_uids("1.2.3", 2, previous_versions=(previous,))
 
 
 def test_a_resend_is_the_same_object() -> None:
@@ -520,7 +521,7 @@ def test_sr_from_the_key_slice_and_uids_equals_sr_from_every_header(built: Built
         (str(h.get("SOPClassUID") or h.file_meta.MediaStorageSOPClassUID), str(h.SOPInstanceUID))
         for h in built.headers
     ]
-    uids = report_uids(str(built.key.SeriesInstanceUID), built.content.version, previous_version=1)
+    uids = report_uids(str(built.key.SeriesInstanceUID), built.content.version, previous_versions=(1,))
     light = build_sr(evidence_headers(built.key, slices), built.content, uids=uids, content_datetime=WHEN)
 
     def encode(report: Dataset) -> bytes:
@@ -657,7 +658,7 @@ def test_each_finding_names_as_its_source_the_slice_it_was_seen_on(built: Built)
         built.content,
         findings=tuple(replace(f, source_sop_instance_uid=uids[i]) for i, f in enumerate(built.content.findings)),
     )
-    sr = build_sr(built.headers, content, uids=report_uids(str(built.key.SeriesInstanceUID), 2, previous_version=1))
+    sr = build_sr(built.headers, content, uids=report_uids(str(built.key.SeriesInstanceUID), 2, previous_versions=(1,)))
     valid = UID(uids[0]).is_valid  # RSNA's "ID_..." UIDs cannot be IMAGE items
     assert measurement_sources(sr) == {label: [uids[i]] if valid else [] for i, label in enumerate(LABELS)}
     # Without a source of its own, a finding's is the key slice.

@@ -439,6 +439,35 @@ def test_a_new_version_names_as_predecessor_an_sr_still_on_its_way(nodes: Nodes)
     assert named == srs["ICH AI results v1"].SOPInstanceUID
 
 
+def _predecessors_named(sr: pydicom.Dataset) -> list[str]:
+    (study,) = sr.PredecessorDocumentsSequence
+    return sorted(str(s.ReferencedSOPInstanceUID) for i in study.ReferencedSeriesSequence for s in i.ReferencedSOPSequence)
+
+
+def test_a_new_version_names_the_sr_the_pacs_holds_and_one_still_on_its_way(nodes: Nodes, recorder) -> None:
+    pacs = recorder()
+    series = phantom(57, n_slices=16)
+    series_uid, study_uid = _uid(series.datasets[0]), _uid(series.datasets[0], "StudyInstanceUID")
+    node = nodes.start(reports={"destinations": [pacs.destination], "retry": {"first_delay_s": 60}})
+    assert store_files(node.port, series.datasets[:12]) == [0x0000] * 12
+    wait_result(node.sessions, series_uid, instances=12)
+    wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="v1 delivered")
+    pacs.status = 0xA700  # the PACS refuses for now: version 2's reports wait to be tried again
+    assert store_files(node.port, series.datasets[12:14]) == [0x0000] * 2
+    wait_result(node.sessions, series_uid, instances=14, version=2)
+    wait_deliveries(node.sessions, lambda rows: any(r.attempts for r in rows if r.state == db.QUEUED), message="v2 refused")
+    assert store_files(node.port, series.datasets[14:]) == [0x0000] * 2
+    wait_result(node.sessions, series_uid, instances=16, version=3)
+    srs = {
+        ds.SeriesDescription: ds
+        for ds in _spooled_reports(node, study_uid).values()
+        if ds.SOPClassUID == Comprehensive3DSRStorage
+    }
+    # Version 1's SR is at the PACS; version 2's might have reached it meanwhile.
+    v1, v2 = (str(srs[f"ICH AI results v{v}"].SOPInstanceUID) for v in (1, 2))
+    assert _predecessors_named(srs["ICH AI results v3"]) == sorted([v1, v2])
+
+
 @pytest.mark.parametrize("outcome", ["failed", "skipped"])
 @pytest.mark.parametrize("newer", ["in flight", "recorded"])
 def test_a_stale_version_recorded_late_leaves_the_newer_one_alone(nodes: Nodes, outcome: str, newer: str) -> None:
