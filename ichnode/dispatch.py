@@ -156,6 +156,26 @@ def requeue_dead(
     return found
 
 
+def shift_due_times(sessions: sessionmaker[Session], seconds: float) -> int:
+    """After the system clock went back ``seconds``: each queued delivery is
+    due as much earlier, as it was before (a report queued "now" just before
+    the step would otherwise wait that long). Returns how many."""
+    step = dt.timedelta(seconds=seconds)
+    with db.transaction(sessions) as session:
+        due = session.execute(
+            select(db.Delivery.id, db.Delivery.next_attempt_at).where(
+                db.Delivery.state == db.QUEUED, db.Delivery.next_attempt_at > db.utcnow()
+            )
+        ).all()
+        for delivery_id, at in due:
+            session.execute(
+                update(db.Delivery)
+                .where(db.Delivery.id == delivery_id, db.Delivery.state == db.QUEUED)
+                .values(next_attempt_at=at - step)
+            )
+    return len(due)
+
+
 def _to(destination: Destination) -> tuple:
     """Where-clauses: deliveries addressed to ``destination``."""
     ae_title, host, port = destination

@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from . import db
 from .config import Config
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, shift_due_times
 from .dispatch import requeue_interrupted as requeue_interrupted_deliveries
 from .logs import setup_logging
 from .model import HemorrhageModel, load_model
@@ -181,6 +181,8 @@ class Node:
         try:
             if self.receiver_index == 0:
                 restamp_future_receipts(self.sessions)
+            if self.dispatcher is not None:
+                shift_due_times(self.sessions, seconds)
             for job in self.scheduler.get_jobs():
                 job.modify(next_run_time=dt.datetime.now(dt.UTC))
         except Exception:  # the next check tries nothing again: the stages' own ticks go on

@@ -207,6 +207,38 @@ def test_the_system_clock_set_back_holds_no_stage_back(start_node: Any, monkeypa
     wait_for(lambda: series_state(node, uid) == db.COMPLETE, timeout=10, message="the series complete")
 
 
+def test_reports_queued_before_the_clock_went_back_are_sent_at_once(
+    nodes: Any, recorder: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from ichnode import service
+    from ichnode.service import Node
+    from tests.pipeline_support import deliveries
+    from tests.test_dispatch import _queue
+
+    pacs = recorder()
+    stepped = [0.0]
+    real = service.wall_minus_monotonic
+    monkeypatch.setattr(service, "wall_minus_monotonic", lambda: real() - stepped[0])
+    _, config = nodes.config(tmp_path)
+    engine, _, _ = _queue(tmp_path, 2, pacs.port)
+    engine.dispose()
+    node = Node(config, components=("dispatcher",))
+    nodes.started.append(node)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    with db.transaction(node.sessions) as session:  # queued "now" just before the clock went back 10 minutes
+        session.execute(update(db.Delivery).values(next_attempt_at=later.replace(tzinfo=None)))
+    node.start()
+    for job in node.scheduler.get_jobs():
+        job.modify(next_run_time=later)
+    stepped[0] = 600.0
+    wait_for(lambda: len(pacs.stored()) == 2, timeout=10, message="both reports sent")
+    assert [d.state for d in deliveries(node.sessions)] == [db.SENT] * 2
+
+
 def series_state(node: Any, uid: str) -> str | None:
     with node.sessions() as session:
         return session.scalar(select(db.Series.state).where(db.Series.series_uid == uid))
