@@ -73,6 +73,9 @@ LONGEST_WAIT_FOR_A_BATCH_SECONDS = 1.0
 # network mount. Its helpers are replaced, and the series is scored again alone.
 PREPARATION_SECONDS = 60.0
 PREPARATION_SECONDS_PER_SLICE = 1.0
+# How often work still queued for the helpers is looked at: its time starts
+# when a helper takes it up.
+TAKEN_UP_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -276,12 +279,11 @@ class Worker:
         handled = 0
         # Helper-process work under way, and the series and step it is for.
         preparing: dict[Future[Any], tuple[ClaimedSeries, str]] = {}
-        deadlines: dict[Future[Any], float] = {}  # past it, the helper has stopped answering
+        deadlines: dict[Future[Any], float] = {}  # of work a helper took up: past it, it has stopped answering
         stores: list[Future[None]] = []
 
         def hand_over(future: Future[Any], item: ClaimedSeries, step: str) -> None:
             preparing[future] = (item, step)
-            deadlines[future] = time.monotonic() + PREPARATION_SECONDS + PREPARATION_SECONDS_PER_SLICE * item.slice_count
 
         def in_preparation() -> list[ClaimedSeries]:
             return list({id(item): item for item, _ in preparing.values()}.values())
@@ -317,20 +319,30 @@ class Worker:
         held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
         held_since = 0.0
         while preparing:
+            now = time.monotonic()
+            for future, (item, _) in preparing.items():
+                if future not in deadlines and future.running():
+                    deadlines[future] = now + PREPARATION_SECONDS + PREPARATION_SECONDS_PER_SLICE * item.slice_count
             # The work of helpers already ended (stuck) fails by itself, soon.
-            ends = [deadlines[future] for future, (item, _) in preparing.items() if not item.stuck]
+            ends = [deadlines[f] for f, (item, _) in preparing.items() if f in deadlines and not item.stuck]
+            if len(deadlines) < len(preparing):  # some not yet taken up
+                ends.append(now + TAKEN_UP_CHECK_SECONDS)
             if held:
                 ends.append(held_since + LONGEST_WAIT_FOR_A_BATCH_SECONDS)
-            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
+            timeout = max(0.0, min(ends) - now) if ends else None
             done, _ = wait(preparing, timeout=timeout, return_when=FIRST_COMPLETED)
             now = time.monotonic()
-            overdue = {id(item): item for f, (item, _) in preparing.items() if deadlines[f] <= now and not item.stuck}
+            overdue = {
+                id(item): item
+                for f, (item, _) in preparing.items()
+                if not f.done() and not item.stuck and deadlines.get(f, now + 1) <= now
+            }
             if overdue:
                 self._replace_stuck_helpers(list(overdue.values()))  # their work then ends as at a helper's death
             items = []
             for future in done:
                 item, step = preparing.pop(future)
-                del deadlines[future]
+                deadlines.pop(future, None)
                 if item.failed:
                     continue  # another part of it failed already
                 try:

@@ -1045,6 +1045,38 @@ def test_a_helper_that_stops_answering_is_replaced_and_holds_back_no_other_serie
     assert failed.status == db.FAILED and "stopped answering" in failed.skip_reason
 
 
+def test_a_model_busy_for_longer_than_the_deadline_takes_no_helper_for_stuck(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Preparations that finished while the main thread scored (a large model
+    # on a CPU), or that wait behind others for a helper, are not overdue.
+    import logging
+    import time
+
+    monkeypatch.setattr(worker_module, "PREPARATION_SECONDS", 3.0)
+    monkeypatch.setattr(worker_module, "PREPARATION_SECONDS_PER_SLICE", 0.0)
+    predict = Worker._predict
+
+    def slow(self: Worker, items: Any) -> Any:
+        time.sleep(4.0)
+        return predict(self, items)
+
+    monkeypatch.setattr(Worker, "_predict", slow)
+    many = [phantom(seed, n_slices=12) for seed in (66, 67, 68, 69, 70)]
+    config, receiver = _received_complete(nodes, *many, model={"worker_processes": 1, "batch_size": 12})
+    caplog.set_level(logging.ERROR, logger="ichnode.worker")
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    try:
+        while worker.run_once():
+            pass
+    finally:
+        worker.close()
+    assert not [r for r in caplog.records if "stopped answering" in r.getMessage()]
+    for series in many:
+        (result,) = results_of(receiver.sessions, _uid(series.datasets[0]))
+        assert result.status == db.SCORED
+
+
 def test_a_slice_a_helper_could_not_read_for_want_of_memory_is_not_quarantined(
     nodes: Nodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
