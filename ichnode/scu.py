@@ -66,13 +66,19 @@ def status_category(status: int | None) -> str:
 
 def request_store_contexts(ae: AE, pairs: Iterable[tuple[str, str]]) -> None:
     """A presentation context per (SOP Class, transfer syntax) of the data sets
-    to send. Explicit VR Little Endian is offered with Implicit VR Little
-    Endian too: every SCP must accept that (PS3.5 10.1), some accept nothing
-    else, and pynetdicom re-encodes the data set for it."""
+    to send. One in Explicit VR Little Endian comes with another in Implicit
+    VR Little Endian: every SCP must accept that (PS3.5 10.1) and some accept
+    nothing else, and pynetdicom re-encodes the data set for it. A context of
+    its own, not a second syntax in one: a peer that takes both gets Explicit."""
     for sop_class, syntax in sorted(set(pairs)):
-        ae.add_requested_context(
-            sop_class, [syntax, ImplicitVRLittleEndian] if syntax == ExplicitVRLittleEndian else syntax
-        )
+        ae.add_requested_context(sop_class, syntax)
+        if syntax == ExplicitVRLittleEndian:
+            ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+
+
+def store_context_count(pairs: Iterable[tuple[str, str]]) -> int:
+    """How many presentation contexts :func:`request_store_contexts` proposes for ``pairs``."""
+    return sum(2 if syntax == ExplicitVRLittleEndian else 1 for _, syntax in set(pairs))
 
 
 def client_ae(calling_ae: str, timeout: float) -> AE:
@@ -242,7 +248,7 @@ def send_files(
     for item in found:
         pair = (item.sop_class, item.syntax)
         for batch, pairs in zip(batches, contexts):
-            if pair in pairs or len(pairs) < MAX_CONTEXTS:
+            if pair in pairs or store_context_count(pairs | {pair}) <= MAX_CONTEXTS:
                 batch.append(item)
                 pairs.add(pair)
                 break

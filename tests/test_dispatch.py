@@ -219,6 +219,16 @@ def test_a_destination_without_sr_support_gets_the_summary_and_the_sr_is_dead_le
     assert [r.sop_class_uid for r in pacs.stored()] == [SecondaryCaptureImageStorage]
 
 
+def test_reports_go_in_explicit_vr_to_a_destination_that_takes_both(nodes: Nodes, recorder) -> None:
+    # Implicit VR is only the fallback: in it a PACS must look every VR up in
+    # its own dictionary, and attributes newer than that dictionary become UN.
+    pacs = recorder(transfer_syntaxes=[ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    node = nodes.start(reports={"destinations": [pacs.destination]})
+    store_files(node.port, phantom(37).datasets)
+    wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="both sent")
+    assert {r.dataset.file_meta.TransferSyntaxUID for r in pacs.stored()} == {ExplicitVRLittleEndian}
+
+
 def test_a_destination_that_accepts_only_implicit_vr_gets_every_report(nodes: Nodes, recorder) -> None:
     # The one transfer syntax every SCP must accept; some accept nothing else.
     pacs = recorder(transfer_syntaxes=[ImplicitVRLittleEndian])
