@@ -124,6 +124,34 @@ def test_threshold_choice():
     assert list(chosen) == list(LABELS) and chosen["any"] == pytest.approx(t)
 
 
+def test_youden_threshold_is_the_argmax_of_sensitivity_plus_specificity():
+    rng = np.random.default_rng(7)
+    for n, signal in ((40, 0.2), (300, 0.4), (1000, 0.1)):
+        y = (rng.random(n) < 0.3).astype(float)
+        s = np.round(np.clip(signal * y + rng.random(n), 0, 1), 2)  # rounded: tied scores too
+
+        def youden(t):
+            called = s >= t
+            return called[y > 0.5].mean() + (~called)[y < 0.5].mean() - 1
+
+        best = max(youden(t) for t in np.unique(s))  # every operating point a threshold can give
+        t = M.threshold_youden(y, s)
+        assert 0 <= t <= 1
+        assert youden(t) == pytest.approx(best, abs=1e-12)
+        assert best > 0.05  # the scores carry signal: 0.5 or any fixed value would not do
+
+
+def test_threshold_fallbacks_name_the_labels_without_a_rule_threshold():
+    y = np.zeros((6, 6))
+    y[:3, 0] = y[:3, 1] = 1  # any, epidural: some positive; intraparenchymal: none
+    y[:, 2] = 1  # intraparenchymal positive in every row: no negative for Youden's J
+    y[:2, 3] = 1
+    assert M.threshold_fallbacks(y) == ["intraparenchymal", "subarachnoid", "subdural"]
+    assert M.threshold_fallbacks(y, "sensitivity") == ["subarachnoid", "subdural"]
+    chosen = M.choose_thresholds(y, np.random.default_rng(0).random((6, 6)))
+    assert all(chosen[label] == 0.5 for label in M.threshold_fallbacks(y))
+
+
 # -- labels and split -----------------------------------------------------------------
 
 
@@ -198,6 +226,29 @@ def test_the_index_leaves_out_the_images_the_node_leaves_out(tmp_path):
     }
 
 
+def test_indexing_with_worker_processes_logs_no_uid_warning_per_image(tmp_path, monkeypatch, caplog):
+    import pydicom
+
+    from training import phantoms
+
+    phantoms.write_dataset(tmp_path, 1, seed=12, layout="rsna", matrix=64, progress=False)  # "ID_..." UIDs
+    # As with worker processes: the headers are read with pydicom quieted (there, in
+    # each worker), and the main process keeps pydicom's default validation.
+    def in_a_worker(paths):
+        with pydicom.config.disable_value_validation():
+            return [rsna._read_header(p) for p in paths]
+
+    monkeypatch.setattr(rsna, "_read_headers", in_a_worker)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
+    caplog.clear()  # writing the phantoms' "ID_..." UIDs warns too
+    with caplog.at_level(logging.WARNING, logger="pydicom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rsna.build_index(tmp_path, tmp_path / "cache", workers=1, progress=False)
+    assert len(index) > 10
+    assert not [r for r in caplog.records if "Invalid value for VR UI" in r.getMessage()]
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN  # left as it was
+
+
 def test_the_index_and_slice_cache_are_rebuilt_when_their_data_change(tmp_path):
     import pydicom
 
@@ -254,10 +305,17 @@ def test_training_without_the_cache_leaves_out_a_slice_that_cannot_be_decoded(tm
     broken = images / files[10].name
     broken.write_bytes(broken.read_bytes()[:300_000])  # header intact, pixels cut short
     rows = ["ID,Label"] + [f"{f.stem}_{label},0" for f in files for label in LABELS]
+    # A second patient (a phantom series), so that both splits have one.
+    from training import phantoms
+
+    phantoms.write_dataset(tmp_path / "ph", 1, seed=12, layout="rsna", matrix=64, progress=False)
+    for f in (tmp_path / "ph" / "stage_2_train").glob("*.dcm"):
+        shutil.copyfile(f, images / f.name)
+    rows += (tmp_path / "ph" / rsna.TRAIN_CSV).read_text().splitlines()[1:]
     (data / rsna.TRAIN_CSV).write_text("\n".join(rows) + "\n")
     (tmp_path / "c.yaml").write_text(
         TINY_CONFIG.replace("data: {split: {train: 0.6, val: 0.4}, workers: 2}",
-                            "data: {split: {train: 1.0, val: 0.0}, cache: false, workers: 1}")
+                            "data: {split: {train: 0.5, val: 0.5}, cache: false, workers: 1}")
     )
     run = train.Run(data, train.TrainConfig.load(tmp_path / "c.yaml"), tmp_path / "run", "test", progress=False)
     run.prepare_data()
@@ -265,8 +323,9 @@ def test_training_without_the_cache_leaves_out_a_slice_that_cannot_be_decoded(tm
     assert run.index.loc[~run.ok, "image_id"].tolist() == [broken.stem]
     failures = pd.concat(pd.read_csv(f) for f in (tmp_path / "run" / "cache").glob("*/failures.csv"))
     assert failures["path"].str.contains(broken.stem).tolist() == [True]
-    # What training streams: every other slice, straight from DICOM.
-    batches = list(run.dataset("train", training=True, repeat=False, batch_size=32))
+    # What training streams: every other slice of the series, straight from DICOM.
+    split = run.index.loc[run.index["image_id"] == broken.stem, "split"].iat[0]
+    batches = list(run.dataset(split, training=False, repeat=False, batch_size=32))
     assert [x.shape for x, _ in batches] == [(31, 32, 32, 9)]
 
 
@@ -391,6 +450,51 @@ def test_run_outputs_curves_checkpoints_and_card(trained):
     assert card["architecture"]["config"]["filters"] == [4, 8]
 
 
+def _validation_series_scores(trained) -> tuple:
+    """The validation series' labels and scores as the node gives them (series-level, the card's aggregation)."""
+    from training import train
+
+    config = train.TrainConfig.load(trained["config"])
+    run = train.Run(trained["data"], config, trained["out"], "test", progress=False)
+    run.prepare_data()  # reads the run's index, split and cache
+    model = load_model(trained["model"])
+    truth, scores = [], []
+    for rows in run.series_rows("val"):
+        truth.append(run.labels[rows].max(axis=0))
+        scores.append(model.predict_series(run.loader.load(rows)).max(axis=0))  # aggregation: max
+    assert model.card.series_aggregation == "max"
+    return model.card, np.array(truth), np.array(scores), config
+
+
+def test_card_thresholds_follow_the_documented_rule_at_series_level(trained):
+    card, truth, scores, config = _validation_series_scores(trained)
+    assert len(truth) >= 2 and truth[:, 0].any()
+    thresholds = card.thresholds
+    # any: the highest threshold flagging 95 % of the positive validation series
+    assert thresholds["any"] == pytest.approx(M.threshold_at_sensitivity(truth[:, 0], scores[:, 0], 0.95), abs=1e-6)
+    assert config.export.any_sensitivity == 0.95
+    flagged = scores[truth[:, 0] > 0.5, 0] >= thresholds["any"]
+    assert flagged.mean() >= 0.95
+    for j, label in enumerate(LABELS[1:], start=1):  # subtypes: Youden's J on the same series
+        assert thresholds[label] == pytest.approx(M.threshold_youden(truth[:, j], scores[:, j]), abs=1e-6), label
+    validation = card.metrics["validation"]
+    assert validation["n_series"] == len(truth)
+    assert validation["series_sens_spec"]["any"]["sensitivity"] >= 0.95
+    assert validation["positives_series"] == {label: int(v) for label, v in zip(LABELS, truth.sum(axis=0))}
+
+
+def test_a_label_without_positive_validation_series_is_named_in_the_card(trained):
+    card, truth, _, _ = _validation_series_scores(trained)
+    fallback = [label for j, label in enumerate(LABELS)
+                if not truth[:, j].any() or (j > 0 and truth[:, j].all())]
+    assert fallback, "the tiny run's validation split should lack some subtype"
+    assert card.metrics["threshold_fallback"] == fallback
+    assert all(card.thresholds[label] == 0.5 for label in fallback)
+    rule = card.metrics["threshold_rule"]
+    assert rule.startswith("series-level on the validation split: any at 95% sensitivity, subtypes by youden")
+    assert f"except {', '.join(fallback)}: 0.5, a placeholder" in rule
+
+
 def test_export_reloads_with_identical_predictions(trained, tmp_path):
     import keras
 
@@ -478,6 +582,97 @@ def test_a_rerun_with_another_seed_keeps_the_split_of_the_run(phantom_data, tmp_
     assert f"kept {out / 'split.csv'}" in caplog.text
 
 
+def test_a_run_without_validation_patients_is_refused_before_the_slice_cache(phantom_data, tmp_path):
+    import click
+
+    from training import phantoms, train
+
+    no_val = TINY_CONFIG.replace("data: {split: {train: 0.6, val: 0.4}, workers: 2}",
+                                 "data: {split: {train: 1.0, val: 0.0}, workers: 1}")
+    (tmp_path / "noval.yaml").write_text(no_val)
+    run = train.Run(phantom_data, train.TrainConfig.load(tmp_path / "noval.yaml"), tmp_path / "a", "t", progress=False)
+    with pytest.raises(click.ClickException, match=r"the val split has no patients .*'val': 0"):
+        run.prepare_data()
+    assert not list((tmp_path / "a" / "cache").glob("*/images.npy"))  # refused before preprocessing every slice
+    # One patient only: the default split cannot give validation any.
+    phantoms.write_dataset(tmp_path / "one", 1, seed=12, layout="rsna", matrix=64, progress=False)
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace("workers: 2", "workers: 1"))
+    run = train.Run(tmp_path / "one", train.TrainConfig.load(tmp_path / "c.yaml"), tmp_path / "b", "t", progress=False)
+    with pytest.raises(click.ClickException, match=r"the val split has no patients .*1 patients in"):
+        run.prepare_data()
+
+
+@pytest.mark.timeout(120, method="thread")  # without the check, fit waited for ever
+def test_the_sequence_stage_raises_on_an_empty_split_rather_than_waiting(tmp_path):
+    import keras
+
+    from training import train
+
+    config = train.TrainConfig.model_validate(
+        {"architecture": {"filters": [4], "embedding_dim": 4, "sequence": "gru", "sequence_units": 2},
+         "sequence_stage": {"epochs": 1, "batch_size": 2, "crop": 4}}
+    )
+    run = train.Run(tmp_path / "data", config, tmp_path / "run", "test", progress=False)
+    run.labels = np.zeros((10, len(LABELS)), dtype=np.float32)
+    embeddings = np.random.default_rng(0).random((10, 4), dtype=np.float32)
+    for empty in ("val", "train"):
+        series = {"train": [np.arange(5)], "val": [np.arange(5, 10)], empty: []}
+        run.series_rows = series.__getitem__
+        with pytest.raises(Exception, match=f"the {empty} split has no series"):
+            run.train_sequence_stage(embeddings)
+    keras.backend.clear_session()
+
+
+def test_a_rerun_on_changed_data_recomputes_embeddings_and_finds_hard_slices_by_image(trained, tmp_path, caplog):
+    import keras
+
+    from training import train
+
+    data = tmp_path / "data"
+    (data / "stage_2_train").mkdir(parents=True)
+    for f in (trained["data"] / "stage_2_train").glob("*.dcm"):
+        (data / "stage_2_train" / f.name).symlink_to(f)
+    shutil.copyfile(trained["data"] / rsna.TRAIN_CSV, data / rsna.TRAIN_CSV)
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace("workers: 2", "workers: 1"))
+    config = train.TrainConfig.load(tmp_path / "c.yaml")
+    slice_model = keras.saving.load_model(trained["out"] / "slice_model.keras", compile=False)
+    out = tmp_path / "run"
+    first = train.Run(data, config, out, "test", progress=False)
+    first.prepare_data()
+    first.embeddings(slice_model)
+    # Hard slices as a fine-tuning run keeps them: training slices after the first training series.
+    train_rows = first.rows["train"]
+    dropped = first.index["series_uid"].iat[train_rows[0]]
+    hard = [r for r in train_rows if first.index["series_uid"].iat[r] != dropped][:7]
+    pd.DataFrame({"row": hard, "image_id": first.index["image_id"].to_numpy()[hard]}).to_csv(
+        out / "hard_examples.csv", index=False)
+
+    # The data change: that series is removed, so every later row moves up.
+    for path in first.index.loc[first.index["series_uid"] == dropped, "path"]:
+        (data / path).unlink()
+    again = train.Run(data, config, out, "test", progress=False)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        again.prepare_data()
+        emb = again.embeddings(slice_model)
+    assert len(emb) == len(again.index) < len(first.index)
+    rows = np.flatnonzero(again.ok)
+    fresh = slice_model.get_layer("slice_encoder").predict_on_batch(again.loader.load(rows))
+    np.testing.assert_allclose(emb[rows], fresh, rtol=1e-4, atol=1e-5)
+    assert "computing the embeddings anew" in caplog.text
+    # The same slices, at their new rows.
+    found = again.hardest_slices(slice_model)
+    assert again.index["image_id"].to_numpy()[found].tolist() == first.index["image_id"].to_numpy()[hard].tolist()
+    # Only the data changed: the config is not blamed.
+    assert "seed, data.split or data.split_from" not in caplog.text
+    assert "split: the data changed since" in caplog.text and "(0 patients new, 1 no longer in the data)" in caplog.text
+    # Unchanged data: the stored embeddings are used as they are.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        np.testing.assert_array_equal(again.embeddings(None), emb)
+    assert "anew" not in caplog.text
+    keras.backend.clear_session()
+
+
 def test_a_resumed_stage_keeps_the_best_checkpoint_of_its_earlier_epochs(tmp_path):
     import keras
 
@@ -538,6 +733,40 @@ def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     assert data["n_slices"] == len(files) - 2 and data["submission_filled"] == 2
     assert sub["ID"].str.match(r"^ID_[0-9a-z]+_(any|epidural|intraparenchymal|intraventricular|subarachnoid|subdural)$").all()
     assert sub["Label"].between(0, 1).all()
+
+
+def test_export_refuses_a_heldout_report_of_another_model_or_of_its_own_patients(trained, tmp_path):
+    from training import evaluate, export, phantoms
+
+    model, out = load_model(trained["model"]), trained["out"]
+
+    def install(report):
+        return CliRunner().invoke(export.main, ["--run", str(out), "--out", str(tmp_path / "models"),
+                                                "--name", "h", "--heldout", str(report)])
+
+    # On the run's own data (its training and validation patients): not held out.
+    evaluate.evaluate(model, trained["data"], tmp_path / "own.json", workers=1, progress=False)
+    result = install(tmp_path / "own.json")
+    assert result.exit_code != 0 and "is not held out" in result.output
+    assert "in " + str(out / "split.csv") in result.output
+    # Patients the run never saw.
+    phantoms.write_dataset(tmp_path / "new", 2, seed=99, layout="rsna", matrix=64, progress=False)
+    report = evaluate.evaluate(model, tmp_path / "new", tmp_path / "new.json", workers=1, progress=False)
+    result = install(tmp_path / "new.json")
+    assert result.exit_code == 0, result.output
+    heldout = load_model(tmp_path / "models" / "h.keras").card.metrics["heldout"]
+    assert heldout["data"] == str(tmp_path / "new") and heldout["n_series"] == report["n_series"] == 2
+    # The report of another model (another file): refused, as is one of another name and thresholds.
+    other = json.loads((tmp_path / "new.json").read_text())
+    other["model"]["sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    result = install(tmp_path / "other.json")
+    assert result.exit_code != 0 and "is a report of model tiny" in result.output
+    del other["model"]["sha256"]
+    other["model"].update(name="ich-phantom-default", version="0.4.0")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    result = install(tmp_path / "other.json")
+    assert result.exit_code != 0 and "is a report of model ich-phantom-default 0.4.0" in result.output
 
 
 def test_a_submission_for_the_test_layout_has_every_image(trained, tmp_path):
@@ -666,6 +895,25 @@ def test_fine_tune_from_a_slice_model_keeps_the_previous_split(trained, tmp_path
     easier = loss[~np.isin(rows, hard["row"])]
     assert hard["loss"].min() >= easier.max() - 1e-5
     np.testing.assert_allclose(hard["loss"], loss[np.searchsorted(rows, hard["row"])], rtol=1e-4, atol=1e-6)
+    keras.backend.clear_session()
+
+
+def test_a_starting_model_of_another_input_shape_is_refused_before_indexing(phantom_data, tmp_path):
+    import click
+    import keras
+
+    from training import models, train
+
+    start = tmp_path / "start.keras"
+    arch = models.ArchitectureConfig(filters=(4,), embedding_dim=4)
+    models.build_slice_model(models.build_slice_encoder((48, 48, 9), arch), models.build_slice_head()).save(start)
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace(
+        "slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}",
+        f"slice_stage: {{epochs: 1, steps_per_epoch: 1, batch_size: 8, init_from: '{start}'}}"))
+    run = train.Run(phantom_data, train.TrainConfig.load(tmp_path / "c.yaml"), tmp_path / "run", "t", progress=False)
+    with pytest.raises(click.ClickException, match=r"takes inputs of shape \(48, 48, 9\).* give \(32, 32, 9\)"):
+        run.prepare_data()
+    assert not (tmp_path / "run" / "cache" / rsna.INDEX_FILE).exists()
     keras.backend.clear_session()
 
 

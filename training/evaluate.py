@@ -32,6 +32,7 @@ mean of all scores (0.5 when none); the report counts them
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -199,6 +200,14 @@ def write_submission(path: Path, index: pd.DataFrame, probs: np.ndarray, image_i
     return filled
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def evaluate(
     model: HemorrhageModel,
     data_dir: Path | Sequence[Path],
@@ -251,8 +260,12 @@ def evaluate(
     timing["slices_per_s_model"] = n / timing["model_s"] if timing["model_s"] else math.nan
     card = model.card
     result: dict[str, Any] = {
-        "model": {"name": card.name, "version": card.version, "path": str(model.path)},
+        # The file's hash and the patients: training.export --heldout checks the
+        # report is of the model it installs and on none of its run's patients.
+        "model": {"name": card.name, "version": card.version, "path": str(model.path),
+                  "sha256": file_sha256(Path(model.path))},
         "data": str(folders[0]) if len(folders) == 1 else [str(f) for f in folders],
+        "patients_sha256": rsna.patient_digests(index["patient_id"]),
         "skipped": skipped,
         "timing": timing,
     }

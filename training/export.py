@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pandas as pd
 
 from ichnode.config import LABELS
 from ichnode.model import (
@@ -94,13 +95,21 @@ def install(model_path: Path, out_dir: Path, name: str | None = None, card_updat
     return load_model(target)
 
 
-def heldout_metrics(report_path: Path) -> dict[str, Any]:
-    """The headline numbers of a ``training.evaluate`` report, for a card."""
+def heldout_metrics(report_path: Path, model_path: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """The headline numbers of a ``training.evaluate`` report, for a card.
+
+    The card states them as the accuracy of the model at ``model_path`` on data
+    its run never saw: a report of another model, or one on patients of
+    ``run_dir``'s training or validation split, is refused."""
     report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     keys = ("data", "n_series", "n_slices", "positives_series", "weighted_log_loss", "slice_auc", "series_auc")
     missing = [k for k in keys if k not in report]
     if missing:
         raise click.ClickException(f"{report_path} lacks {missing}: not a labelled evaluation report")
+    if model_path is not None:
+        _check_report_model(report, report_path, Path(model_path))
+    if run_dir is not None:
+        _check_report_heldout(report, report_path, Path(run_dir))
     out = {k: report[k] for k in keys}
     if "series_auc_ci95" in report:
         out["series_auc_ci95"] = report["series_auc_ci95"]
@@ -111,6 +120,45 @@ def heldout_metrics(report_path: Path) -> dict[str, Any]:
     return out
 
 
+def _check_report_model(report: dict[str, Any], report_path: Path, model_path: Path) -> None:
+    from training.evaluate import file_sha256
+
+    of = report.get("model") or {}
+    if "sha256" in of:
+        same = of["sha256"] == file_sha256(model_path)
+    else:  # a report without the model's hash: its name, version and thresholds must all be the card's
+        card = ModelCard.from_json(card_path_for(model_path))
+        thresholds = {label: v.get("threshold") for label, v in report.get("series_sens_spec", {}).items()}
+        same = (of.get("name"), of.get("version")) == (card.name, card.version) and all(
+            thresholds.get(label) == card.thresholds[label] for label in LABELS
+        )
+    if not same:
+        raise click.ClickException(
+            f"{report_path} is a report of model {of.get('name')} {of.get('version')} ({of.get('path')}), "
+            f"not of {model_path}: evaluate this model on held-out data"
+        )
+
+
+def _check_report_heldout(report: dict[str, Any], report_path: Path, run_dir: Path) -> None:
+    from training import rsna
+
+    split_csv = run_dir / "split.csv"
+    if "patients_sha256" not in report:
+        raise click.ClickException(
+            f"{report_path} does not record its patients, so it cannot be told apart from a report on the run's "
+            "own training or validation patients: run training.evaluate again"
+        )
+    if not split_csv.exists():
+        raise click.ClickException(f"{split_csv} is missing: cannot check that {report_path} is on held-out patients")
+    ran_on = set(rsna.patient_digests(pd.read_csv(split_csv, dtype=str, keep_default_na=False)["patient_id"]))
+    overlap = ran_on & set(report["patients_sha256"])
+    if overlap:
+        raise click.ClickException(
+            f"{report_path} is not held out: {len(overlap)} of its {len(report['patients_sha256'])} patients are in "
+            f"{split_csv} (the run trained, or chose its checkpoints and thresholds, on them)"
+        )
+
+
 @click.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A finished training run folder (holds export/).")
@@ -118,7 +166,8 @@ def heldout_metrics(report_path: Path) -> dict[str, Any]:
               help="Model folder, e.g. ichnode/models.")
 @click.option("--name", default=None, help="File name stem (default: the card's name).")
 @click.option("--heldout", "heldout_report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="A training.evaluate report on held-out data, recorded in the card's metrics.")
+              default=None, help="A training.evaluate report of this model on held-out data (no patient of the "
+              "run's split.csv), recorded in the card's metrics.")
 def main(run_dir: Path, out: Path, name: str | None, heldout_report: Path | None) -> None:
     """Install the model exported by a training run into a model folder."""
     found = sorted((run_dir / "export").glob("*.keras"))
@@ -127,7 +176,7 @@ def main(run_dir: Path, out: Path, name: str | None, heldout_report: Path | None
     updates = None
     if heldout_report is not None:
         card = ModelCard.from_json(card_path_for(found[0]))
-        updates = {"metrics": {**card.metrics, "heldout": heldout_metrics(heldout_report)}}
+        updates = {"metrics": {**card.metrics, "heldout": heldout_metrics(heldout_report, found[0], run_dir)}}
     model = install(found[0], out, name, updates)
     size = Path(model.path).stat().st_size
     click.echo(f"installed {model.path} ({size / 1e6:.2f} MB) and its {CARD_SUFFIX}")

@@ -185,6 +185,18 @@ def choose_thresholds(
     return out
 
 
+def threshold_fallbacks(y_true: np.ndarray, subtypes: str = "youden") -> list[str]:
+    """The labels whose :func:`choose_thresholds` value is the placeholder 0.5,
+    not chosen by the rule: no positive rows (Youden: or no negative rows)."""
+    truth = np.asarray(y_true) > 0.5
+    out = []
+    for i, label in enumerate(LABELS):
+        youden = i > 0 and subtypes == "youden"
+        if not truth[:, i].any() or (youden and truth[:, i].all()):
+            out.append(label)
+    return out
+
+
 def report(
     series_ids: Sequence[str],
     y_true: np.ndarray,

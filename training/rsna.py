@@ -161,20 +161,25 @@ def _read_headers(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def _minimal_dataset(row: Any) -> Any:
+    import pydicom
     from pydicom.dataset import Dataset
 
     ds = Dataset()
-    # What the node's selection reads: identity, kind and geometry.
-    ds.PatientID = row.patient_id if isinstance(row.patient_id, str) else ""
-    ds.StudyInstanceUID = row.study_uid if isinstance(row.study_uid, str) else ""
-    if row.ImageType:
-        ds.ImageType = row.ImageType.split("\\")
-    if row.ImagePositionPatient:
-        ds.ImagePositionPatient = [float(v) for v in row.ImagePositionPatient.split("\\")]
-    if row.ImageOrientationPatient:
-        ds.ImageOrientationPatient = [float(v) for v in row.ImageOrientationPatient.split("\\")]
-    if not np.isnan(row.InstanceNumber):
-        ds.InstanceNumber = int(row.InstanceNumber)
+    # Without value validation: RSNA's "ID_..." UIDs are no valid UIDs, and
+    # pydicom would warn once per image here, in the main process (the header
+    # reading workers quiet pydicom in their own processes only).
+    with pydicom.config.disable_value_validation():
+        # What the node's selection reads: identity, kind and geometry.
+        ds.PatientID = row.patient_id if isinstance(row.patient_id, str) else ""
+        ds.StudyInstanceUID = row.study_uid if isinstance(row.study_uid, str) else ""
+        if row.ImageType:
+            ds.ImageType = row.ImageType.split("\\")
+        if row.ImagePositionPatient:
+            ds.ImagePositionPatient = [float(v) for v in row.ImagePositionPatient.split("\\")]
+        if row.ImageOrientationPatient:
+            ds.ImageOrientationPatient = [float(v) for v in row.ImageOrientationPatient.split("\\")]
+        if not np.isnan(row.InstanceNumber):
+            ds.InstanceNumber = int(row.InstanceNumber)
     return ds
 
 
@@ -419,6 +424,12 @@ def split_by_patient(
             assignment[patient] = name
         start += count
     return index["patient_id"].map(assignment).rename("split")
+
+
+def patient_digests(patient_ids: Sequence[str]) -> list[str]:
+    """Sorted SHA-256 digests of the distinct patient IDs: a report can say which
+    patients it holds (to tell held-out data from a run's own) without naming them."""
+    return sorted({hashlib.sha256(str(p).encode()).hexdigest() for p in patient_ids})
 
 
 def split_like(index: pd.DataFrame, split_csv: Path, fractions: dict[str, float], seed: int) -> pd.Series:

@@ -11,7 +11,8 @@ same command again resumes an interrupted run; inside a stage Keras'
 1. index, patient split, preprocessed slice cache (:mod:`training.rsna`);
 2. slice stage: the 2.5D CNN + slice head on single slices
    (``slice_model.keras``);
-3. embeddings of every usable slice (``embeddings.npy``);
+3. embeddings of every usable slice (``embeddings.npz``; computed anew when
+   the index it was computed on changed);
 4. sequence stage over the slice embeddings of each series
    (``sequence_head.keras``);
 5. export: the assembled model with thresholds chosen on the validation split
@@ -22,6 +23,7 @@ Curves go to ``history_<stage>.csv`` (CSVLogger) and ``history.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -207,12 +209,18 @@ class Run:
     # ---------------------------------------------------------------- data
     def prepare_data(self) -> None:
         cfg = self.config
+        if cfg.slice_stage.init_from is not None:
+            self._check_init_from(cfg.slice_stage.init_from)
         self.index = rsna.build_index(
             self.data_dir, self.cache_dir, workers=cfg.data.workers, progress=self.progress
         )
         if not rsna.has_labels(self.index):
             raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
         self.index["split"] = self.split()
+        # Before the slice cache (hours on the full set): training needs series in
+        # both splits; without validation series the sequence stage would wait for
+        # ever on an empty validation set, and thresholds could not be chosen.
+        self._refuse_empty_splits(self.index["split"].to_numpy(), "patients")
         # Without the cache every slice is still decoded once up front (and not
         # kept): one that cannot be would otherwise stop training mid-epoch.
         checked = rsna.build_slice_cache(
@@ -234,6 +242,35 @@ class Run:
         logger.info(
             "slices: %s", {name: len(rows) for name, rows in self.rows.items()}
         )
+        self._refuse_empty_splits(np.where(self.ok, split, ""), "slices that could be decoded")
+
+    def _refuse_empty_splits(self, split: np.ndarray, what: str) -> None:
+        empty = [name for name in ("train", "val") if not (split == name).any()]
+        if empty:
+            counts = {name: int(self.index.loc[split == name, "series_uid"].nunique()) for name in ("train", "val")}
+            raise click.ClickException(
+                f"the {' and '.join(empty)} split has no {what} (series per split: {counts}, "
+                f"{self.index['patient_id'].nunique()} patients in {self.data_dir}): training needs both. Give "
+                "data.split a positive val fraction and data of several patients (with data.split_from: patients "
+                "in both of its splits, or new ones)."
+            )
+
+    def _check_init_from(self, path: Path) -> None:
+        """Refuse a starting model of another input shape before indexing and
+        caching the data (hours on the full set), not inside ``fit``."""
+        import keras
+
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"slice_stage.init_from {path}: {exc}") from exc
+        have = tuple(model.inputs[0].shape[1:])
+        want = (*self.config.input.size, self.config.channels)
+        if have != want:
+            raise click.ClickException(
+                f"slice_stage.init_from {path} takes inputs of shape {have}, but input.size and the windows and "
+                f"context_slices of this config give {want}: use the starting model's input settings"
+            )
 
     def split(self) -> pd.Series:
         """Each index row's split, kept in ``split.csv``: a stage artefact like the
@@ -252,14 +289,23 @@ class Run:
             except ValueError as exc:
                 raise click.ClickException(f"{exc}: {self.out} is a run on other data; use a new run folder") from exc
             logger.info("split: kept %s of this run's earlier stages", path)
+            earlier = pd.read_csv(path, dtype=str, keep_default_na=False)
             if not kept.equals(split):
-                logger.warning(
-                    "split: seed, data.split or data.split_from now split the patients otherwise; %s is kept "
-                    "(only new patients are split anew). Use a new run folder to split anew.", path,
-                )
+                # Other patients split otherwise by the same config: say which cause it is.
+                before, now = set(earlier["patient_id"]), set(self.index["patient_id"])
+                if before != now:
+                    logger.warning(
+                        "split: the data changed since %s was written (%d patients new, %d no longer in the data); "
+                        "its patients keep their split, new patients are split anew.",
+                        path, len(now - before), len(before - now),
+                    )
+                else:
+                    logger.warning(
+                        "split: seed, data.split or data.split_from now split the patients otherwise; %s is kept "
+                        "(only new patients are split anew). Use a new run folder to split anew.", path,
+                    )
             split = kept
             # Patients no longer in the data keep their line, should they come back.
-            earlier = pd.read_csv(path, dtype=str, keep_default_na=False)
             gone = earlier.loc[~earlier["patient_id"].isin(self.index["patient_id"]), columns]
         table = self.index.assign(split=split)[columns]
         pd.concat([table, gone] if gone is not None else [table]).to_csv(path, index=False)
@@ -330,9 +376,18 @@ class Run:
         per-slice weighted log loss (kept in RUNDIR/hard_examples.csv, so a
         resumed run draws from the same ones)."""
         path = self.out / "hard_examples.csv"
-        if path.exists():
-            return pd.read_csv(path)["row"].to_numpy()
         rows = self.rows["train"]
+        if path.exists():
+            # By image, not by row: row numbers change when the index is rebuilt.
+            kept = pd.read_csv(path, dtype={"image_id": str})["image_id"]
+            by_image = pd.Series(rows, index=self.index["image_id"].to_numpy()[rows])
+            found = kept[kept.isin(by_image.index)]
+            if len(found):
+                if len(found) < len(kept):
+                    logger.warning("hard slices: %d of the %d in %s are no longer training slices; drawing from "
+                                   "the other %d", len(kept) - len(found), len(kept), path, len(found))
+                return by_image.loc[found].to_numpy()
+            logger.warning("hard slices: none of those in %s is a training slice now; ranking them anew", path)
         ds = rsna.slice_dataset(self.loader, rows, self.labels, batch_size=64, shuffle=False, seed=0, repeat=False)
         from tqdm import tqdm
 
@@ -387,8 +442,14 @@ class Run:
     def embeddings(self, slice_model: Any) -> np.ndarray:
         """Slice CNN embeddings of every usable slice (``np.nan`` elsewhere)."""
         path = self.out / "embeddings.npz"
+        # Rows are index rows: embeddings of another index (data added, removed or
+        # rewritten since) would hand the sequence stage other slices' embeddings.
+        fingerprint = self._index_fingerprint()
         if path.exists():
-            return np.load(path)["embeddings"]
+            with np.load(path) as stored:
+                if "index_sha256" in stored and str(stored["index_sha256"]) == fingerprint:
+                    return stored["embeddings"]
+            logger.warning("%s was computed on another index of the data: computing the embeddings anew", path)
         encoder = slice_model.get_layer("slice_encoder")
         dim = int(encoder.outputs[0].shape[-1])
         emb = np.full((len(self.index), dim), np.nan, dtype=np.float32)
@@ -403,8 +464,16 @@ class Run:
             e = np.asarray(encoder.predict_on_batch(x))
             emb[rows[start : start + len(e)]] = e
             start += len(e)
-        np.savez(path, embeddings=emb)
+        np.savez(path, embeddings=emb, index_sha256=np.array(fingerprint))
         return emb
+
+    def _index_fingerprint(self) -> str:
+        """What each index row is: its image, file (size, mtime) and whether it is used."""
+        digest = hashlib.sha256()
+        for image, size, mtime, ok in zip(self.index["image_id"], self.index["file_size"],
+                                          self.index["file_mtime_ns"], self.ok):
+            digest.update(f"{image}\t{size}\t{mtime}\t{int(ok)}\n".encode())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------- stage 2
     def series_rows(self, split: str) -> list[np.ndarray]:
@@ -426,7 +495,11 @@ class Run:
         dim = embeddings.shape[1]
         rng = np.random.default_rng(cfg.seed)
 
+        # An empty list would make these loop for ever without yielding, and fit
+        # wait on them silently (prepare_data refuses such splits already).
         def crops() -> Any:
+            if not train:
+                raise ValueError("the train split has no series: nothing to train the sequence stage on")
             while True:
                 items = []
                 for i in rng.permutation(len(train)):
@@ -447,6 +520,8 @@ class Run:
                     yield embeddings[rows], self.labels[rows]
 
         def whole(series: list[np.ndarray]) -> Any:
+            if not series:
+                raise ValueError("the val split has no series: nothing to validate the sequence stage on")
             while True:
                 for rows in series:
                     yield embeddings[rows][None], self.labels[rows][None]
@@ -514,7 +589,16 @@ class Run:
             f"series-level on the validation split: any at {cfg.export.any_sensitivity:.0%} "
             f"sensitivity, subtypes by {cfg.export.subtype_thresholds}"
         )
-        final = card(thresholds=thresholds, metrics={"validation": validation, "threshold_rule": rule})
+        # A label without positive validation series has no threshold by the rule:
+        # the card must not present its 0.5 as chosen (the node flags at it).
+        fallback = M.threshold_fallbacks(s_true, cfg.export.subtype_thresholds)
+        if fallback:
+            logger.warning("thresholds: no positive (or no negative) validation series for %s: threshold 0.5, "
+                           "not chosen by the rule", ", ".join(fallback))
+            rule += f"; except {', '.join(fallback)}: 0.5, a placeholder (no positive or no negative validation series)"
+        final = card(thresholds=thresholds, metrics={
+            "validation": validation, "threshold_rule": rule, "threshold_fallback": fallback,
+        })
         return export.save(full, final, self.out / "export", cfg.export.name)
 
     def run(self) -> Path:
