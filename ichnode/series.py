@@ -243,6 +243,14 @@ def _register(
                 **identity,
             )
         )
+        if calling_ae:
+            # A series whose first image came without a sender (re-indexed at
+            # start after a crash) takes the next one's: reports return to it.
+            conn.execute(
+                update(series_t)
+                .where(series_t.c.id == series_id, series_t.c.calling_ae.is_(None))
+                .values(calling_ae=calling_ae, peer_host=peer_host)
+            )
         return Registration(instance_id, series_id, existing is not None, replaced_path)
 
 

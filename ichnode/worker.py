@@ -686,6 +686,8 @@ class Worker:
         """Where reports of a series from ``calling_ae`` at ``peer_host`` go:
         destinations, then the sender."""
         targets = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
+        if self.config.reports.return_to_sender and not calling_ae:
+            logger.warning("reports.return_to_sender is set but the series has no known sender")
         if self.config.reports.return_to_sender and calling_ae:
             sender = _sender_address(self.config.access.allow, calling_ae, peer_host)
             if sender is None:

@@ -885,6 +885,32 @@ def test_reports_return_to_the_scanner_that_sent_the_series(nodes: Nodes) -> Non
     assert targets == {("CT", "127.0.0.2", 4102)}
 
 
+def test_reports_return_to_the_sender_of_a_series_whose_first_image_came_without_one(nodes: Nodes) -> None:
+    # Its first image re-indexed at start after a crash (no sender known), the
+    # rest sent by the scanner: the reports go back to the scanner.
+    from ichnode.series import InstanceHeader, register_instance
+
+    series = phantom(64)
+    first = series.datasets[0]
+    scanner = {"ae_title": "CT", "host": "127.0.0.2", "port": 4102}
+    _, config = nodes.config(access={"allow": [scanner]}, reports={"return_to_sender": True, "destinations": []})
+    receiver = nodes.start(config, components=("receiver",))
+    relative = "instances/reindexed/first.dcm"
+    receiver.spool.absolute(relative).parent.mkdir(parents=True)
+    first.save_as(receiver.spool.absolute(relative), enforce_file_format=True)
+    header = InstanceHeader.from_dataset(
+        first, sop_class_uid=str(first.SOPClassUID), sop_instance_uid=str(first.SOPInstanceUID)
+    )
+    register_instance(receiver.sessions, header, path=relative, size_bytes=1, calling_ae=None, peer_host=None)
+    statuses = store_files(receiver.port, series.datasets[1:], calling_ae="CT", source_host="127.0.0.2")
+    assert statuses == [0x0000] * (len(series.datasets) - 1)
+    wait_series_state(receiver, _uid(first), db.COMPLETE)
+    _score_once(config, receiver)
+    with db.transaction(receiver.sessions) as session:
+        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
+    assert targets == {("CT", "127.0.0.2", 4102)}
+
+
 def _score_once(config: Any, receiver: Any) -> None:
     """One round of a new worker on ``receiver``'s database and spool, which handles one series."""
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
