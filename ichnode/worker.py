@@ -685,7 +685,7 @@ class Worker:
     def destinations(self, calling_ae: str | None, peer_host: str | None = None) -> list[tuple[str, str, int]]:
         """Where reports of a series from ``calling_ae`` at ``peer_host`` go:
         destinations, then the sender."""
-        targets = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
+        wanted = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
         if self.config.reports.return_to_sender and not calling_ae:
             logger.warning("reports.return_to_sender is set but the series has no known sender")
         if self.config.reports.return_to_sender and calling_ae:
@@ -696,8 +696,13 @@ class Worker:
                     calling_ae,
                     peer_host,
                 )
-            elif sender not in targets:
-                targets.append(sender)
+            else:
+                wanted.append(sender)
+        # One PACS named two ways ("pacs.hospital.local" and its address) gets each report once.
+        targets: list[tuple[str, str, int]] = []
+        for ae_title, host, port in wanted:
+            if not any(ae_title == a and port == p and (host == h or _is_at(host, h)) for a, h, p in targets):
+                targets.append((ae_title, host, port))
         return targets
 
     def _finish(

@@ -831,6 +831,22 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     assert collect_status(config)["scored_without_reports"] == 0
 
 
+def test_one_pacs_named_by_name_and_by_address_gets_each_report_once(tmp_path: Any) -> None:
+    from ichnode.config import parse_config
+
+    pacs = {"ae_title": "PACS", "port": 4104}
+    config = parse_config(
+        {
+            "access": {"allow": [{**pacs, "host": "127.0.0.1"}]},
+            "reports": {"return_to_sender": True, "destinations": [{**pacs, "host": "localhost"}]},
+        },
+        tmp_path,
+    )
+    worker = SimpleNamespace(config=config)
+    assert Worker.destinations(worker, "PACS", "127.0.0.1") == [("PACS", "localhost", 4104)]
+    assert Worker.destinations(worker, "CT", "127.0.0.1") == [("PACS", "localhost", 4104)]
+
+
 def test_a_sender_sharing_its_ae_title_is_told_apart_by_host() -> None:
     from ichnode.config import Peer
     from ichnode.worker import _sender_address
