@@ -24,10 +24,12 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
+    Comprehensive3DSRStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -37,8 +39,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import db
 from .config import AccessConfig, Config
 from .dicomfile import Truncated, check_whole, read_elements, same_data_set
 from .scu import disable_nagle
@@ -57,6 +61,9 @@ _config.ENFORCE_UID_CONFORMANCE = False
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+# What the node's own reports are stored as (reports.py).
+_REPORT_CLASSES = {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
 
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 # How long a host name of access.allow is trusted to keep its addresses.
@@ -387,8 +394,26 @@ def handle_store(
         logger.warning("refusing %s from %s: unreadable header: %s", sop_uid, calling, exc)
         return _failure(CANNOT_UNDERSTAND, f"unreadable header: {exc}")
 
+    if _one_of_ours(factory, ds, header):
+        logger.info("%s from %s is a report of this node's own, sent back: acknowledged, not stored", sop_uid, calling)
+        return SUCCESS
     with spool.instance_lock(header.sop_instance_uid):
         return _store(spool, factory, received, header, calling, host)
+
+
+def _one_of_ours(factory: sessionmaker[Session], ds: Dataset, header: InstanceHeader) -> bool:
+    """A report this node made and sent, come back (a PACS that forwards all
+    it stores, a study sent again whole): it would be a series of its own,
+    listed and counted as skipped. Looked up only for what could be one."""
+    if header.sop_class_uid not in _REPORT_CLASSES or str(ds.get("ManufacturerModelName", "")) != "ichnode":
+        return False
+    try:
+        with factory() as session:
+            sent = select(db.Delivery.id).where(db.Delivery.sop_instance_uid == header.sop_instance_uid).limit(1)
+            return session.scalar(sent) is not None
+    except Exception:  # then it is stored as any image is
+        logger.exception("could not tell whether %s is a report of this node's", header.sop_instance_uid)
+        return False
 
 
 def _store(

@@ -380,6 +380,27 @@ def test_a_slice_sent_again_under_a_new_uid_replaces_the_old_copy_and_nothing_is
     assert (v3.slice_count, v3.quarantined_count) == (13, 0)
 
 
+def test_reports_of_its_own_sent_back_by_the_pacs_are_acknowledged_not_stored(nodes: Nodes) -> None:
+    # A PACS that forwards all it stores, or a study sent again whole, brings
+    # the node's own SR and summary back: they are no series to list as skipped.
+    series = phantom(71, n_slices=12)
+    series_uid, study_uid = _uid(series.datasets[0]), _uid(series.datasets[0], "StudyInstanceUID")
+    node = nodes.start(reports=UNREACHED)
+    assert store_files(node.port, series.datasets) == [0x0000] * 12
+    wait_result(node.sessions, series_uid, instances=12)
+    own = list(_spooled_reports(node, study_uid).values())
+    assert len(own) == 2
+    assert store_files(node.port, own) == [0x0000] * 2
+    with node.sessions() as session:
+        assert [row["series_uid"] for row in list_results(session)] == [series_uid]
+    # Another's SR is stored as any image is.
+    other = copy.deepcopy(own[0])
+    other.SOPInstanceUID, other.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    assert store_files(node.port, [other]) == [0x0000]
+    with node.sessions() as session:
+        assert len(list_results(session)) == 2
+
+
 def test_a_new_version_still_counts_the_slices_quarantined_before(nodes: Nodes) -> None:
     series = phantom(53, n_slices=14)
     datasets = _with_a_truncated_slice(series.datasets, 5)
