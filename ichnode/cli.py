@@ -97,7 +97,7 @@ def serve(config_path: Path | None, components: str) -> None:
     from .db import DatabaseUnreadable
     from .model import ModelCardError
     from .service import ALL_COMPONENTS, WORKER, CannotListen, Node
-    from .spool import SpoolInUse
+    from .spool import SpoolInUse, SpoolOfAnotherDatabase
 
     stages = [c.strip() for c in components.split(",") if c.strip()]
     if not stages:  # a node with no stage would run and do nothing until stopped
@@ -110,7 +110,7 @@ def serve(config_path: Path | None, components: str) -> None:
     setup_logging(config.logging.level)
     try:  # the database is opened first: one that cannot be is one line naming it, nothing made
         node = Node(config, components=stages)
-    except (DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse) as exc:
+    except (DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse, SpoolOfAnotherDatabase) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     except ImportError as exc:  # KERAS_BACKEND names a backend this environment lacks
         raise click.ClickException(

@@ -101,6 +101,9 @@ class Node:
         self.worker: Worker | None = None
         self.dispatcher: Dispatcher | None = None
         try:  # a node that cannot start lets go of what it took
+            with self.sessions() as session:
+                empty = session.scalar(select(db.Series.id).limit(1)) is None
+            self.spool.claim_for(db.installation(self.sessions), database_is_empty=empty)
             # One of each stage per spool (the extra receiver processes are the first's).
             for role in self.components:
                 if role != RECEIVER or receiver_index == 0:

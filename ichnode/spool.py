@@ -51,6 +51,10 @@ class SpoolInUse(RuntimeError):
     """Another process already holds this role (receiver, worker, dispatcher) of the spool."""
 
 
+class SpoolOfAnotherDatabase(RuntimeError):
+    """The spool holds the images of another database than the node's."""
+
+
 class Spool:
     """The spool folder and its free-space guard."""
 
@@ -196,6 +200,33 @@ class Spool:
 
     def iter_instance_files(self) -> Iterator[Path]:
         yield from self.instances_dir.rglob("*.dcm")
+
+    def claim_for(self, installation: str, *, database_is_empty: bool) -> None:
+        """Tie the spool to the database of ``installation`` (:func:`ichnode.db.installation`).
+
+        A node started on another (or a new, empty) database over a spool that
+        holds images would index them again as new, score every series of the
+        retention period again and send all their reports to the PACS again,
+        under new UIDs: :class:`SpoolOfAnotherDatabase` instead, naming the ways out.
+        """
+        marker = self.root / ".installation"
+        try:
+            owner = marker.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            owner = None
+        if owner is None and database_is_empty and next(self.iter_instance_files(), None) is not None:
+            owner = "a database this node no longer uses"
+        if owner is not None and owner != installation:
+            raise SpoolOfAnotherDatabase(
+                f"the spool {self.root} (storage.spool_dir) holds the images of another database "
+                f"({owner or 'one from before installation ids'}); point database.url back to it, or give "
+                "this database a spool of its own: on this one every retained series would be scored and "
+                "reported to the PACS again"
+            )
+        if owner is None:
+            staged = marker.with_suffix(".part")
+            staged.write_text(installation, encoding="utf-8")
+            os.replace(staged, marker)
 
 
 def _fsync_path(path: Path) -> None:

@@ -132,6 +132,21 @@ def test_a_second_worker_or_dispatcher_on_one_spool_is_refused(tmp_path: Path, r
     Node(config, components=(role,), model=model).stop()  # once the first has stopped
 
 
+def test_a_new_database_over_a_spool_that_holds_images_is_refused(tmp_path: Path, start_node: Any) -> None:
+    # Moving to PostgreSQL, or a damaged ichnode.db replaced by an empty one,
+    # with the spool kept: every retained image would be indexed as new and
+    # every series scored and reported to the PACS again, under new UIDs.
+    node = start_node()
+    assert store_files(node.port, phantom(6, n_slices=3).datasets) == [0] * 3
+    node.stop()
+    moved = config_data(tmp_path, database={"url": f"sqlite:///{tmp_path / 'new.db'}"})
+    result = run_cli(["serve", "--config", str(write_config(tmp_path / "moved.yaml", moved))])
+    assert result.returncode == 1
+    assert "cannot start: the spool" in result.stderr and "holds the images of another database" in result.stderr
+    assert "point database.url back to it" in result.stderr
+    start_node().stop()  # on its own database, the spool is its own
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # this process writing and sending them
 def test_non_conformant_uids_do_not_flood_the_log_of_any_receiver_process(node_process: Any, tmp_path: Path) -> None:
     # RSNA-style "ID_..." UIDs are accepted by design; pydicom and pynetdicom
