@@ -62,6 +62,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
+_STORAGE_CLASSES = {context.abstract_syntax for context in AllStoragePresentationContexts}
 # What the node's own reports are stored as (reports.py).
 _REPORT_CLASSES = {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
 
@@ -320,15 +321,20 @@ def _storage_unavailable(spool: Spool, receiving: ReceivingFolder) -> Rejection 
 
 
 def log_accepted(event: evt.Event) -> None:
-    """EVT_ACCEPTED: the association is open. A presentation context pynetdicom
-    rejected (a SOP class or transfer syntax not supported) is a WARNING: the
-    peer cannot send those images, and says so only in its own log."""
+    """EVT_ACCEPTED: the association is open. A presentation context
+    pynetdicom rejected (a SOP class or transfer syntax not supported) is a
+    WARNING: the peer cannot send those images, and says so only in its own
+    log. A standard service other than storage, offered beside what was
+    accepted (a PACS's echo that offers query/retrieve too), is INFO."""
     assoc = event.assoc
     logger.info("association from %s to %s", _peer(assoc), assoc.requestor.primitive.called_ae_title)
     offered = {cx.context_id: cx.transfer_syntax for cx in assoc.requestor.requested_contexts}
     for context in assoc.rejected_contexts:
         syntaxes = offered.get(context.context_id) or context.transfer_syntax
-        logger.warning(
+        service = UID(context.abstract_syntax)
+        other_service = assoc.accepted_contexts and not service.is_private and service not in _STORAGE_CLASSES
+        logger.log(
+            logging.INFO if other_service else logging.WARNING,
             "rejected presentation context from %s: %s in %s: %s",
             _peer(assoc),
             _uid_name(context.abstract_syntax),

@@ -341,6 +341,21 @@ def test_an_association_over_max_associations_is_logged_as_refused(
     assert [m.split("@")[0] for m in accepted] == ["association from HOLDER"]
 
 
+def test_an_echo_that_offers_query_retrieve_too_is_no_warning(start_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # A PACS's echo button (Orthanc's) offers its find and move services too.
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node()
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root Query/Retrieve - FIND
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    wait_for(lambda: any("rejected presentation context from PACS@" in m for m in receiver_log(caplog, "INFO")))
+    assert not [m for m in receiver_log(caplog, "WARNING") if "PACS@" in m]
+
+
 def test_rejected_presentation_contexts_are_logged_with_what_was_offered(
     start_node: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
