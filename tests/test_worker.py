@@ -1074,6 +1074,19 @@ def test_a_series_a_dying_helper_took_down_is_scored_again_once(nodes: Nodes, de
         assert "BrokenProcessPool" in result.skip_reason
 
 
+def _prepare_instead(worker: Worker, series_uid: str, *instead: Any) -> None:
+    """Have ``worker``'s helpers run ``instead`` (a function and its arguments)
+    whenever they are to prepare the series ``series_uid``."""
+    submit = worker._submit
+
+    def replaced(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is preparation.prepare_series and safe_name(series_uid) in args[1][0].path:
+            return submit(*instead)
+        return submit(fn, *args, **kwargs)
+
+    worker._submit = replaced
+
+
 def test_a_helper_that_stops_answering_is_replaced_and_holds_back_no_other_series(
     nodes: Nodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1088,14 +1101,7 @@ def test_a_helper_that_stops_answering_is_replaced_and_holds_back_no_other_serie
     stuck_uid = _uid(stuck.datasets[0])
     config, receiver = _received_complete(nodes, stuck, innocent, model={"worker_processes": 2})
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-    submit = worker._submit
-
-    def hang_on_the_stuck_one(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if fn is preparation.prepare_series and safe_name(stuck_uid) in args[1][0].path:
-            return submit(time.sleep, 3600)
-        return submit(fn, *args, **kwargs)
-
-    worker._submit = hang_on_the_stuck_one
+    _prepare_instead(worker, stuck_uid, time.sleep, 3600)
     try:
         assert worker.run_once() == 2
         assert results_of(receiver.sessions, stuck_uid) == []  # put back, not failed: it may not be its fault
@@ -1213,15 +1219,8 @@ def test_a_series_that_crashes_the_helpers_fails_alone(nodes: Nodes) -> None:
     poison_uid = _uid(poison.datasets[0])
     config, receiver = _received_complete(nodes, poison, innocent, model={"worker_processes": 1})
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
-    submit = worker._submit
-
-    def die_preparing_the_poison(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if fn is preparation.prepare_series and safe_name(poison_uid) in args[1][0].path:
-            # Killed once B is queued behind it (the shell's parent is the helper).
-            return submit(os.system, "sleep 0.5; kill -9 $PPID")
-        return submit(fn, *args, **kwargs)
-
-    worker._submit = die_preparing_the_poison
+    # Killed once B is queued behind it (the shell's parent is the helper).
+    _prepare_instead(worker, poison_uid, os.system, "sleep 0.5; kill -9 $PPID")
     try:
         assert worker.run_once() == 2
         assert results_of(receiver.sessions, poison_uid) == []  # both put back, neither failed
