@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -230,6 +230,16 @@ def _register(
                 calling_ae,
                 existing.times_received + 1,
             )
+        sender = {}
+        if calling_ae:
+            # A series whose first image came without a sender (re-indexed at
+            # start after a crash) takes the next one's: reports return to it.
+            # (Both read the row as it was: the sender is set as a pair.)
+            unknown = series_t.c.calling_ae.is_(None)
+            sender = dict(
+                calling_ae=case((unknown, calling_ae), else_=series_t.c.calling_ae),
+                peer_host=case((unknown, peer_host), else_=series_t.c.peer_host),
+            )
         # Back to receiving even if it was complete or scored: late slices
         # make the series complete (and scored) again, as a new version.
         conn.execute(
@@ -241,16 +251,9 @@ def _register(
                 state=db.RECEIVING,
                 claimed_at=None,
                 **identity,
+                **sender,
             )
         )
-        if calling_ae:
-            # A series whose first image came without a sender (re-indexed at
-            # start after a crash) takes the next one's: reports return to it.
-            conn.execute(
-                update(series_t)
-                .where(series_t.c.id == series_id, series_t.c.calling_ae.is_(None))
-                .values(calling_ae=calling_ae, peer_host=peer_host)
-            )
         return Registration(instance_id, series_id, existing is not None, replaced_path)
 
 
