@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .config import Config, ConfigError, _check_ae_title, load_config
-from .logs import quiet_uid_warnings, setup_logging
+from .logs import quiet_source_data_warnings, setup_logging
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -206,7 +206,7 @@ def send(
 
     ae_title, host, port = address
     calling_ae = _calling_ae(calling_ae, config_path)
-    quiet_uid_warnings()
+    quiet_source_data_warnings()
     summary = send_files(list(paths), ae_title, host, port, calling_ae=calling_ae, progress=progress)
     for line in summary.lines():
         click.echo(line)

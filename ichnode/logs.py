@@ -3,7 +3,7 @@ chatter kept out, and warnings about real-world data that are by design.
 
 Set up by ``ichnode serve``/``demo`` (:func:`setup_logging`), a node's extra
 receiver processes (the same), its helper processes and ``ichnode send``
-(:func:`quiet_uid_warnings`): spawned processes start without it.
+(:func:`quiet_source_data_warnings`): spawned processes start without it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ def setup_logging(level: str, process: str = "") -> None:
     # These log every PDU / every copied module at INFO; their warnings are what matter here.
     for noisy in ("pynetdicom", "highdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    quiet_uid_warnings()
-    # highdicom's warning about an odd patient name would put that name in
-    # the log. Other warnings go to the log.
-    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
-    logging.captureWarnings(True)
+    quiet_source_data_warnings()
+    logging.captureWarnings(True)  # other warnings go to the log
     # A job still running at its next tick is skipped by design, not a problem.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
@@ -54,8 +51,13 @@ class _UidNoiseToDebug(logging.Filter):
 _UID_NOISE_FILTER = _UidNoiseToDebug()
 
 
-def quiet_uid_warnings() -> None:
-    """Keep non-conformant UIDs out of the log and stderr."""
+def quiet_source_data_warnings() -> None:
+    """Keep what real-world data holds by design out of the log and stderr:
+    non-conformant UIDs, and highdicom's warning of a person name of one
+    component ("ANONYMOUS", "REMOVED" in de-identified data), which the
+    reports copy as they are: nothing anyone could act on, and the name
+    itself in the log."""
     for name in _UID_NOISE:
         logging.getLogger(name).addFilter(_UID_NOISE_FILTER)
     warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")

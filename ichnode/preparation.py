@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from . import imaging
-from .logs import quiet_uid_warnings
+from .logs import quiet_source_data_warnings
 from .config import SeriesConfig
 from .reports import ReportContent, ReportUids, build_sr, build_summary_image, evidence_headers, prime
 from .selection import skip_reason, stray_slices
@@ -74,11 +73,7 @@ def _start_helper(parent: int) -> None:
     # of them dies (systemd's unit signals the main process only).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     imaging.keep_freed_memory()
-    # highdicom warns of a person name of one component ("ANONYMOUS", "REMOVED"
-    # in de-identified data). The reports copy the source's names as they are:
-    # in the node's log that warning is nothing anyone could act on.
-    warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning, r"highdicom\.")
-    quiet_uid_warnings()  # a series with UIDs such as "ID_1f6d1e8aeb" is no news, report after report
+    quiet_source_data_warnings()  # spawned: without the node's log set-up
     try:
         prime()
     except Exception:  # a real report then fails with its reason; the helper still decodes
