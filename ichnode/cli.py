@@ -285,6 +285,43 @@ def requeue(
         click.echo(f"warning: {unconfigured_warning(entry)}", err=True)
 
 
+@main.command()
+@click.argument("uids", nargs=-1, metavar="[UID]...")
+@click.option("--failed", is_flag=True, help="Every series whose scoring failed.")
+@click.option(
+    "--unreported", is_flag=True, help="Every series scored whose reports could not be built (status warns of them)."
+)
+@config_option
+def rescore(uids: tuple[str, ...], failed: bool, unreported: bool, config_path: Path | None) -> None:
+    """Score series again from their spooled images, as a new version.
+
+    UID is a study (every series of it) or a series, or the end of one as the
+    `results list` table shows it. The node's worker scores them at its next
+    round (a stopped node when it starts); the new result and its reports
+    supersede the current ones, and the PACS gets the new SR naming the one
+    it holds as predecessor. Use it after a failure is mended (a full disk, a
+    decoder installed), or after the model or the series rules changed.
+    A series whose images retention removed is not queued, and is listed.
+    """
+    from .series import score_again, series_to_score_again
+
+    if not (uids or failed or unreported):
+        raise click.UsageError("name series or studies by UID, or give --failed or --unreported")
+    config = _load(config_path)
+    with _reading(config, action="write"), _writable_sessions(config) as sessions:
+        with sessions() as session:
+            try:
+                ids = series_to_score_again(session, uids, failed=failed, unreported=unreported)
+            except (LookupError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from None
+        done = score_again(sessions, ids)
+    click.echo(f"queued {len(done.queued)} series to be scored again")
+    for uid in done.pending:
+        click.echo(f"not queued, it is being received or scored already: {uid}")
+    for uid, why in done.images_gone:
+        click.echo(f"not queued, {why}: {uid}")
+
+
 @main.group()
 def results() -> None:
     """Findings per series: scores, flags, skip reasons, report delivery."""

@@ -10,6 +10,7 @@ Series life cycle (``Series.state``)::
     complete --worker claims--> processing --> scored | skipped | failed
     any state --a new instance arrives--> receiving   (scored again later,
                                                        as a new result version)
+    scored | skipped | failed --ichnode rescore--> complete   (a new version too)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -51,6 +53,7 @@ PROCESSING = "processing"
 SCORED = "scored"
 SKIPPED = "skipped"
 FAILED = "failed"
+FINISHED = (SCORED, SKIPPED, FAILED)  # nothing more happens to it until images arrive
 
 # Delivery states
 QUEUED = "queued"
@@ -77,6 +80,53 @@ def reports_not_built(series_id: Any) -> Any:
         )
         .exists()
     )
+
+
+def slices_removed(session: Session, result_id: int) -> int:
+    """How many of the slices a result was scored from have no instance row
+    any more. Only retention deletes instance rows, so these images are gone
+    (a re-filed image keeps its row under another series)."""
+    kept = select(Instance.id).where(Instance.sop_instance_uid == SliceResult.sop_instance_uid)
+    return (
+        session.scalar(
+            select(func.count()).select_from(SliceResult).where(SliceResult.result_id == result_id, ~kept.exists())
+        )
+        or 0
+    )
+
+
+def find_series(session: Session, uid: str) -> list[int]:
+    """Ids of the series of a study (its Study Instance UID), or of the one
+    series given. ``uid`` may also be the end of one UID, with or without
+    the "..." that ``results list`` prints before it; a ValueError says when
+    it is the end of several."""
+
+    def named(full: str) -> list[int]:
+        query = select(Series.id).where(or_(Series.study_uid == full, Series.series_uid == full))
+        return list(session.scalars(query.order_by(Series.id)))
+
+    found = named(uid)
+    if not found:
+        full = _uid_ending_with(session, uid.removeprefix("..."))
+        found = named(full) if full else []
+    return found
+
+
+def _uid_ending_with(session: Session, suffix: str) -> str | None:
+    """The one study or series UID that ends with ``suffix``; None if none does."""
+    if not suffix:
+        return None
+    found: set[str] = set()
+    for column in (Series.study_uid, Series.series_uid):
+        found.update(session.scalars(select(column).where(column.endswith(suffix, autoescape=True)).distinct()))
+    if len(found) > 1:
+        shown = sorted(found)
+        raise ValueError(
+            f"{suffix!r} is the end of {len(shown)} study or series UIDs ({', '.join(shown[:5])}"
+            + (", ..." if len(shown) > 5 else "")
+            + "); give more of it"
+        )
+    return found.pop() if found else None
 
 
 def utcnow() -> dt.datetime:

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from . import db
@@ -128,37 +128,12 @@ def list_results(session: Session, *, positive: bool = False, since: dt.datetime
 
 
 def show_results(session: Session, uid: str) -> list[dict[str, Any]]:
-    """Every series of a study (given its Study Instance UID), or the one series given.
-
-    ``uid`` may also be the end of one UID, with or without the "..." the
-    ``results list`` table prints before it; a ValueError says when it is
-    the end of several.
-    """
+    """Every series of a study (given its Study Instance UID), or the one
+    series given; ``uid`` may be the end of one (:func:`db.find_series`)."""
     query = _query().options(
         selectinload(db.Series.results).selectinload(db.SeriesResult.slices), selectinload(db.Series.instances)
-    ).where(or_(db.Series.study_uid == uid, db.Series.series_uid == uid))
-    rows = [series_summary(series, with_slices=True) for series in session.scalars(query)]
-    if rows:
-        return rows
-    full = _uid_ending_with(session, uid.removeprefix("..."))
-    return show_results(session, full) if full else []
-
-
-def _uid_ending_with(session: Session, suffix: str) -> str | None:
-    """The one study or series UID that ends with ``suffix``; None if none does."""
-    if not suffix:
-        return None
-    found: set[str] = set()
-    for column in (db.Series.study_uid, db.Series.series_uid):
-        found.update(session.scalars(select(column).where(column.endswith(suffix, autoescape=True)).distinct()))
-    if len(found) > 1:
-        shown = sorted(found)
-        raise ValueError(
-            f"{suffix!r} is the end of {len(shown)} study or series UIDs ({', '.join(shown[:5])}"
-            + (", ..." if len(shown) > 5 else "")
-            + "); give more of it"
-        )
-    return found.pop() if found else None
+    ).where(db.Series.id.in_(db.find_series(session, uid)))
+    return [series_summary(series, with_slices=True) for series in session.scalars(query)]
 
 
 def _delivery_text(row: dict[str, Any]) -> str:

@@ -22,9 +22,6 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
-FINISHED = (db.SCORED, db.SKIPPED, db.FAILED)
-
-
 def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days: int, *, now: dt.datetime | None = None) -> int:
     """Delete the files of finished series older than the retention; returns how many files."""
     if retention_days <= 0:
@@ -34,7 +31,7 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
         waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED))
         expired = session.scalars(
             select(db.Series.id).where(
-                db.Series.state.in_(FINISHED),
+                db.Series.state.in_(db.FINISHED),
                 db.Series.last_received_at < cutoff,
                 db.Series.id.not_in(waiting),
             )
@@ -63,7 +60,7 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
                 .where(
                     db.Instance.id == instance_id,
                     db.Instance.path == path,
-                    db.Series.state.in_(FINISHED),
+                    db.Series.state.in_(db.FINISHED),
                     db.Series.last_received_at < cutoff,
                 )
             )

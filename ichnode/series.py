@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -365,3 +366,90 @@ def restamp_future_receipts(factory: sessionmaker[Session], *, now: dt.datetime 
             .where(db.Series.state == db.RECEIVING, db.Series.last_received_at > now)
             .values(last_received_at=now)
         ).rowcount
+
+
+@dataclass
+class ScoreAgain:
+    """What :func:`score_again` did with each series it was given (by UID)."""
+
+    queued: list[str]
+    pending: list[str]  # receiving, complete or being scored: scored anyway
+    images_gone: list[tuple[str, str]]  # (series UID, why it cannot be scored again)
+
+
+def series_to_score_again(
+    session: Session, uids: Sequence[str] = (), *, failed: bool = False, unreported: bool = False
+) -> list[int]:
+    """Ids of the series named (study or series UIDs, or their ends), of every
+    failed series with ``failed``, and of every series scored whose reports
+    could not be built with ``unreported``. A UID the database does not know
+    is a LookupError; the end of several UIDs a ValueError."""
+    ids: list[int] = []
+    for uid in uids:
+        found = db.find_series(session, uid)
+        if not found:
+            raise LookupError(f"no study or series {uid!r} in the database")
+        ids += found
+    if failed:
+        ids += session.scalars(select(db.Series.id).where(db.Series.state == db.FAILED).order_by(db.Series.id))
+    if unreported:
+        ids += session.scalars(select(db.Series.id).where(db.reports_not_built(db.Series.id)).order_by(db.Series.id))
+    return list(dict.fromkeys(ids))
+
+
+def score_again(factory: sessionmaker[Session], series_ids: list[int], *, now: dt.datetime | None = None) -> ScoreAgain:
+    """Make finished series complete again, as if their last image had just
+    arrived: the worker scores each as a new version from the images the
+    spool holds, and that result and its reports supersede the current ones.
+
+    Its images' quarantine reasons are cleared, so each is judged afresh (a
+    decoder installed since reads it; a bad file is quarantined again). A
+    series retention removed images of is not queued: a version of what is
+    left would not be the whole series."""
+    now = now or db.utcnow()
+    done = ScoreAgain([], [], [])
+    with db.transaction(factory) as session:
+        for series_id in series_ids:
+            series = session.get(db.Series, series_id)
+            if series.state not in db.FINISHED:
+                done.pending.append(series.series_uid)
+                continue
+            why = _images_gone(session, series)
+            if why:
+                done.images_gone.append((series.series_uid, why))
+                continue
+            # The state condition makes this safe against images arriving meanwhile.
+            won = session.execute(
+                update(db.Series)
+                .where(db.Series.id == series_id, db.Series.state.in_(db.FINISHED))
+                .values(state=db.COMPLETE, completed_at=now, claimed_at=None, version=db.Series.version + 1)
+            ).rowcount
+            if not won:
+                done.pending.append(series.series_uid)
+                continue
+            session.execute(
+                update(db.Instance).where(db.Instance.series_id == series_id).values(quarantine_reason=None)
+            )
+            logger.info("series %s queued to be scored again", series.series_uid)
+            done.queued.append(series.series_uid)
+    return done
+
+
+def _images_gone(session: Session, series: db.Series) -> str | None:
+    """Why ``series`` cannot be scored again from the spool, or None."""
+    if not session.scalar(select(db.Instance.id).where(db.Instance.series_id == series.id).limit(1)):
+        return "none of its images are kept (storage.retention_days removed them, or they moved to another series)"
+    current = session.scalar(
+        select(db.SeriesResult.id)
+        .where(
+            db.SeriesResult.series_id == series.id,
+            db.SeriesResult.status == db.SCORED,
+            db.SeriesResult.superseded.is_(False),
+        )
+        .order_by(db.SeriesResult.id.desc())
+        .limit(1)
+    )
+    removed = db.slices_removed(session, current) if current else 0
+    if removed:
+        return f"storage.retention_days removed {removed} of the images its result was scored from"
+    return None

@@ -121,10 +121,16 @@ def format_status(report: dict[str, Any]) -> str:
             f"{dead['attempts']} attempts: {dead['last_error']}; file {dead['path']}"
             + ("" if dead["file_exists"] else " (deleted)")
         )
+    if report["series"].get(db.FAILED):
+        lines.append(
+            f"warning      {report['series'][db.FAILED]} series failed to be scored (ichnode results show says why); "
+            "once the cause is mended, ichnode rescore --failed scores them again"
+        )
     if report["scored_without_reports"]:
         lines.append(
             f"warning      {report['scored_without_reports']} scored series have no reports on their way: they "
-            "could not be built (ichnode results show says why); send the study again to score and report it"
+            "could not be built (ichnode results show says why); once the cause is mended, "
+            "ichnode rescore --unreported scores and reports them again"
         )
     for entry in report["unconfigured_destinations"]:
         lines.append(f"warning      {unconfigured_warning(entry)}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -849,11 +849,7 @@ def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:
     ).first()
     if older is None or len(item.sop_uids) >= (older.slice_count or 0):
         return False
-    # Only retention deletes instance rows: a slice with none was removed, not re-filed.
-    kept = select(db.Instance.id).where(db.Instance.sop_instance_uid == db.SliceResult.sop_instance_uid)
-    removed = session.scalar(
-        select(func.count()).select_from(db.SliceResult).where(db.SliceResult.result_id == older.id, ~kept.exists())
-    )
+    removed = db.slices_removed(session, older.id)
     if removed:
         logger.warning(
             "series %s version %d holds only images that arrived after retention removed %d it was scored "
