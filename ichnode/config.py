@@ -197,7 +197,8 @@ class SeriesConfig(_Section):
     # series description or protocol name does; with all of them empty, it is.
     head_keywords: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRANI", "CEREBR", "NEURO")
     # Hemorrhage is read on non-contrast CT: in a contrast-enhanced series
-    # (ContrastBolusAgent named) vessels and dura are as bright as blood.
+    # (an agent, volume or dose given, or a description such as "CTA")
+    # vessels and dura are as bright as blood.
     skip_contrast: bool = True
 
 

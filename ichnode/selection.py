@@ -67,10 +67,27 @@ _CONTRAST_AGENTS = (
 )
 
 
+# A Series Description names contrast for angiography and venography
+# ("CTA HEAD", "Angio Willis", "CTV") or says "post contrast", "C+", "KM+".
+# Only the series' own description is read: a protocol or study name
+# ("STROKE: NCCT + CTA") covers the plain series of the exam too.
+_DESCRIBED_CONTRAST = {"CTA", "CTV", "C+", "+C", "KM+", "POSTCONTRAST", "VENOGRAM", "VENOGRAPHY"}
+_DESCRIBED_CONTRAST_PHRASES = ("POST CONTRAST", "WITH CONTRAST", "W CONTRAST", "MIT KM")
+# Less the bare "0", "N", "NA" of an agent field: a description's "0.6 mm" says nothing of contrast.
+_DESCRIBED_NO_CONTRAST = (_NO_CONTRAST_WORDS - {"0", "N", "NA"}) | {
+    "NONCONTRAST", "PRECONTRAST", "NCCT", "NC", "PRE", "PLAIN"
+}
+
+
+def _words(text: str) -> list[str]:
+    upper = text.upper().replace("NON-", "NON ").replace("W/O", "WO").replace("W/", "W ")
+    return [word for word in re.split(r"[^A-Z0-9+]+", upper) if word]
+
+
 def _contrast_given(ds: Dataset) -> str | None:
     """What says the series was imaged with contrast, if anything does."""
     agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
-    words = set(re.split(r"[^A-Z0-9+]+", agent.upper().replace("NON-", "NON ").replace("W/O", "WO"))) - {""}
+    words = set(_words(agent))
     if agent and not words & _NO_CONTRAST_WORDS:
         if words & _CONTRAST_WORDS or any(name in agent.upper() for name in _CONTRAST_AGENTS):
             return f"ContrastBolusAgent {agent}"
@@ -80,7 +97,22 @@ def _contrast_given(ds: Dataset) -> str | None:
                 return f"{keyword} {ds.get(keyword)}"
         except (TypeError, ValueError):
             continue
+    description = str(ds.get("SeriesDescription", "") or "").strip()
+    if not agent and _describes_contrast(description):  # an agent field that says no (or else) prevails
+        return f"SeriesDescription {description}"
     return None
+
+
+def _describes_contrast(description: str) -> bool:
+    words = _words(description)
+    if set(words) & _DESCRIBED_NO_CONTRAST:
+        return False
+    text = f" {' '.join(words)} "
+    return bool(
+        set(words) & _DESCRIBED_CONTRAST
+        or any(word.startswith("ANGIO") for word in words)
+        or any(f" {phrase} " in text for phrase in _DESCRIBED_CONTRAST_PHRASES)
+    )
 
 
 def replaced_by_a_later_copy(reason: str) -> bool:

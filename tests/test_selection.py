@@ -215,6 +215,17 @@ def test_a_tilt_past_series_axial_tolerance_degrees_is_skipped() -> None:
         ({"ContrastBolusAgent": "per protocol"}, True),
         ({"ContrastBolusAgent": ""}, True),
         ({}, True),
+        # With the agent field empty, the series' own description.
+        ({"SeriesDescription": "CTA HEAD"}, False),
+        ({"SeriesDescription": "Angio_Willis 0.6"}, False),
+        ({"SeriesDescription": "HEAD W/ CONTRAST"}, False),
+        ({"SeriesDescription": "Kopf KM+"}, False),
+        ({"SeriesDescription": "CTV sinus"}, False),
+        ({"SeriesDescription": "HEAD W/O CONTRAST"}, True),
+        ({"SeriesDescription": "PRE CONTRAST HEAD"}, True),
+        ({"SeriesDescription": "NCCT HEAD"}, True),
+        ({"SeriesDescription": "Head 5mm std"}, True),
+        ({"SeriesDescription": "CTA HEAD", "ContrastBolusAgent": "NONE"}, True),
     ],
 )
 def test_a_contrast_enhanced_series_is_skipped_unless_told_otherwise(given: dict, scored: bool) -> None:
