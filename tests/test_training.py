@@ -202,12 +202,13 @@ def test_a_split_carried_over_keeps_every_earlier_patient_where_it_was(tmp_path)
 
 def test_the_index_leaves_out_the_images_the_node_leaves_out(tmp_path):
     import pydicom
+    from pydicom.uid import SecondaryCaptureImageStorage
 
     from training import phantoms
 
     phantoms.write_dataset(tmp_path, 1, seed=12, layout="rsna", matrix=64, progress=False)
     files = sorted((tmp_path / "stage_2_train").glob("ID_*.dcm"))
-    scout, unplaced = files[3], files[6]
+    scout, unplaced, capture = files[3], files[6], files[8]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(scout)
@@ -216,13 +217,22 @@ def test_the_index_leaves_out_the_images_the_node_leaves_out(tmp_path):
         ds = pydicom.dcmread(unplaced)
         del ds.ImagePositionPatient
         ds.save_as(unplaced)
+        # A secondary capture filed in the series with a slice's geometry,
+        # its SOP class in the file meta only, as the RSNA files keep it.
+        ds = pydicom.dcmread(capture)
+        ds.pop("SOPClassUID", None)
+        ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.Modality = "OT"
+        ds.save_as(capture)
     index = rsna.build_index(tmp_path, tmp_path / "cache", workers=1, progress=False)
-    assert sorted(index["image_id"]) == sorted(f.stem for f in files if f not in (scout, unplaced))
-    assert index["slice_index"].tolist() == list(range(len(files) - 2))
+    assert sorted(index["image_id"]) == sorted(f.stem for f in files if f not in (scout, unplaced, capture))
+    assert index["slice_index"].tolist() == list(range(len(files) - 3))
     skipped = pd.read_csv(tmp_path / "cache" / rsna.SKIPPED_FILE)
     assert dict(zip((Path(p).stem for p in skipped["path"]), skipped["error"])) == {
         scout.stem: "not a slice of the series' volume: ImageType ORIGINAL\\PRIMARY\\LOCALIZER is a localizer (scout)",
         unplaced.stem: "not a slice of the series' volume: no ImagePositionPatient: its place in the volume is unknown",
+        capture.stem: "not a slice of the series' volume: Secondary Capture Image Storage, modality OT, unlike most "
+        "images of the series (CT Image Storage, modality CT)",
     }
 
 

@@ -57,12 +57,17 @@ TRAIN_DIR = "stage_2_train"
 TEST_DIR = "stage_2_test"  # the Kaggle test images: no labels
 INDEX_FILE = "index.csv"
 INDEX_FINGERPRINT = "index_fingerprint.json"
+# Bumped when the rules of what is indexed change: an index an older rule
+# built is rebuilt, not read.
+INDEX_FORMAT = 2
 SKIPPED_FILE = "index_skipped.csv"
 HEADER_TAGS = (
     "PatientID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
     "ImageType",
     "InstanceNumber",
     "ImagePositionPatient",
@@ -134,6 +139,9 @@ def _read_header(path: str) -> dict[str, Any]:
             if value in (None, ""):
                 raise ValueError(f"missing {keyword}")
             record[keyword] = str(value)
+        # What tells a secondary capture filed in a CT series from its slices.
+        record["SOPClassUID"] = imaging.sop_class_uid(ds)
+        record["Modality"] = str(ds.get("Modality", "") or "")
         image_type = ds.get("ImageType") or []
         record["ImageType"] = "\\".join(str(v) for v in ([image_type] if isinstance(image_type, str) else image_type))
         record["InstanceNumber"] = _float_or_nan(ds.get("InstanceNumber"))
@@ -172,6 +180,8 @@ def _minimal_dataset(row: Any) -> Any:
         # What the node's selection reads: identity, kind and geometry.
         ds.PatientID = row.patient_id if isinstance(row.patient_id, str) else ""
         ds.StudyInstanceUID = row.study_uid if isinstance(row.study_uid, str) else ""
+        ds.SOPClassUID = row.SOPClassUID if isinstance(row.SOPClassUID, str) else ""
+        ds.Modality = row.Modality if isinstance(row.Modality, str) else ""
         if row.ImageType:
             ds.ImageType = row.ImageType.split("\\")
         if row.ImagePositionPatient:
@@ -219,6 +229,7 @@ def _fingerprint(data_dir: Path, image_dir: str, files: dict[str, tuple[int, int
                 digest.update(block)
         labels = {"name": csv.name, "sha256": digest.hexdigest()}
     return {
+        "format": INDEX_FORMAT,
         "data_dir": str(data_dir.resolve()),
         "image_dir": image_dir,
         "files": len(files),
