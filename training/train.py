@@ -256,9 +256,12 @@ class Run:
             )
 
     def _check_init_from(self, path: Path) -> None:
-        """Refuse a starting model of another input shape before indexing and
-        caching the data (hours on the full set), not inside ``fit``."""
+        """Refuse a starting model of another input shape, or of another
+        architecture than the config's (which the model card records), before
+        indexing and caching the data (hours on the full set), not inside ``fit``."""
         import keras
+
+        from training import models
 
         try:
             model = keras.saving.load_model(path, compile=False)
@@ -270,6 +273,13 @@ class Run:
             raise click.ClickException(
                 f"slice_stage.init_from {path} takes inputs of shape {have}, but input.size and the windows and "
                 f"context_slices of this config give {want}: use the starting model's input settings"
+            )
+        encoder = models.build_slice_encoder(want, self.config.arch)
+        described = models.build_slice_model(encoder, models.build_slice_head())
+        if [tuple(w.shape) for w in model.weights] != [tuple(w.shape) for w in described.weights]:
+            raise click.ClickException(
+                f"slice_stage.init_from {path} is not of the architecture this config describes, which the model "
+                "card would record: copy the `architecture` section of the run that made it"
             )
 
     def split(self) -> pd.Series:
