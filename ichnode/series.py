@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy import Connection, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -393,8 +393,31 @@ def series_to_score_again(
     if failed:
         ids += session.scalars(select(db.Series.id).where(db.Series.state == db.FAILED).order_by(db.Series.id))
     if unreported:
-        ids += session.scalars(select(db.Series.id).where(db.reports_not_built(db.Series.id)).order_by(db.Series.id))
+        ids += unreported_series(session)
     return list(dict.fromkeys(ids))
+
+
+# How many times the node itself scores again a series whose reports could
+# not be built, each time the spool has room; then only ``ichnode rescore``.
+REPORTS_TRIES = 3
+
+
+def unreported_series(session: Session, *, tried_fewer_than: int | None = None) -> list[int]:
+    """Ids of the series whose current result was scored but its reports could
+    not be built; with ``tried_fewer_than``, only those with fewer such results."""
+    query = select(db.Series.id).where(db.reports_not_built(db.Series.id)).order_by(db.Series.id)
+    if tried_fewer_than is not None:
+        tries = (
+            select(func.count())
+            .select_from(db.SeriesResult)
+            .where(
+                db.SeriesResult.series_id == db.Series.id,
+                db.SeriesResult.skip_reason.startswith(db.REPORTS_NOT_BUILT, autoescape=True),
+            )
+            .scalar_subquery()
+        )
+        query = query.where(tries < tried_fewer_than)
+    return list(session.scalars(query))
 
 
 def score_again(factory: sessionmaker[Session], series_ids: list[int], *, now: dt.datetime | None = None) -> ScoreAgain:

@@ -34,7 +34,15 @@ from .logs import setup_logging
 from .model import HemorrhageModel, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
-from .series import InstanceHeader, complete_stable_series, register_instance, restamp_future_receipts
+from .series import (
+    REPORTS_TRIES,
+    InstanceHeader,
+    complete_stable_series,
+    register_instance,
+    restamp_future_receipts,
+    score_again,
+    unreported_series,
+)
 from .spool import Spool
 from .worker import Worker, describe_device, requeue_interrupted
 
@@ -45,6 +53,10 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 
 # How often spooled files past storage.retention_days are looked for.
 RETENTION_CHECK_SECONDS = 3600.0
+
+# How often series whose reports could not be built (a full disk) are looked
+# for, to be scored again once the spool has room (series.REPORTS_TRIES).
+UNREPORTED_CHECK_SECONDS = 600.0
 
 # The scheduler's ticks are wall-clock times: a system clock stepped back (an
 # NTP correction, a virtual machine restored) would hold every stage back
@@ -57,6 +69,7 @@ RECEIVER, WORKER, DISPATCHER = "receiver", "worker", "dispatcher"
 # Scheduler jobs. Each runs on its interval; a stage that hands work to the
 # next one in the same process wakes that job at once instead.
 COMPLETION_JOB, SCORING_JOB, DELIVERY_JOB, RETENTION_JOB = "completion", "scoring", "delivery", "retention"
+UNREPORTED_JOB = "unreported"
 ALL_COMPONENTS = (RECEIVER, WORKER, DISPATCHER)
 
 
@@ -154,6 +167,7 @@ class Node:
             if requeued:
                 logger.warning("scoring of %d series was interrupted; scoring them again", requeued)
             self._add_job(SCORING_JOB, self.score, interval)
+            self._add_job(UNREPORTED_JOB, self.score_unreported_again, UNREPORTED_CHECK_SECONDS)
         if self.dispatcher is not None:
             # Like the worker: assumes one dispatcher process per database.
             requeued = requeue_interrupted_deliveries(self.sessions, self.config.reports.retry)
@@ -252,6 +266,19 @@ class Node:
         if handled:
             self._wake(DELIVERY_JOB)
         return handled
+
+    def score_unreported_again(self) -> int:
+        """Queue the series whose reports could not be built to be scored
+        again, while the spool has room; returns how many were queued."""
+        if self.spool.room_shortage():
+            return 0
+        with self.sessions() as session:
+            ids = unreported_series(session, tried_fewer_than=REPORTS_TRIES)
+        queued = score_again(self.sessions, ids).queued
+        if queued:
+            logger.warning("%d series whose reports could not be built are scored again", len(queued))
+            self._wake(SCORING_JOB)
+        return len(queued)
 
     def purge_expired(self) -> int:
         return purge_expired(self.sessions, self.spool, self.config.storage.retention_days)

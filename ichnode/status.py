@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from . import db
 from .config import Config
+from .series import REPORTS_TRIES
 
 
 def collect_status(config: Config) -> dict[str, Any]:
@@ -129,8 +130,8 @@ def format_status(report: dict[str, Any]) -> str:
     if report["scored_without_reports"]:
         lines.append(
             f"warning      {report['scored_without_reports']} scored series have no reports on their way: they "
-            "could not be built (ichnode results show says why); once the cause is mended, "
-            "ichnode rescore --unreported scores and reports them again"
+            f"could not be built (ichnode results show says why); the node tries again when the spool has room "
+            f"({REPORTS_TRIES} tries in all), and ichnode rescore --unreported once the cause is mended"
         )
     for entry in report["unconfigured_destinations"]:
         lines.append(f"warning      {unconfigured_warning(entry)}")

@@ -10,6 +10,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from ichnode import db
 from ichnode.retention import purge_expired
+from ichnode.series import REPORTS_TRIES
 from ichnode.status import collect_status, format_status
 from ichnode.worker import Worker
 from tests.conftest import all_series, run_cli, store_files, wait_series_state
@@ -37,21 +38,13 @@ def _rescore(config_path: Any, *args: str) -> list[str]:
 
 
 def test_a_series_whose_reports_could_not_be_built_is_reported_once_mended(nodes: Nodes, recorder: Any) -> None:
-    # The study's report folder cannot be made (a file is in its way) while the
-    # node scores the series; once it is removed, `rescore --unreported` has
-    # the running node score it again and deliver its reports.
+    # `rescore --unreported` has the running node score it again and deliver its reports.
     pacs = recorder()
     series = phantom(70)
-    series_uid, study_uid = _uid(series.datasets[0]), _uid(series.datasets[0], "StudyInstanceUID")
-    path, config = nodes.config(reports={"destinations": [pacs.destination]})
-    node = nodes.start(config)
-    blocker = node.spool.absolute(node.spool.report_path(study_uid, "x")).parent
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_bytes(b"")
-    assert store_files(node.port, series.datasets) == [0x0000] * len(series.datasets)
-    v1 = wait_result(node.sessions, series_uid, version=1)
-    assert v1.skip_reason.startswith(db.REPORTS_NOT_BUILT)
-    assert "ichnode rescore --unreported" in format_status(collect_status(config))
+    series_uid = _uid(series.datasets[0])
+    node, blocker, path = _unreported(nodes, series, pacs.destination)
+    v1 = results_of(node.sessions, series_uid)[0]
+    assert "ichnode rescore --unreported" in format_status(collect_status(node.config))
 
     blocker.unlink()
     assert _rescore(path, "--unreported") == ["queued 1 series to be scored again"]
@@ -60,9 +53,53 @@ def test_a_series_whose_reports_could_not_be_built_is_reported_once_mended(nodes
     wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="v2 delivered")
     assert {r.dataset.SeriesDescription for r in pacs.stored()} >= {"ICH AI results v2"}
     assert results_of(node.sessions, series_uid)[0].superseded
-    assert collect_status(config)["scored_without_reports"] == 0
+    assert collect_status(node.config)["scored_without_reports"] == 0
     # Nothing left to do: a second run queues nothing.
     assert _rescore(path, "--unreported") == ["queued 0 series to be scored again"]
+
+
+def test_the_node_itself_reports_a_series_once_its_reports_can_be_built(nodes: Nodes, recorder: Any) -> None:
+    pacs = recorder()
+    series = phantom(76)
+    node, blocker, _ = _unreported(nodes, series, pacs.destination)
+    # No room in the spool: no try.
+    room = node.spool.min_free_mb
+    node.spool.min_free_mb = 2**40
+    assert node.score_unreported_again() == 0
+    node.spool.min_free_mb = room
+    blocker.unlink()
+    assert node.score_unreported_again() == 1
+    v2 = wait_result(node.sessions, _uid(series.datasets[0]), version=2)
+    assert (v2.status, v2.skip_reason) == (db.SCORED, None)
+    wait_deliveries(node.sessions, lambda rows: [r.state for r in rows] == [db.SENT] * 2, message="delivered")
+    assert {r.dataset.SeriesDescription for r in pacs.stored()} >= {"ICH AI results v2"}
+
+
+def test_the_node_tries_to_build_a_series_reports_a_bounded_number_of_times(nodes: Nodes) -> None:
+    series = phantom(77)
+    series_uid = _uid(series.datasets[0])
+    node, _, _ = _unreported(nodes, series, {"ae_title": "PACS", "host": "127.0.0.1", "port": 9})
+    # The cause lasting, each try is one more such result, up to the tries allowed.
+    for version in range(2, REPORTS_TRIES + 1):
+        assert node.score_unreported_again() == 1
+        assert wait_result(node.sessions, series_uid, version=version).skip_reason.startswith(db.REPORTS_NOT_BUILT)
+    assert node.score_unreported_again() == 0
+    assert f"({REPORTS_TRIES} tries in all)" in format_status(collect_status(node.config))
+
+
+def _unreported(nodes: Nodes, series: Any, destination: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A running node that scored ``series`` but could not build its reports
+    (a file is where the study's report folder goes); returns (node, that
+    file, the node's config file)."""
+    path, config = nodes.config(reports={"destinations": [destination]})
+    node = nodes.start(config)
+    study_uid = _uid(series.datasets[0], "StudyInstanceUID")
+    blocker = node.spool.absolute(node.spool.report_path(study_uid, "x")).parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")
+    assert store_files(node.port, series.datasets) == [0x0000] * len(series.datasets)
+    assert wait_result(node.sessions, _uid(series.datasets[0]), version=1).skip_reason.startswith(db.REPORTS_NOT_BUILT)
+    return node, blocker, path
 
 
 def test_a_study_named_by_the_end_of_its_uid_gets_a_new_sr_naming_the_one_the_pacs_holds(
