@@ -336,18 +336,31 @@ format_option = click.option(
 @config_option
 @click.option("--positive", is_flag=True, help="Only series with at least one flagged finding.")
 @click.option("--since", help="Only series received since then: 30m, 2h, 7d, 4w, or an ISO date/time (UTC).")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    help="Only series of this status: scored, skipped or failed, or receiving, complete or processing while "
+    "on their way (repeat for several).",
+)
 @format_option
-def results_list(config_path: Path | None, positive: bool, since: str | None, fmt: str) -> None:
+def results_list(
+    config_path: Path | None, positive: bool, since: str | None, statuses: tuple[str, ...], fmt: str
+) -> None:
     """One line per series, newest first."""
+    from .db import SERIES_STATES
     from .results import format_results, list_results, parse_since
 
     try:
         since_time = parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
+    for status in statuses:
+        if status not in SERIES_STATES:
+            raise click.BadParameter(f"{status!r} is none of {', '.join(SERIES_STATES)}", param_hint="--status")
     config = _load(config_path)
     with _reading(config), _session(config) as session:
-        rows = list_results(session, positive=positive, since=since_time)
+        rows = list_results(session, positive=positive, since=since_time, statuses=statuses)
     click.echo(format_results(rows, fmt))
 
 

@@ -54,6 +54,7 @@ SCORED = "scored"
 SKIPPED = "skipped"
 FAILED = "failed"
 FINISHED = (SCORED, SKIPPED, FAILED)  # nothing more happens to it until images arrive
+SERIES_STATES = (RECEIVING, COMPLETE, PROCESSING, *FINISHED)
 
 # Delivery states
 QUEUED = "queued"

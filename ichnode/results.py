@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -116,14 +117,23 @@ def _query():
     )
 
 
-def list_results(session: Session, *, positive: bool = False, since: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """One summary per series, newest first."""
+def list_results(
+    session: Session,
+    *,
+    positive: bool = False,
+    since: dt.datetime | None = None,
+    statuses: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """One summary per series, newest first; ``statuses`` keeps those whose
+    ``status`` (as the summary shows it) is one of them."""
     query = _query().order_by(db.Series.last_received_at.desc())
     if since is not None:
         query = query.where(db.Series.last_received_at >= since)
     rows = [series_summary(series) for series in session.scalars(query)]
     if positive:
         rows = [row for row in rows if any(row["flags"].values())]
+    if statuses:
+        rows = [row for row in rows if row["status"] in statuses]
     return rows
 
 

@@ -127,6 +127,15 @@ def test_list_positive_keeps_only_flagged_series(filled: Filled) -> None:
     assert {row["series_uid"] for row in positive} == {filled.ge_series, filled.scored}
 
 
+def test_list_status_keeps_only_series_of_those_statuses(filled: Filled) -> None:
+    assert [row["series_uid"] for row in _json(filled, "--status", "skipped")] == [filled.skipped]
+    both = _json(filled, "--status", "skipped", "--status", "scored")
+    assert sorted(row["series_uid"] for row in both) == sorted([filled.ge_series, filled.scored, filled.skipped])
+    assert _json(filled, "--status", "failed") == []
+    bad = run_cli(["results", "list", "--status", "done", "--config", str(filled.config)])
+    assert bad.returncode == 2 and "'done' is none of receiving, complete, processing, scored" in bad.stderr
+
+
 def test_list_since(filled: Filled) -> None:
     assert len(_json(filled, "--since", "1h")) == 3
     future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(tzinfo=None).isoformat(timespec="seconds")
