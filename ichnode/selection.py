@@ -36,6 +36,9 @@ _EXCLUDED_IMAGE_TYPES = {"LOCALIZER": "a localizer (scout)", "SCOUT": "a localiz
 _SAME_ORIENTATION_DEGREES = 1.0
 # Slices closer than this along the normal are at one position.
 _SAME_POSITION_MM = 0.01
+# Slices of one head lie a few mm apart: an image this far from all the
+# others (a position typed wrong, 1e300) is no slice of the volume.
+_APART_MM = 100.0
 _SAME_POSITION = "at the slice position of"
 # Images at one position that differ in one of these are passes of a dynamic
 # series or reconstructions, not copies of one image sent again.
@@ -166,7 +169,7 @@ def skip_reason(headers: Sequence[Dataset], sop_classes: Sequence[str], rules: S
         return mixed
     extent = float(np.ptp(slice_positions(headers)))
     if extent > _LONGEST_HEAD_MM:
-        return f"not a head series: its slices span {extent:.0f} mm, more than a head ({_LONGEST_HEAD_MM:.0f} mm)"
+        return f"not a head series: its slices span {extent:.6g} mm, more than a head ({_LONGEST_HEAD_MM:.0f} mm)"
     return None
 
 
@@ -303,9 +306,22 @@ def _strays(headers: Sequence[Dataset]) -> tuple[dict[int, str], set[int]]:
             angle = math.degrees(math.acos(min(1.0, abs(float(normal @ reference)))))
             if angle > _SAME_ORIENTATION_DEGREES:
                 strays[index] = f"oriented {angle:.0f} degrees from the series' other slices"
+        placed = sorted((float(origins[i] @ reference), i) for i in normals if i not in strays)
+        # The images apart from the largest run of slices are strays.
+        runs = [[placed[0]]] if placed else []
+        for previous, current in zip(placed, placed[1:]):
+            if current[0] - previous[0] > _APART_MM:
+                runs.append([])
+            runs[-1].append(current)
+        volume = max(runs, key=len) if runs else []
+        for run in runs:
+            if run is not volume:
+                for position, index in run:
+                    distance = min(abs(position - volume[0][0]), abs(position - volume[-1][0]))
+                    strays[index] = f"at {position:.6g} mm along the slice normal, {distance:.6g} mm from the other slices"
+        placed = [(position, index) for position, index in placed if index not in strays]
         # Of images at one position (a slice sent again under a new UID), the
         # one that came last is the slice.
-        placed = sorted((float(origins[i] @ reference), i) for i in normals if i not in strays)
         groups: list[list[int]] = []
         previous = -math.inf
         for position, index in placed:

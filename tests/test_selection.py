@@ -82,6 +82,18 @@ def test_an_image_with_a_malformed_position_is_left_out_and_the_rest_scored() ->
     assert _reason(series) is None
 
 
+@pytest.mark.parametrize(("z", "shown"), [(100000.0, "100000"), (1e300, "1e+300")])
+def test_an_image_far_from_the_other_slices_is_left_out_and_the_rest_scored(z: float, shown: str) -> None:
+    # A position typed wrong: the series is still a head, scored without it.
+    series = _series()
+    x, y, _ = series[3].ImagePositionPatient
+    series[3].ImagePositionPatient = [x, y, z]
+    strays = stray_slices(series)
+    assert list(strays) == [3] and strays[3].startswith(f"at {shown} mm along the slice normal, ")
+    assert strays[3].endswith(" mm from the other slices")
+    assert _reason(series) is None
+
+
 def test_an_image_of_another_patient_filed_in_the_series_is_left_out() -> None:
     series = _series()
     series[5].PatientID = "SOMEONE-ELSE"
