@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -351,6 +352,23 @@ def report_uids(
 # Source headers
 
 
+# Levels of sequence nesting kept from a source header (the Patient and Study
+# modules nest two or three).
+_DEEPEST_SEQUENCE = 16
+
+
+def _nesting(element: DataElement) -> int:
+    """How many levels of sequences ``element`` holds (0: not a sequence), counted without recursion."""
+    depth, level = 0, [element]
+    while level:
+        items = [item for e in level if e.VR == "SQ" for item in (e.value or [])]
+        if not items:
+            break
+        depth += 1
+        level = [e for item in items for e in item]
+    return depth
+
+
 def _header(ds: Dataset, *, full: bool) -> Dataset:
     """A pixel-free copy of a source header that highdicom can use as evidence.
 
@@ -361,7 +379,9 @@ def _header(ds: Dataset, *, full: bool) -> Dataset:
     if full:
         header = Dataset()
         for element in ds:
-            if element.tag not in _PIXEL_DATA_TAGS:
+            # A sequence nested deeper than any report needs would exhaust
+            # the copy's recursion: left out, not a reason to lose the reports.
+            if element.tag not in _PIXEL_DATA_TAGS and _nesting(element) <= _DEEPEST_SEQUENCE:
                 header.add(deepcopy(element))
     else:
         header = Dataset()
@@ -764,6 +784,7 @@ def build_summary_image(
     _check_lo("manufacturer", manufacturer)
     when = content_datetime or dt.datetime.now()
     pixels = _render_summary(hu, content, header.get("InstanceNumber"))
+    orientation = _patient_orientation(header)
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -776,7 +797,7 @@ def build_summary_image(
         sop_instance_uid=uids.sc_sop_instance_uid,
         instance_number=1,
         manufacturer=manufacturer,
-        patient_orientation=_patient_orientation(header),
+        patient_orientation=tuple(letters[0] for letters in orientation),  # highdicom takes one letter each
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=f"ICH AI summary v{content.version}",
         manufacturer_model_name="ichnode",
@@ -788,6 +809,7 @@ def build_summary_image(
         content_time=when.time(),
         specific_character_set=_charset(header, content, manufacturer, institution_name),
     )
+    sc.PatientOrientation = list(orientation)
     # The whole Patient and Study modules, as the SR has them.
     sc.copy_patient_and_study_information(header)
     # Made by software from another DICOM image, not captured from video.
@@ -925,7 +947,7 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
 
 
 def _patient_orientation(header: Dataset) -> tuple[str, str]:
-    """Patient Orientation of the rows and columns (dominant axis letters)."""
+    """Patient Orientation of the rows and columns (:func:`_axis_letter`)."""
     iop = header.get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
         raise ValueError(
@@ -937,10 +959,17 @@ def _patient_orientation(header: Dataset) -> tuple[str, str]:
 
 
 def _axis_letter(direction: Sequence[float]) -> str:
+    """The letters of a direction (PS3.3 C.7.6.1.1.1): the main axis first,
+    then an axis nearly as strong (an image rotated in plane, 45 degrees:
+    "LP", not "L" for the rows and "R" for the columns)."""
     # DICOM patient axes: +x left, +y posterior, +z head.
-    axis = int(np.argmax(np.abs(direction)))
-    positive, negative = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
-    return positive if direction[axis] > 0 else negative
+    magnitudes = np.abs(np.asarray(direction, dtype=float))
+    letters = ""
+    for axis in np.argsort(-magnitudes, kind="stable"):
+        if magnitudes[axis] > 0.5 * magnitudes.max():
+            positive, negative = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
+            letters += positive if direction[axis] > 0 else negative
+    return letters
 
 
 # --------------------------------------------------------------------------

@@ -361,6 +361,39 @@ def test_summary_image_of_a_small_slice_is_scaled_up() -> None:
     assert sc.PatientOrientation == ["L", "P"]
 
 
+def test_reports_are_built_for_a_key_slice_carrying_a_deeply_nested_sequence() -> None:
+    # 150 levels: readable by the receiver, but past what a copy can recurse into.
+    key = _synthetic_ct("1.2.3.4.5.1")
+    item = Dataset()
+    item.TextValue = "innermost"
+    for _ in range(150):
+        outer = Dataset()
+        outer.ContentSequence = [item]
+        item = outer
+    key.ContentSequence = item.ContentSequence
+    content = _content(str(key.SOPInstanceUID))
+    uids = report_uids(str(key.SeriesInstanceUID), 1)
+    sc = build_summary_image(key, np.full((64, 64), 40.0), content, uids=uids)
+    sr = build_sr([key], content, uids=uids)
+    assert "ContentSequence" not in sc and sr.SOPInstanceUID == uids.sr_sop_instance_uid
+
+
+@pytest.mark.parametrize(
+    ("orientation", "expected"),
+    [
+        ([1, 0, 0, 0, 1, 0], ["L", "P"]),
+        ([0.7071068, 0.7071068, 0, -0.7071068, 0.7071068, 0], ["LP", "RP"]),  # rotated 45 degrees in plane
+        ([1, 0, 0, 0, 0.9396926, -0.3420201], ["L", "P"]),  # a gantry tilted 20 degrees
+    ],
+)
+def test_summary_image_orientation_names_every_main_axis_of_the_slice(orientation: list, expected: list) -> None:
+    key = _synthetic_ct("1.2.3.4.5.1")
+    key.ImageOrientationPatient = orientation
+    uids = report_uids(str(key.SeriesInstanceUID), 1)
+    sc = build_summary_image(key, np.full((64, 64), 40.0), _content(str(key.SOPInstanceUID)), uids=uids)
+    assert sc.PatientOrientation == expected
+
+
 @pytest.mark.tools("dciodvfy")
 @pytest.mark.filterwarnings("ignore:.*for VR CS")  # the source's free text, set below
 def test_summary_image_of_a_lossy_source_with_free_text_headers_is_valid_and_says_lossy(tmp_path: Path) -> None:
