@@ -193,6 +193,12 @@ def _reserve(path: str | Path, length: int) -> None:
         os.close(fd)
 
 
+# Values longer than this (a vendor's raw-data blob) are read only if used,
+# not held for every slice of a series at once; 512 x 512 Pixel Data is
+# read with the header.
+_DEFER_BYTES = 1 << 20
+
+
 def _read_and_order(
     spool_root: Path, rows: Sequence[InstanceRow], rules: SeriesConfig, prepared: PreparedVolume, *, pixels: bool
 ) -> list[tuple[InstanceRow, Dataset]]:
@@ -202,7 +208,9 @@ def _read_and_order(
     readable = []
     for row in rows:
         try:
-            readable.append((row, dcmread(Path(spool_root) / row.path, stop_before_pixels=not pixels)))
+            readable.append(
+                (row, dcmread(Path(spool_root) / row.path, stop_before_pixels=not pixels, defer_size=_DEFER_BYTES))
+            )
         except Exception as exc:
             _check_not_short_of(exc, row.path)
             prepared.quarantined[row.id] = f"unreadable file: {exc}"
@@ -243,7 +251,7 @@ def _decode_into(
     with open(volume_file, "r+b") as out:
         for offset, (row, ds) in enumerate(slices):
             try:
-                ds = ds if ds is not None else dcmread(Path(spool_root) / row.path)
+                ds = ds if ds is not None else dcmread(Path(spool_root) / row.path, defer_size=_DEFER_BYTES)
                 image = imaging.preprocess_slice(ds, windows, size)
                 # Exactly one row's bytes, or an error: never a neighbour's.
                 image = np.ascontiguousarray(image, dtype=layout.dtype).reshape(layout.shape[1:])

@@ -948,6 +948,34 @@ def test_reports_return_to_the_sender_of_a_series_whose_first_image_came_without
     assert targets == {("CT", "127.0.0.2", 4102)}
 
 
+def test_large_private_values_are_not_held_for_every_slice_while_a_series_is_prepared(nodes: Nodes) -> None:
+    # A vendor's 8 MB raw-data blob in each of 12 slices: preparing the series
+    # must not hold 96 MB of them at once (300 slices would need GBs).
+    import tracemalloc
+
+    series = phantom(66)
+    for ds in series.datasets:
+        ds.add_new(0x00090010, "LO", "VENDOR")
+        ds.add_new(0x00091000, "OB", b"\x01" * (8 << 20))
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    rows = [
+        preparation.InstanceRow(i.id, i.path, i.sop_class_uid, i.sop_instance_uid)
+        for i in instances_of(receiver.sessions, series_uid)
+    ]
+    volume = str(receiver.spool.tmp_dir / "volume.npy")
+    tracemalloc.start()
+    try:
+        prepared = preparation.prepare_series(
+            receiver.spool.root, rows, config.series, ((40, 80),) * 3, (256, 256), volume
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (prepared.skip, len(prepared.rows), prepared.quarantined) == (None, 12, {})
+    assert peak < 40 << 20, f"{peak / 2**20:.0f} MB"
+
+
 def _score_once(config: Any, receiver: Any) -> None:
     """One round of a new worker on ``receiver``'s database and spool, which handles one series."""
     worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
