@@ -4,12 +4,15 @@ telling one data set sent again in another encoding.
 
 ``ichnode send`` refuses a cut-off file, as DCMTK's storescu does, and the
 receiver refuses such a data set: stored, it would replace a good copy with
-whatever part of the Pixel Data arrived.
+whatever part of the Pixel Data arrived. A deflated data set that would
+inflate past :data:`MAX_INFLATED_BYTES` is refused before it is read: pydicom
+reads one only inflated whole, into memory.
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_description, dictionary_has_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -31,6 +35,13 @@ from pydicom.uid import (
 # Values longer than this (Pixel Data) are skipped, never read: their length
 # and position are kept.
 DEFER_BYTES = 1024
+# pydicom inflates a deflated data set whole into memory before it reads any
+# of it, and a file of a few hundred KB can inflate to GBs. One that inflates
+# past this is refused unread: deflated objects are SRs and single images,
+# a few MB at most, nowhere near it.
+MAX_INFLATED_BYTES = 256 * 2**20
+# How much is inflated at a time while the inflated size is counted.
+_INFLATE_CHUNK_BYTES = 2**20
 # The shortest element header: tag and length (implicit VR).
 _ELEMENT_HEADER_BYTES = 8
 _PIXEL_DATA = Tag("PixelData")
@@ -44,9 +55,15 @@ class Truncated(ValueError):
     """The file is cut off; the message says where."""
 
 
+class TooLarge(ValueError):
+    """The deflated data set inflates past :data:`MAX_INFLATED_BYTES`."""
+
+
 def read_elements(path: Path, *, force: bool = False) -> Dataset:
     """Every top-level element of a file, long values skipped; :class:`Truncated`
-    when it ends inside an element of undefined length."""
+    when it ends inside an element of undefined length, :class:`TooLarge` when
+    it is deflated and inflates past :data:`MAX_INFLATED_BYTES`."""
+    _check_inflated_size(path, force=force)
     with warnings.catch_warnings():
         # pydicom only warns, and keeps none of the data set, when the file
         # ends inside an element of undefined length (encapsulated Pixel Data).
@@ -55,6 +72,25 @@ def read_elements(path: Path, *, force: bool = False) -> Dataset:
             return dcmread(path, defer_size=DEFER_BYTES, force=force)
         except UserWarning:
             raise Truncated("the file ends inside an element of undefined length") from None
+
+
+def _check_inflated_size(path: Path, *, force: bool) -> None:
+    """:class:`TooLarge` when ``path`` holds a deflated data set that inflates
+    past the limit; counted a chunk at a time, nothing kept."""
+    with open(path, "rb") as f:
+        read_preamble(f, force)
+        meta = _read_file_meta_info(f)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while not inflater.eof and (deflated := f.read(_INFLATE_CHUNK_BYTES)):
+            # max_length keeps each piece small; what it leaves is inflated next.
+            while deflated and not inflater.eof:
+                inflated += len(inflater.decompress(deflated, _INFLATE_CHUNK_BYTES))
+                if inflated > MAX_INFLATED_BYTES:
+                    raise TooLarge(f"deflated data set inflates past {MAX_INFLATED_BYTES // 2**20} MiB")
+                deflated = inflater.unconsumed_tail
 
 
 def check_whole(path: Path, ds: Dataset) -> None:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import AccessConfig, Config
-from .dicomfile import Truncated, check_whole, read_elements, same_data_set
+from .dicomfile import TooLarge, Truncated, check_whole, read_elements, same_data_set
 from .scu import disable_nagle
 from .series import InstanceHeader, Registration, register_instance
 from .spool import Spool
@@ -60,6 +60,7 @@ _config.ENFORCE_UID_CONFORMANCE = False
 # Storage statuses (PS3.4 B.2.3 and the Storage Service Class).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 _STORAGE_CLASSES = {context.abstract_syntax for context in AllStoragePresentationContexts}
@@ -396,15 +397,45 @@ def handle_store(
     except Truncated as exc:  # a cut-off file sent as it was: stored, it would replace a good copy
         logger.warning("refusing %s from %s: truncated: %s", sop_uid, calling, exc)
         return _failure(CANNOT_UNDERSTAND, f"truncated: {exc}")
+    except TooLarge as exc:  # inflated, it would take that much of this process's memory
+        logger.warning("refusing %s from %s: %s", sop_uid, _peer(event.assoc), exc)
+        return _failure(CANNOT_UNDERSTAND, str(exc))
     except Exception as exc:  # any decode problem means we cannot understand it
         logger.warning("refusing %s from %s: unreadable header: %s", sop_uid, calling, exc)
         return _failure(CANNOT_UNDERSTAND, f"unreadable header: {exc}")
+    # An image whose data set names another SOP Class than its C-STORE is
+    # refused (as DCMTK's storescp does). One that names another instance is
+    # stored under its own UID, the one a PACS files it under too: some
+    # files' meta names another instance than their data set (the RSNA set),
+    # and a sender taking the request's UID from it must not be refused.
+    own_class = _uid_text(ds.get("SOPClassUID"))
+    if own_class and own_class != _uid_text(request.AffectedSOPClassUID):
+        logger.warning(
+            "refusing %s from %s: its data set is a %s, the request says %s",
+            sop_uid,
+            _peer(event.assoc),
+            own_class,
+            request.AffectedSOPClassUID,
+        )
+        return _failure(DATA_SET_DOES_NOT_MATCH, "data set's SOPClassUID differs from the request's")
+    if header.sop_instance_uid != _uid_text(sop_uid):
+        logger.warning(
+            "%s from %s is stored under its data set's SOP Instance UID %s",
+            sop_uid,
+            _peer(event.assoc),
+            header.sop_instance_uid,
+        )
 
     if _one_of_ours(factory, ds, header):
         logger.info("%s from %s is a report of this node's own, sent back: acknowledged, not stored", sop_uid, calling)
         return SUCCESS
     with spool.instance_lock(header.sop_instance_uid):
         return _store(spool, factory, received, header, calling, host)
+
+
+def _uid_text(value: object) -> str:
+    """A UID as compared: senders pad with a space or a NUL, or not."""
+    return "" if value is None else str(value).strip(" \0")
 
 
 def _one_of_ours(factory: sessionmaker[Session], ds: Dataset, header: InstanceHeader) -> bool:

@@ -19,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tqdm import tqdm
 
-from .dicomfile import Truncated, check_whole, read_elements, transfer_syntax
+from .dicomfile import TooLarge, Truncated, check_whole, read_elements, transfer_syntax
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ def _examine(path: Path) -> _File:
         check_whole(path, ds)
     except Truncated as exc:
         raise NotSendable(f"truncated: {exc}") from None
+    except TooLarge as exc:  # a receiver would refuse it: said, not passed over as "not DICOM"
+        raise NotSendable(str(exc)) from None
     except NotSendable:
         raise
     except Exception as exc:  # a corrupt body fails in many ways, each meaning "not DICOM"

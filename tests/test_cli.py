@@ -385,6 +385,19 @@ def test_send_refuses_a_file_cut_off_inside_its_pixel_data(node_from_file: tuple
     assert (node.spool.root / instance.path).stat().st_size == instance.size_bytes
 
 
+def test_send_names_a_deflated_file_too_large_to_send(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
+    # In a folder, it is said why it is not sent (not passed over as "not DICOM").
+    from tests.test_dicomfile import deflated_ct
+
+    node, _ = node_from_file
+    (tmp_path / "folder").mkdir()
+    bomb = deflated_ct(tmp_path / "folder" / "bomb.dcm", 16384, 16384)
+    result = run_cli(["send", str(bomb.parent), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"not sent: {bomb}: deflated data set inflates past 256 MiB" in result.stdout.splitlines()
+    assert all_instances(node) == []
+
+
 def test_send_refuses_a_file_cut_inside_an_element_header(node_from_file: tuple[Any, Path], tmp_path: Path) -> None:
     # Cut 4 bytes into Pixel Data's header, pydicom reads the rest without a
     # word: sent, the image would arrive without its pixels.

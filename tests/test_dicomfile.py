@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from ichnode.dicomfile import Truncated, check_whole, read_elements
+from ichnode.dicomfile import TooLarge, Truncated, check_whole, read_elements
 
 # An element after Pixel Data, out of tag order: (0009,0010) LO "ABCD".
 LATE_ELEMENT = bytes.fromhex("09001000") + b"LO" + (4).to_bytes(2, "little") + b"ABCD"
@@ -16,6 +22,32 @@ LATE_ELEMENT = bytes.fromhex("09001000") + b"LO" + (4).to_bytes(2, "little") + b
 
 def _check(path: Path) -> None:
     check_whole(path, read_elements(path))
+
+
+def deflated_ct(path: Path, rows: int, columns: int) -> Path:
+    """pydicom's small CT as a ``rows`` x ``columns`` image of zeros, as another
+    instance, deflated a piece at a time as a sender can stream it: 16384 x
+    16384 (512 MiB of pixels) takes 2.3 MB."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.Rows, ds.Columns = rows, columns
+    del ds.PixelData
+    elements = DicomBytesIO()
+    elements.is_little_endian, elements.is_implicit_VR = True, False
+    write_dataset(elements, ds)
+    pixel_bytes = rows * columns * 2
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(16 * 2**20)
+    with open(path, "wb") as f:
+        f.write(bytes(128) + b"DICM")
+        write_file_meta_info(f, ds.file_meta)
+        f.write(deflater.compress(elements.getvalue() + pixel_header))
+        for start in range(0, pixel_bytes, len(zeros)):
+            f.write(deflater.compress(zeros[: pixel_bytes - start]))
+        f.write(deflater.flush())
+    return path
 
 
 @pytest.mark.parametrize(
@@ -81,3 +113,21 @@ def test_one_data_set_in_another_encoding_is_the_same_and_any_change_is_not(tmp_
     pixels.PixelData = array.tobytes()
     pixels.save_as(tmp_path / "d.dcm", enforce_file_format=True)
     assert not same_data_set(tmp_path / "b.dcm", tmp_path / "d.dcm")
+
+
+def test_a_deflated_file_that_inflates_to_gbs_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    # Read whole, as pydicom reads a deflated data set, 2.3 MB would take 512 MiB.
+    bomb = deflated_ct(tmp_path / "bomb.dcm", 16384, 16384)
+    assert bomb.stat().st_size < 4 * 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge, match="^deflated data set inflates past 256 MiB$"):
+            read_elements(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
+    # A deflated image of a real size reads as before.
+    ds = read_elements(deflated_ct(tmp_path / "ct.dcm", 512, 512))
+    assert (ds.Rows, ds.Columns, ds.file_meta.TransferSyntaxUID) == (512, 512, DeflatedExplicitVRLittleEndian)
+    assert read_elements(Path(get_testdata_file("image_dfl.dcm"))).file_meta.TransferSyntaxUID.is_deflated

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -46,6 +47,7 @@ from tests.conftest import (
     wait_for,
     wait_series_state,
 )
+from tests.test_dicomfile import deflated_ct
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -82,7 +84,7 @@ def send_raw(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def store_one(port: int, path: Path, calling_ae: str = "TEST_SCU") -> Any:
     """C-STORE one file; the whole response (Status, ErrorComment)."""
-    meta = dcmread(path, stop_before_pixels=True).file_meta
+    meta = read_file_meta_info(path)  # not the data set: a deflated one is inflated whole to be read
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
@@ -766,6 +768,89 @@ def test_a_cut_off_file_sent_as_it_is_is_refused_and_the_stored_copy_kept(
     (row,) = all_instances(node)
     assert row.times_received == 1
     assert dcmread(node.spool.absolute(row.path)).PixelData == dcmread(good).PixelData
+
+
+def test_a_small_deflated_image_that_inflates_to_gbs_is_refused(
+    start_node: Any, send_raw: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 2.3 MB sent, 512 MiB once inflated: read whole, it would take that much
+    # of the node's memory (a larger one, all of it).
+    node = start_node()
+    response = store_one(node.port, deflated_ct(tmp_path / "bomb.dcm", 16384, 16384))
+    assert (response.Status, response.get("ErrorComment")) == (0xC000, "deflated data set inflates past 256 MiB")
+    assert_nothing_stored(node)
+    (warning,) = receiver_log(caplog, "WARNING")
+    assert "from TEST_SCU@127.0.0.1:" in warning and warning.endswith("deflated data set inflates past 256 MiB")
+    # The same image at a real size, deflated too, is stored.
+    assert store_one(node.port, deflated_ct(tmp_path / "ct.dcm", 512, 512)).Status == 0x0000
+    (instance,) = all_instances(node)
+    assert instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+
+
+def store_as_requested(port: int, ds: Any, **affected: str) -> Any:
+    """C-STORE ``ds`` under a command whose Affected SOP Class or Instance UID
+    (``AffectedSOPInstanceUID=...``) is not the data set's; the response."""
+    ae = AE(ae_title="ODD_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CT, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    send_msg = assoc.dimse.send_msg
+
+    def send_altered(primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_STORE):
+            for keyword, uid in affected.items():
+                setattr(primitive, keyword, uid)
+        send_msg(primitive, context_id)
+
+    assoc.dimse.send_msg = send_altered
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def test_a_c_store_naming_another_sop_class_than_its_data_set_is_refused(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As DCMTK's storescp answers it: a CT data set sent as an MR image.
+    node = start_node()
+    response = store_as_requested(node.port, dcmread(pydicom_file("CT_small.dcm")), AffectedSOPClassUID=MR)
+    refusal = (0xA900, "data set's SOPClassUID differs from the request's")
+    assert (response.Status, response.get("ErrorComment")) == refusal
+    assert_nothing_stored(node)
+    (warning,) = receiver_log(caplog, "WARNING")
+    assert "from ODD_SCU@127.0.0.1:" in warning and f"its data set is a {CT}, the request says {MR}" in warning
+
+
+def test_a_c_store_naming_another_instance_than_its_data_set_stores_it_under_its_own(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Some files' meta names another instance than their data set (the RSNA
+    # set); a sender that takes the C-STORE's UID from it is not refused: the
+    # image is filed under the UID a PACS files it under, and the log says so.
+    node = start_node()
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    asked = "1.2.826.0.1.3680043.8.498.99"
+    assert store_as_requested(node.port, ds, AffectedSOPInstanceUID=asked).Status == 0x0000
+    (instance,) = all_instances(node)
+    assert instance.sop_instance_uid == ds.SOPInstanceUID
+    (warning,) = receiver_log(caplog, "WARNING")
+    assert warning.startswith(f"{asked} from ODD_SCU@127.0.0.1:")
+    assert warning.endswith(f"is stored under its data set's SOP Instance UID {ds.SOPInstanceUID}")
+
+
+def test_a_data_set_without_its_sop_instance_uid_is_stored_under_the_requests(
+    start_node: Any, send_raw: None, tmp_path: Path
+) -> None:
+    # Nothing to differ from: the C-STORE's Affected SOP Instance UID names it.
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no-instance-uid.dcm")
+    node = start_node()
+    assert store_one(node.port, tmp_path / "no-instance-uid.dcm").Status == 0x0000
+    (instance,) = all_instances(node)
+    assert instance.sop_instance_uid == ds.file_meta.MediaStorageSOPInstanceUID
 
 
 def test_duplicate_sop_instance_keeps_the_newer_copy(start_node: Any, send_raw: None, tmp_path: Path) -> None:
