@@ -133,19 +133,21 @@ def _keep_files_private() -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and print the effective values (exit 1 on error).
 
-    Also checks the model (its card, its file) and that the Keras backend
-    ($KERAS_BACKEND, as this command sees it) is installed.
+    Also checks the model (its card, its file), that the Keras backend
+    ($KERAS_BACKEND, as this command sees it) is installed, and that a
+    database server answers and takes the URL's login. The database
+    password is printed as ***.
     """
     from .config import keras_backend, keras_backend_problem, model_path_problem
-    from .db import driver_problem
+    from .db import driver_problem, server_problem
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    driver = driver_problem(config.database.url)
-    problems = [model_path_problem(config), f"database.url: {driver}" if driver else None, keras_backend_problem()]
+    database = driver_problem(config.database.url) or server_problem(config.database.url)
+    problems = [model_path_problem(config), f"database.url: {database}" if database else None, keras_backend_problem()]
     problems = [problem for problem in problems if problem]
     if problems:
         click.echo("error: invalid configuration:\n  " + "\n  ".join(problems), err=True)
@@ -416,7 +418,7 @@ def _reading(config: Config, action: str = "read") -> Iterator[None]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
 
-    from .db import DatabaseUnreadable
+    from .db import DatabaseUnreadable, error_text
 
     try:
         yield
@@ -424,7 +426,7 @@ def _reading(config: Config, action: str = "read") -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
     except DBAPIError as exc:
         where = make_url(config.database.url).render_as_string(hide_password=True)
-        raise click.ClickException(f"cannot {action} the database {where}: {exc.orig}") from None
+        raise click.ClickException(f"cannot {action} the database {where}: {error_text(exc)}") from None
 
 
 @main.command()

@@ -303,7 +303,12 @@ class Config(_Section):
         )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The effective configuration as YAML, the database password hidden."""
+        from sqlalchemy.engine import make_url
+
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = make_url(self.database.url).render_as_string(hide_password=True)
+        return yaml.safe_dump(data, sort_keys=False)
 
     def report_addresses(self) -> set[tuple[str, str, int]]:
         """Where reports may go now: ``reports.destinations`` and, with

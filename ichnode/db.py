@@ -278,10 +278,31 @@ def make_engine(url: str) -> Engine:
     else:
         # A pooled connection a database server's restart left stale is replaced, not handed out to fail.
         kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = _server_timeouts(make_url(url))
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine
+
+
+# Bounded waits on a PostgreSQL server through libpq (psycopg, psycopg2): a
+# server that does not answer (a host gone, a network black hole) makes a
+# C-STORE fail in seconds, with a line in the log, instead of hanging the
+# association and the node's stop. Options in the URL take precedence.
+_LIBPQ_TIMEOUTS = {
+    "connect_timeout": 10,  # seconds
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,  # ms of data sent without acknowledgement
+}
+
+
+def _server_timeouts(url: Any) -> dict[str, Any]:
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}
+    return {key: value for key, value in _LIBPQ_TIMEOUTS.items() if key not in url.query}
 
 
 class DatabaseUnreadable(Exception):
@@ -300,6 +321,21 @@ def driver_problem(url: str) -> str | None:
     except (ImportError, NoSuchModuleError) as exc:
         return f"cannot load the driver for {parsed.drivername}: {exc}"
     return None
+
+
+def server_problem(url: str) -> str | None:
+    """Why a database server a URL names cannot be reached or logged in to
+    (None when it can, and for SQLite, whose file the node makes)."""
+    if make_url(url).get_backend_name() == "sqlite" or driver_problem(url):
+        return None
+    engine = make_engine(url)
+    try:
+        with engine.connect():
+            return None
+    except DBAPIError as exc:
+        return f"cannot connect: {error_text(exc)}"
+    finally:
+        engine.dispose()
 
 
 def open_node_database(url: str) -> Engine:
@@ -321,9 +357,14 @@ def open_node_database(url: str) -> Engine:
     except (SQLAlchemyError, NewerSchema, OSError) as exc:
         if engine is not None:
             engine.dispose()
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        # Drivers explain over several lines (PostgreSQL: "Is the server running ..."): one line in the log.
-        raise DatabaseUnreadable(f"cannot open the database {where}: {' '.join(str(reason).split())}") from None
+        raise DatabaseUnreadable(f"cannot open the database {where}: {error_text(exc)}") from None
+
+
+def error_text(exc: BaseException) -> str:
+    """A database error as one line: the driver's own message, which drivers
+    spread over several lines (PostgreSQL: "Is the server running ...")."""
+    reason = exc.orig if isinstance(exc, DBAPIError) else exc
+    return " ".join(str(reason).split())
 
 
 def open_existing(url: str) -> Engine:
@@ -360,7 +401,7 @@ def open_existing(url: str) -> Engine:
             tables = set(inspect(connection).get_table_names())
     except DBAPIError as exc:
         engine.dispose()
-        raise DatabaseUnreadable(f"cannot read the database {where}: {exc.orig}") from None
+        raise DatabaseUnreadable(f"cannot read the database {where}: {error_text(exc)}") from None
     missing = sorted(set(Base.metadata.tables) - tables)
     if missing:
         engine.dispose()
@@ -402,10 +443,18 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Any number of PostgreSQL's shared advisory locks: the one ichnode takes to set up its tables.
+_SCHEMA_LOCK = 0x1C4D0DE
+
+
 def init_db(engine: Engine) -> None:
     """Create missing tables and record the schema version; refuse a newer schema."""
-    Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
+        if engine.dialect.name == "postgresql":
+            # Processes started together (stages run as separate services)
+            # take turns: PostgreSQL does not serialise two CREATE TABLEs.
+            session.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        Base.metadata.create_all(session.connection())
         row = session.get(Meta, "schema_version")
         if session.get(Meta, "installation") is None:
             # A new database gets its own; one made before there was an

@@ -24,7 +24,9 @@ its own reports; it gets no second batch while one is under way.
 The claim is a conditional update, so two dispatchers on one database never
 send the same delivery, and a failure is recorded only on a row still
 ``sending``: a report superseded during its C-STORE stays superseded. A
-Success is recorded whatever the state: the PACS holds the object.
+Success is recorded whatever the state: the PACS holds the object. One the
+database fails to record stays ``sending`` (no other round claims it) and is
+recorded at the start of the next round, never sent again.
 """
 
 from __future__ import annotations
@@ -240,6 +242,9 @@ class Dispatcher:
         # Claimed deliveries whose failed try the database refused to record:
         # queued again at the next round's start, not left sending.
         self._put_back: list[int] = []
+        # Deliveries the PACS stored whose success the database refused to
+        # record: recorded at the next round's start, never sent again.
+        self._acknowledged: list[db.Delivery] = []
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -262,6 +267,8 @@ class Dispatcher:
         and start sending them, one thread per destination; returns without waiting."""
         now = now or db.utcnow()
         with self._lock:
+            if not self._record_acknowledged():
+                return []  # sending more while successes cannot be recorded would only add to them
             self._put_back_claims()
             started = []
             for destination, group in groupby(self._due(now), key=_destination):
@@ -302,7 +309,11 @@ class Dispatcher:
             return self._send_to(*destination, claimed)
         except Exception as exc:  # none may stay sending until a restart
             logger.exception("sending to %s@%s:%d failed", *destination)
+            with self._lock:
+                acknowledged = {d.id for d in self._acknowledged}
             for delivery in claimed:
+                if delivery.id in acknowledged:  # the PACS holds it: to be recorded sent, not tried again
+                    continue
                 try:
                     self._failed(delivery, f"sending failed: {exc!r}")
                 except Exception:
@@ -310,6 +321,18 @@ class Dispatcher:
                     with self._lock:
                         self._put_back.append(delivery.id)
             return 0
+
+    def _record_acknowledged(self) -> bool:
+        """Record as sent the deliveries stored by the PACS that the database failed to record;
+        False if it fails again."""
+        while self._acknowledged:
+            try:
+                self._sent(self._acknowledged[0])
+            except Exception as exc:
+                logger.warning("recording %d stored reports as sent failed again: %r", len(self._acknowledged), exc)
+                return False
+            self._acknowledged.pop(0)
+        return True
 
     def _put_back_claims(self) -> None:
         """Deliveries left sending by a round that could not record their failure go back to queued."""
@@ -387,7 +410,7 @@ class Dispatcher:
                     continue
                 status = int(response.Status) if response is not None and "Status" in response else None
                 if status == 0x0000:
-                    self._sent(delivery)
+                    self._sent_or_keep(delivery)
                     sent += 1
                 else:
                     shown = "no response" if status is None else f"0x{status:04X} ({status_category(status)})"
@@ -405,6 +428,19 @@ class Dispatcher:
         with self.sessions() as session:
             return session.scalar(select(db.Delivery.state).where(db.Delivery.id == delivery.id)) == db.SENDING
 
+    def _sent_or_keep(self, delivery: db.Delivery) -> None:
+        """Record a Success; if the database fails, keep the delivery to record at the next round."""
+        try:
+            self._sent(delivery)
+        except Exception:
+            logger.exception(
+                "%s was stored by %s but recording it failed; it is recorded, not sent again, at the next round",
+                delivery.sop_instance_uid,
+                delivery.ae_title,
+            )
+            with self._lock:
+                self._acknowledged.append(delivery)
+
     def _sent(self, delivery: db.Delivery) -> None:
         # Whatever the state now (even superseded meanwhile): the PACS holds it.
         with db.transaction(self.sessions) as session:
@@ -414,7 +450,12 @@ class Dispatcher:
                 .values(state=db.SENT, sent_at=db.utcnow(), attempts=delivery.attempts + 1, last_error=None)
             )
         logger.info(
-            "delivered %s %s to %s@%s:%d", delivery.kind, delivery.sop_instance_uid, delivery.ae_title, delivery.host, delivery.port
+            "delivered %s %s to %s@%s:%d",
+            delivery.kind,
+            delivery.sop_instance_uid,
+            delivery.ae_title,
+            delivery.host,
+            delivery.port,
         )
 
     def _failed(self, delivery: db.Delivery, error: str, *, final: bool = False) -> None:
@@ -437,7 +478,13 @@ class Dispatcher:
         if not recorded:
             logger.info("%s to %s superseded during a failed try: %s", delivery.sop_instance_uid, destination, error)
         elif dead:
-            logger.error("gave up delivering %s to %s after %d attempts: %s", delivery.sop_instance_uid, destination, attempts, error)
+            logger.error(
+                "gave up delivering %s to %s after %d attempts: %s",
+                delivery.sop_instance_uid,
+                destination,
+                attempts,
+                error,
+            )
         else:
             logger.warning(
                 "delivery of %s to %s failed (attempt %d): %s; next try at %s",

@@ -112,8 +112,10 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     card_format: int = CARD_FORMAT
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
+    # At most what every result row holds of them (db.SeriesResult): a server
+    # database refuses longer values, and no result could be recorded.
+    name: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
     labels: tuple[str, ...]
     input_size: tuple[int, int]
     windows: tuple[tuple[float, float], ...] = Field(min_length=1)

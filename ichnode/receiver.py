@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
@@ -548,7 +549,13 @@ def _spool_write_failed(sop_uid: str, calling: str, exc: OSError) -> Dataset:
 
 
 def _database_failed(sop_uid: str, exc: Exception) -> Dataset:
-    logger.exception("cannot record %s in the database", sop_uid)
+    if isinstance(exc, DataError):  # a value the database will never take: sent again, it fails again
+        logger.warning("refusing %s: the database refuses a value of it: %s", sop_uid, db.error_text(exc))
+        return _failure(CANNOT_UNDERSTAND, f"database refuses a value: {type(exc.orig).__name__}")
+    if isinstance(exc, OperationalError):  # unreachable or locked: one line per image, not a traceback
+        logger.warning("cannot record %s in the database: %s", sop_uid, db.error_text(exc))
+    else:
+        logger.exception("cannot record %s in the database", sop_uid)
     return _failure(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}")
 
 

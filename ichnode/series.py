@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from sqlalchemy import Connection, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,41 +49,58 @@ class InstanceHeader:
         and are used when the dataset lacks them (RSNA files keep the SOP Class
         UID only in the file meta).
         """
-        study = _text(ds.get("StudyInstanceUID"))
-        series = _text(ds.get("SeriesInstanceUID"))
-        if not study:
-            raise ValueError("StudyInstanceUID (0020,000D) is missing or empty")
-        if not series:
-            raise ValueError("SeriesInstanceUID (0020,000E) is missing or empty")
         meta = getattr(ds, "file_meta", Dataset())
+        uids = {
+            "SOPInstanceUID": _text(ds.get("SOPInstanceUID")) or sop_instance_uid,
+            "SOPClassUID": _text(ds.get("SOPClassUID")) or sop_class_uid,
+            "StudyInstanceUID": _text(ds.get("StudyInstanceUID")),
+            "SeriesInstanceUID": _text(ds.get("SeriesInstanceUID")),
+        }
+        for keyword, uid in uids.items():
+            if not uid:
+                raise ValueError(f"{keyword} ({Tag(keyword)}) is missing or empty")
+            # A UID cut to fit would be another image's: refused, not clipped.
+            if len(uid) > _UID_LENGTH:
+                raise ValueError(f"{keyword} is {len(uid)} characters, more than {_UID_LENGTH}")
+        # Free text is cut to what its column holds: a server database
+        # (PostgreSQL) refuses longer values, where SQLite would keep them.
+        columns = db.Series.__table__.c
         return cls(
-            sop_instance_uid=_text(ds.get("SOPInstanceUID")) or sop_instance_uid,
-            sop_class_uid=_text(ds.get("SOPClassUID")) or sop_class_uid,
-            study_uid=study,
-            series_uid=series,
-            transfer_syntax_uid=_text(meta.get("TransferSyntaxUID")) or "",
-            modality=_text(ds.get("Modality")),
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            transfer_syntax_uid=_text(meta.get("TransferSyntaxUID"), _UID_LENGTH) or "",
+            modality=_text(ds.get("Modality"), columns.modality.type.length),
             instance_number=_int(ds.get("InstanceNumber")),
-            patient_id=_text(ds.get("PatientID")),
-            accession_number=_text(ds.get("AccessionNumber")),
-            series_number=_text(ds.get("SeriesNumber")),
-            series_description=_text(ds.get("SeriesDescription")),
-            body_part=_text(ds.get("BodyPartExamined")),
+            patient_id=_text(ds.get("PatientID"), columns.patient_id.type.length),
+            accession_number=_text(ds.get("AccessionNumber"), columns.accession_number.type.length),
+            series_number=_text(ds.get("SeriesNumber"), columns.series_number.type.length),
+            series_description=_text(ds.get("SeriesDescription"), columns.series_description.type.length),
+            body_part=_text(ds.get("BodyPartExamined"), columns.body_part.type.length),
         )
 
 
-def _text(value: object) -> str | None:
+# What the UID columns hold: twice a valid UID's 64, for the non-conformant.
+_UID_LENGTH = 128
+# What an Integer column holds on every database.
+_INT_RANGE = range(-(2**31), 2**31)
+
+
+def _text(value: object, limit: int | None = None) -> str | None:
+    """Stripped text without NULs (a server database refuses them), at most ``limit`` characters."""
     if value is None:
         return None
-    text = str(value).strip().strip("\x00")
-    return text or None
+    text = str(value).replace("\x00", "").strip()
+    return text[:limit] or None
 
 
 def _int(value: object) -> int | None:
     try:
-        return int(str(value)) if value not in (None, "") else None
+        number = int(str(value)) if value not in (None, "") else None
     except ValueError:
         return None
+    return number if number is None or number in _INT_RANGE else None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from . import db
 from .config import Config
@@ -141,6 +142,8 @@ class Node:
         # Jobs running now (see _run_job); stop waits for them to finish.
         self._running_jobs = 0
         self._jobs_idle = threading.Condition()
+        self._database_lock = threading.Lock()
+        self._database_down_since: float | None = None
 
     @property
     def port(self) -> int:
@@ -240,11 +243,35 @@ class Node:
                 return None  # queued before the stop, started after it
             self._running_jobs += 1
         try:
-            return func()
+            result = func()
+        except OperationalError as exc:
+            self._database_failed(exc)
+            return None
         finally:
             with self._jobs_idle:
                 self._running_jobs -= 1
                 self._jobs_idle.notify_all()
+        self._database_answered()
+        return result
+
+    # A database that does not answer (a server down for an hour) fails every
+    # stage at every tick: one line when it starts and one when it ends, not
+    # a traceback per stage per second.
+    def _database_failed(self, exc: OperationalError) -> None:
+        with self._database_lock:
+            first = self._database_down_since is None
+            if first:
+                self._database_down_since = time.monotonic()
+        if first:
+            logger.warning("the database fails (%s); every stage tries again at each tick", db.error_text(exc))
+        else:
+            logger.debug("the database still fails: %s", db.error_text(exc))
+
+    def _database_answered(self) -> None:
+        with self._database_lock:
+            since, self._database_down_since = self._database_down_since, None
+        if since is not None:
+            logger.info("the database answers again, after %.0f s", time.monotonic() - since)
 
     def _wake(self, job_id: str) -> None:
         """Run a job now rather than at its next tick (the next stage has work)."""

@@ -616,13 +616,19 @@ class Worker:
             self._fail_or_keep(item, reason)
 
     def _fail_or_keep(self, item: ClaimedSeries, reason: str) -> None:
-        """:meth:`_fail`; where even that cannot be recorded (the database
-        failing), the series is kept to be put back at the next round's start."""
+        """:meth:`_fail`; where even that cannot be recorded for want of the
+        database, the series is kept to be put back at the next round's start.
+        Any other error would recur at every try: the series is only marked
+        failed, without a result."""
         try:
             self._fail(item, reason)
-        except Exception:
+        except OperationalError:
             logger.exception("recording series %s failed did not succeed either; it is scored again", item.series_uid)
             self._put_back.append(item)
+        except Exception:
+            logger.exception("recording series %s failed did not succeed either; it is left failed", item.series_uid)
+            with db.transaction(self.sessions) as session:
+                session.execute(update(db.Series).where(*_as_claimed(item)).values(state=db.FAILED))
 
     def _put_back_series(self) -> None:
         """Series kept to be scored again (see ``_put_back``) go back to complete."""

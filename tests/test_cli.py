@@ -588,8 +588,8 @@ def _newer_schema(path: Path) -> None:
 
 
 def test_serve_names_a_database_it_cannot_open(tmp_path: Path) -> None:
-    # A server URL: its driver is not installed here (psycopg is no dependency) or,
-    # where it is, nothing listens on the port. Either way: one line, password hidden.
+    # A server URL where nothing listens on the port (or, without psycopg, its
+    # driver not installed). Either way: one line, password hidden.
     port = free_port()
     server = f"postgresql+psycopg://ichnode:s3cret@127.0.0.1:{port}/ichnode"
     not_sqlite = tmp_path / "not-sqlite.db"
@@ -611,10 +611,38 @@ def test_serve_names_a_database_it_cannot_open(tmp_path: Path) -> None:
         assert not (tmp_path / "spool").exists()  # nothing was set up
 
 
+def test_check_config_names_a_database_server_it_cannot_reach_and_hides_the_password(tmp_path: Path) -> None:
+    # As serve would fail on it, check-config says so, before the node is started.
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://ichnode:s3cret@127.0.0.1:{free_port()}/ichnode"
+    path = write_config(tmp_path / "node.yaml", {"database": {"url": url}})
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 1
+    heading, problem = result.stderr.splitlines()
+    assert heading == "error: invalid configuration:"
+    assert problem.startswith("  database.url: cannot connect: ") and "refused" in problem, problem
+    assert "s3cret" not in result.stderr + result.stdout
+    from ichnode.config import load_config
+
+    assert "url: postgresql+psycopg://ichnode:***@127.0.0.1:" in load_config(path).to_yaml()
+
+
+def test_serve_gives_up_on_a_database_server_that_does_not_answer(tmp_path: Path, silent_port: int) -> None:
+    # Packets dropped (a host gone, a firewall): a bounded wait, then one line.
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://ichnode@127.0.0.1:{silent_port}/ichnode"
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path, port=free_port(), database={"url": url}))
+    started = time.monotonic()
+    result = run_cli(["serve", "--config", str(path), "--components", "receiver"], timeout=60)
+    assert result.returncode == 1 and time.monotonic() - started < 40
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"Error: cannot start: cannot open the database {url}: ") and "timeout" in line, line
+
+
 @pytest.mark.parametrize(
     ("url", "driver"),
-    [("postgresql+psycopg://ichnode@db.example/ichnode", "psycopg"), ("postgresql+nodriver://x@h/x", None)],
-    ids=["psycopg not installed", "no such driver"],
+    [("mysql+mysqldb://ichnode@db.example/ichnode", "MySQLdb"), ("postgresql+nodriver://x@h/x", None)],
+    ids=["mysqlclient not installed", "no such driver"],
 )
 def test_check_config_names_a_database_driver_that_is_not_installed(
     tmp_path: Path, url: str, driver: str | None

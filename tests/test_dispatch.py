@@ -32,7 +32,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import evt
-from sqlalchemy import update
+from sqlalchemy import event, update
+from sqlalchemy.exc import OperationalError
 
 from ichnode import db
 from ichnode.config import RetryConfig, parse_config
@@ -442,7 +443,8 @@ def test_two_dispatchers_on_one_database_send_each_delivery_once(tmp_path: Path)
     engine, sessions, spool = _queue(tmp_path, 4, port)
     pacs = _SlowPacs().start(port)
     # Two processes' worth: each dispatcher on its own engine.
-    other_engine = db.make_engine(str(engine.url))
+    # str(url) hides the password: a server database would refuse the second login.
+    other_engine = db.make_engine(engine.url.render_as_string(hide_password=False))
     dispatchers = [
         Dispatcher(factory, spool, RetryConfig(), calling_ae="ICHNODE", timeout=10)
         for factory in (sessions, db.session_factory(other_engine))
@@ -537,8 +539,6 @@ def test_of_a_batch_left_sending_only_the_report_on_the_wire_is_charged(tmp_path
 
 
 def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(tmp_path: Path) -> None:
-    from sqlalchemy.exc import OperationalError
-
     engine, sessions, spool = _queue(tmp_path, 2, free_port())  # nobody listens there
     dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
     failed = dispatcher._failed
@@ -554,6 +554,63 @@ def test_a_failed_try_the_database_refuses_to_record_is_queued_again_next_round(
         assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
         assert [(r.state, r.attempts) for r in deliveries(sessions)] == [(db.QUEUED, 1)] * 2
     finally:
+        engine.dispose()
+
+
+class _DatabaseOutage:
+    """The database of ``engine`` fails from the first time a delivery is recorded sent,
+    for ``statements`` statements, or, with None, until :meth:`end`."""
+
+    def __init__(self, engine: Any, statements: int | None) -> None:
+        self.engine = engine
+        self.statements = statements
+        self.failed = 0
+        self.ended = False
+        event.listen(engine, "before_cursor_execute", self._execute)
+
+    def _execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        starts = statement.startswith("UPDATE delivery SET state") and "sent_at" in statement
+        if self.ended or not (self.failed or starts) or self.failed == self.statements:
+            return
+        self.failed += 1
+        raise OperationalError(statement, {}, Exception("disk I/O error"))
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            event.remove(self.engine, "before_cursor_execute", self._execute)
+
+
+@pytest.mark.parametrize(
+    "statements, stored_in_the_first_round",
+    [(1, 2), (2, 1), (None, 1)],
+    ids=["for-that-update", "for-that-update-and-the-next", "for-the-rest-of-the-round"],
+)
+def test_a_report_stored_while_the_database_fails_is_recorded_sent_and_not_sent_again(
+    tmp_path: Path, recorder, statements: int | None, stored_in_the_first_round: int
+) -> None:
+    pacs = recorder()
+    engine, sessions, spool = _queue(tmp_path, 2, pacs.port)
+    first, second = (r.sop_instance_uid for r in deliveries(sessions))
+    dispatcher = Dispatcher(sessions, spool, RetryConfig(), calling_ae="ICHNODE", timeout=5)
+    outage = _DatabaseOutage(engine, statements)
+    try:
+        dispatcher.run_once()  # the PACS stores the first report; recording that fails
+        assert outage.failed, "the database did not fail"
+        if statements is None:  # a round while it is still down sends and claims nothing
+            assert dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1)) == 0
+        outage.end()
+        assert [r.sop_instance_uid for r in pacs.stored()] == [first, second][:stored_in_the_first_round]
+        # Not queued again: no round, of this dispatcher or another, sends it a second time.
+        assert deliveries(sessions)[0].state == db.SENDING
+
+        dispatcher.run_once(now=db.utcnow() + dt.timedelta(days=1))  # whatever backoff was recorded is over
+        assert pacs.stored_counts() == {first: 1, second: 1}
+        rows = deliveries(sessions)
+        assert [r.state for r in rows] == [db.SENT, db.SENT]
+        assert rows[0].attempts == 1 and rows[0].last_error is None
+    finally:
+        outage.end()
         engine.dispose()
 
 
@@ -732,8 +789,6 @@ def test_requeue_takes_one_destination_and_leaves_what_cannot_be_sent(tmp_path: 
 
 def test_requeue_leaves_dead_a_letter_whose_result_is_superseded_while_it_looks(tmp_path: Path) -> None:
     # The worker stores a newer result between requeue's check and its update.
-    from sqlalchemy import event
-
     from ichnode.dispatch import requeue_dead
 
     engine, sessions, spool = _queue(tmp_path, 1, 104)

@@ -101,6 +101,9 @@ def test_card_round_trip(tmp_path):
         ({"series_aggregation": "median"}, "series_aggregation"),
         ({"disclaimer": ""}, "disclaimer"),
         ({"surprise": 1}, "surprise"),
+        # Past what a result row holds: no result of the model could be recorded.
+        ({"version": "2026.11.28-finetune-siteA-head-ct-thin-slices-ablation-run17-seed3"}, "version"),
+        ({"name": "n" * 129}, "name"),
     ],
 )
 def test_invalid_card_names_the_field(tmp_path, overrides, field):

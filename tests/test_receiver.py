@@ -233,6 +233,33 @@ def test_rsna_series_with_nonconforming_uids_is_accepted(start_node: Any) -> Non
         assert received.PixelData == dcmread(by_uid[instance.sop_instance_uid]).PixelData
 
 
+def test_header_values_past_what_the_database_holds_are_cut_and_the_image_stored(
+    start_node: Any, tmp_path: Path
+) -> None:
+    # Free text longer than its column, an Instance Number no integer column
+    # holds, a NUL inside an ID: SQLite keeps them, a server database refuses
+    # them; the image is stored on every database, with what fits.
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.SeriesDescription, ds.AccessionNumber = "D" * 140, "A" * 70
+    ds.InstanceNumber, ds.PatientID = "20240101001", "PAT\x00123"
+    node = start_node()
+    assert store_files(node.port, [ds]) == [0x0000]
+    (series,) = all_series(node)
+    assert (series.series_description, series.accession_number, series.patient_id) == ("D" * 128, "A" * 64, "PAT123")
+    (instance,) = all_instances(node)
+    assert instance.instance_number is None
+
+
+def test_a_uid_longer_than_the_database_holds_is_refused_not_cut() -> None:
+    # Cut, it could be another image's UID.
+    from ichnode.series import InstanceHeader
+
+    ds = dcmread(pydicom_file("CT_small.dcm"), stop_before_pixels=True)
+    ds.SeriesInstanceUID = "1." * 70
+    with pytest.raises(ValueError, match="^SeriesInstanceUID is 140 characters, more than 128$"):
+        InstanceHeader.from_dataset(ds, sop_class_uid=CT, sop_instance_uid=str(ds.SOPInstanceUID))
+
+
 # -- transfer syntaxes -------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "syntax", "sop_class"),

@@ -196,6 +196,36 @@ def test_non_conformant_uids_do_not_flood_the_log_of_the_helpers_building_report
     assert "UserWarning" not in log
 
 
+def test_a_database_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    start_node: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database server down for an hour fails every stage at every tick
+    # (0.1 s here): two lines in the log, not a traceback per stage per tick.
+    import logging
+    import time
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    node = start_node()
+    working = node.sessions
+    with caplog.at_level(logging.INFO):
+        node.sessions = sessionmaker(create_engine(f"sqlite:///{tmp_path}/no/such/folder/ichnode.db"))
+        wait_for(lambda: "the database fails" in caplog.text, timeout=10, message="the outage logged")
+        time.sleep(1.0)  # ten more failing ticks
+        node.sessions = working
+        wait_for(lambda: "the database answers again" in caplog.text, timeout=10, message="the recovery logged")
+    ours = [r for r in caplog.records if r.name.startswith("ichnode") and r.levelno >= logging.INFO]
+    assert [(r.levelname, r.getMessage().split(" (")[0].split(",")[0]) for r in ours] == [
+        ("WARNING", "the database fails"),
+        ("INFO", "the database answers again"),
+    ]
+    assert ours[0].getMessage() == (
+        "the database fails (unable to open database file); every stage tries again at each tick"
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 def test_the_system_clock_set_back_holds_no_stage_back(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # An NTP correction or a restored virtual machine steps the wall clock
     # back: the scheduler's next ticks, and a series' last receipt, then lie

@@ -585,6 +585,29 @@ def test_an_outcome_the_database_refuses_is_scored_again_next_round(nodes: Nodes
     assert (result.version, result.status, result.slice_count) == (1, db.SCORED, len(series.datasets))
 
 
+def test_an_outcome_the_database_can_never_take_leaves_the_series_failed_not_scored_for_ever(nodes: Nodes) -> None:
+    # A value the database refuses (a column too short on a server database)
+    # would be refused at every try: the series ends failed, not put back.
+    from sqlalchemy.exc import DataError
+
+    series = phantom(57)
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, series)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise DataError("INSERT INTO series_result", {}, Exception("value too long for type character varying(64)"))
+
+    worker._finish = worker._fail = refused
+    try:
+        assert worker.run_once() == 1
+        assert worker.run_once() == 0  # not put back
+    finally:
+        worker.close()
+    assert results_of(receiver.sessions, series_uid) == []
+    wait_series_state(receiver, series_uid, db.FAILED)
+
+
 def _store_complete(receiver: Any, series: Any) -> None:
     """Send ``series`` to ``receiver`` and wait until it is complete."""
     assert store_files(receiver.port, series.datasets) == [0x0000] * len(series.datasets)
