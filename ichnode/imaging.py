@@ -25,6 +25,9 @@ Limitations
   and :func:`preprocess_series` handle single-frame datasets only (one
   dataset per slice), which is what head CT series are sent as.
 - Only single-sample (grayscale) images are accepted.
+- Images that cannot be a CT slice raise ValueError (the node quarantines
+  the slice, training leaves it out): see :func:`to_hu` and
+  :func:`slice_normal`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ from pydicom.pixels import pixel_array as _decode_pixels
 __all__ = [
     "AIR_HU",
     "DEFAULT_WINDOWS",
+    "MAX_IMPLAUSIBLE_FRACTION",
+    "MAX_ROWS_COLUMNS",
+    "ORIENTATION_TOLERANCE",
+    "PLAUSIBLE_HU",
     "PREPROCESSING_VERSION",
     "PADDING_HU_THRESHOLD",
     "apply_windows",
@@ -77,7 +84,8 @@ AIR_HU = -1024.0
 #: Bumped whenever :func:`preprocess_slice` gives other values for the same
 #: input: caches of preprocessed slices (``training/``) made before are stale.
 #: 2: slices of another aspect ratio than the model input padded with air.
-PREPROCESSING_VERSION = 2
+#: 3: slices with implausible HU, a RescaleSlope <= 0 or a Modality LUT refused.
+PREPROCESSING_VERSION = 3
 
 #: HU values strictly below this are out-of-field padding (no tissue or air
 #: is that dense-less); scanners pad with e.g. -2000 or -3024 after rescale.
@@ -88,6 +96,23 @@ PADDING_HU_THRESHOLD = -1500.0
 _FIX_OFFSET = 1000
 _FIX_MODULUS = 4096
 _FIX_INTERCEPT = -1000.0
+
+#: Rows or Columns beyond this are refused before decoding: CT reconstructs
+#: 512 to 1024 pixels a side, and a larger image would take GBs to decode.
+MAX_ROWS_COLUMNS = 4096
+
+#: HU that real CT gives in its field of view (air -1000 with noise, up to
+#: the 12-bit scale's 3071 and a margin for dense bone or metal).
+PLAUSIBLE_HU = (-1100.0, 3100.0)
+
+#: A slice with more of its field of view outside :data:`PLAUSIBLE_HU` is
+#: refused.  Real series have none there; signed data read as unsigned
+#: (air at ~64500) has about half or more.
+MAX_IMPLAUSIBLE_FRACTION = 0.25
+
+#: Row and column cosines must be unit vectors and orthogonal within this
+#: (scanners write them rounded, e.g. to 6 decimals).
+ORIENTATION_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +218,12 @@ def rescale_parameters(ds: Dataset, frame: int = 0) -> tuple[float, float]:
     tuple[float, float]
         Slope (1 when absent) and intercept (0 when absent), as written in
         the header; the RSNA fix (:func:`fix_bad_intercept`) is not applied.
+
+    Raises
+    ------
+    ValueError
+        If either is not a finite number, or the slope is not positive (a
+        slope of 0 would make every pixel one value).
     """
     _check_dataset(ds)
     source: Dataset | None = ds
@@ -200,10 +231,10 @@ def rescale_parameters(ds: Dataset, frame: int = 0) -> tuple[float, float]:
         source = _from_functional_groups(ds, "PixelValueTransformationSequence", frame)
     if source is None:
         return 1.0, 0.0
-    return (
-        _first_float(source.get("RescaleSlope"), 1.0, "RescaleSlope"),
-        _first_float(source.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
-    )
+    slope = _first_float(source.get("RescaleSlope"), 1.0, "RescaleSlope")
+    if slope <= 0:
+        raise ValueError(f"Attribute RescaleSlope must be positive, got {slope:g}")
+    return slope, _first_float(source.get("RescaleIntercept"), 0.0, "RescaleIntercept")
 
 
 def header_windows(ds: Dataset) -> tuple[tuple[float, float], ...]:
@@ -324,7 +355,21 @@ def _decode_frame(ds: Dataset, frame: int | None) -> np.ndarray:
     if samples != 1:
         raise ValueError(f"Only grayscale images are supported, got SamplesPerPixel {samples}")
     if "PixelData" not in ds:
+        for keyword in ("FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                raise ValueError(f"{keyword} is not supported: CT images hold integer Pixel Data (7FE0,0010)")
         raise ValueError("Dataset has no PixelData (7FE0,0010)")
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    for keyword, value in (("Rows", rows), ("Columns", columns)):
+        if not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"Attribute {keyword} must be a positive integer, got {value!r}")
+    if max(rows, columns) > MAX_ROWS_COLUMNS:
+        # Checked before decoding, which would take memory in proportion.
+        raise ValueError(
+            f"Image of {rows} x {columns} pixels not decoded: larger than CT produces "
+            f"(at most {MAX_ROWS_COLUMNS} rows and columns)"
+        )
+    _check_native_length(ds, rows, columns, n_frames)
     # pydicom.pixels.pixel_array decodes without caching the array on the
     # dataset (a series keeps ~300 datasets alive) and can pick one frame.
     if n_frames > 1:
@@ -336,6 +381,23 @@ def _decode_frame(ds: Dataset, frame: int | None) -> np.ndarray:
     if pixels.ndim != 2:
         raise ValueError(f"Expected a 2-D frame, decoded an array of shape {pixels.shape}")
     return pixels
+
+
+def _check_native_length(ds: Dataset, rows: int, columns: int, n_frames: int) -> None:
+    """Uncompressed Pixel Data must hold the pixels the header declares
+    (pydicom would otherwise decode them into a wrong shape, or fail vaguely)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    bits = ds.get("BitsAllocated")
+    if syntax is None or syntax.is_encapsulated or not isinstance(bits, numbers.Integral) or bits < 1:
+        return  # left to the decoder
+    expected = (rows * columns * n_frames * bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + expected % 2):  # a value of odd length is padded to even
+        frames = f" x {n_frames} frames" if n_frames > 1 else ""
+        raise ValueError(
+            f"Pixel Data holds {actual} bytes, but Rows x Columns x BitsAllocated/8 "
+            f"({rows} x {columns} x {bits}/8{frames}) needs {expected}"
+        )
 
 
 def _padding_mask(ds: Dataset, pixels: np.ndarray) -> np.ndarray | None:
@@ -368,6 +430,13 @@ def to_hu(ds: Dataset, *, frame: int | None = None, fix_intercept: bool = True) 
     -2000 or -3024), is set to :data:`AIR_HU`.  Compressed transfer syntaxes
     are decoded by pydicom's installed plugins.
 
+    The result must look like CT: an image whose field of view (the pixels
+    that are not padding) holds one value only, or more than
+    :data:`MAX_IMPLAUSIBLE_FRACTION` of it outside :data:`PLAUSIBLE_HU`, is
+    refused, as is one with a Modality LUT Sequence: its output is unsigned
+    (PS3.3 C.11.1.1.1), so it cannot hold the negative HU of air and fat,
+    and CT gives HU by RescaleSlope and RescaleIntercept.
+
     Parameters
     ----------
     ds : pydicom.Dataset
@@ -385,10 +454,17 @@ def to_hu(ds: Dataset, *, frame: int | None = None, fix_intercept: bool = True) 
     Raises
     ------
     ValueError
-        If the image is multi-sample, multi-frame without ``frame``, has no
-        pixel data or invalid rescale values.
+        If the image is multi-sample, multi-frame without ``frame``, larger
+        than :data:`MAX_ROWS_COLUMNS`, has no (integer) pixel data, Pixel
+        Data of another length than the header declares, invalid rescale
+        values, a Modality LUT, or HU that are not plausible CT.
     """
     _check_dataset(ds)
+    if ds.get("ModalityLUTSequence"):
+        raise ValueError(
+            "ModalityLUTSequence is not supported: its output is unsigned and cannot hold "
+            "negative HU (CT gives HU by RescaleSlope and RescaleIntercept)"
+        )
     pixels = _decode_frame(ds, frame)
     index = 0 if frame is None else int(frame)
     slope, intercept = rescale_parameters(ds, index)
@@ -400,10 +476,34 @@ def to_hu(ds: Dataset, *, frame: int | None = None, fix_intercept: bool = True) 
         hu *= np.float32(slope)
     if intercept != 0.0:
         hu += np.float32(intercept)
+    padding = hu < PADDING_HU_THRESHOLD
     if pad_mask is not None:
-        np.copyto(hu, np.float32(AIR_HU), where=pad_mask)
-    np.copyto(hu, np.float32(AIR_HU), where=hu < PADDING_HU_THRESHOLD)
+        padding |= pad_mask
+    np.copyto(hu, np.float32(AIR_HU), where=padding)
+    _check_plausible(hu, padding)
     return hu
+
+
+def _check_plausible(hu: np.ndarray, padding: np.ndarray) -> None:
+    """Refuse HU that no CT gives: a blank image (a slope of 0, a constant
+    frame) or much of the field of view out of range (signed data declared
+    unsigned, a wrong rescale), which the model would score as if real."""
+    in_field = ~padding
+    n_field = int(np.count_nonzero(in_field))
+    if n_field == 0:
+        raise ValueError("Image is blank: every pixel is padding (outside the field of view)")
+    low = float(np.min(hu, where=in_field, initial=np.inf))
+    high = float(np.max(hu, where=in_field, initial=-np.inf))
+    if low == high:
+        raise ValueError(f"Image is blank: every pixel in its field of view is {low:g} HU")
+    # Padding is AIR_HU by now, inside the range: only the field counts.
+    outside = int(np.count_nonzero((hu < PLAUSIBLE_HU[0]) | (hu > PLAUSIBLE_HU[1])))
+    if outside > MAX_IMPLAUSIBLE_FRACTION * n_field:
+        raise ValueError(
+            f"HU not plausible for CT: {outside / n_field:.0%} of the field of view is outside "
+            f"[{PLAUSIBLE_HU[0]:g}, {PLAUSIBLE_HU[1]:g}] (values {low:g} to {high:g}); "
+            "a wrong PixelRepresentation or rescale?"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -468,16 +568,37 @@ def slice_normal(ds: Dataset) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ImageOrientationPatient is missing, malformed or degenerate.
+        If ImageOrientationPatient is missing or malformed, or its row and
+        column cosines are not unit vectors at right angles (within
+        :data:`ORIENTATION_TOLERANCE`): a sheared or scaled plane is no
+        slice geometry, and normalising it would hide that.
     """
     _check_dataset(ds)
     iop = _vector(ds, "ImageOrientationPatient", 6).tolist()
     r0, r1, r2, c0, c1, c2 = iop
+    row_length, column_length = math.hypot(r0, r1, r2), math.hypot(c0, c1, c2)
+    if max(abs(row_length - 1), abs(column_length - 1)) > ORIENTATION_TOLERANCE:
+        raise ValueError(
+            "ImageOrientationPatient's row and column cosines must be unit vectors, "
+            f"got lengths {row_length:.4g} and {column_length:.4g}: {_listed(iop)}"
+        )
     normal = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)  # rows x columns
     norm = math.hypot(*normal)
     if norm < 1e-6:
-        raise ValueError(f"ImageOrientationPatient has parallel row and column cosines: {iop}")
+        raise ValueError(f"ImageOrientationPatient has parallel row and column cosines: {_listed(iop)}")
+    cosine = r0 * c0 + r1 * c1 + r2 * c2
+    if abs(cosine) > ORIENTATION_TOLERANCE:
+        angle = math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+        raise ValueError(
+            "ImageOrientationPatient's row and column cosines must be at right angles, "
+            f"got {angle:.4g} degrees: {_listed(iop)}"
+        )
     return np.array(normal) / norm
+
+
+def _listed(values: Sequence[float]) -> str:
+    """Numbers for a message, short whatever their size (1e+300, not 301 digits)."""
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def slice_positions(datasets: Sequence[Dataset]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ichnode import imaging
@@ -98,9 +100,12 @@ def test_to_hu_defaults_without_rescale_or_optional_tags() -> None:
 
 def test_to_hu_maps_padding_and_out_of_field_to_air() -> None:
     # -1500 is GE's PixelPaddingValue (not below the threshold, caught by the
-    # tag); -1600 is below -1500 HU; -1400 is kept (plausible noise in air).
-    ds = _ct([[-1500, -1600, -1400], [0, 40, -2000]], PixelPaddingValue=-1500)
-    np.testing.assert_array_equal(to_hu(ds), [[AIR_HU, AIR_HU, -1400], [0, 40, AIR_HU]])
+    # tag); -1600 is below -1500 HU; -1400 is kept (noise in air, rare
+    # enough among the tissue of the last row to be plausible).
+    ds = _ct([[-1500, -1600, -1400], [0, 40, -2000], [20, 30, 1000]], PixelPaddingValue=-1500)
+    np.testing.assert_array_equal(
+        to_hu(ds), [[AIR_HU, AIR_HU, -1400], [0, 40, AIR_HU], [20, 30, 1000]]
+    )
 
 
 def test_to_hu_padding_value_applies_before_rescale() -> None:
@@ -111,13 +116,13 @@ def test_to_hu_padding_value_applies_before_rescale() -> None:
 
 def test_to_hu_padding_range_limit() -> None:
     ds = _ct(
-        [[0, 5, 10, 11]],
+        [[0, 5, 10, 11, 1040]],
         signed=False,
         RescaleIntercept=-1000,
         PixelPaddingValue=0,
         PixelPaddingRangeLimit=10,
     )
-    np.testing.assert_array_equal(to_hu(ds), [[AIR_HU, AIR_HU, AIR_HU, -989]])
+    np.testing.assert_array_equal(to_hu(ds), [[AIR_HU, AIR_HU, AIR_HU, -989, 40]])
 
 
 def test_to_hu_accepts_multivalued_windows_and_string_rescale() -> None:
@@ -167,6 +172,102 @@ def test_to_hu_enhanced_ct_frame_uses_functional_group_rescale() -> None:
     expected = np.where(stored - 1024 < -1500, AIR_HU, stored - 1024)
     np.testing.assert_array_equal(to_hu(ds, frame=1), expected)
     assert tilt_degrees(ds) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------
+# Images that are no CT slice: refused (the node quarantines them with the
+# message as reason and scores the rest of the series)
+# --------------------------------------------------------------------------
+
+
+def _head(size: int = 64) -> np.ndarray:
+    """HU of a small head: brain (40) in a skull (1000), air (-1000) around it."""
+    rows, columns = np.mgrid[:size, :size]
+    radius = np.hypot(rows - size / 2, columns - size / 2)
+    return np.select([radius < size * 0.3, radius < size * 0.35], [40, 1000], -1000)
+
+
+@pytest.mark.parametrize("slope", [0, -1])
+def test_a_rescale_slope_not_positive_is_refused(slope: float) -> None:
+    # Slope 0 makes every pixel 0 HU (water): the model would call it "Absent".
+    ds = _ct(_head(), RescaleSlope=slope, RescaleIntercept=0)
+    with pytest.raises(ValueError, match=f"RescaleSlope must be positive, got {slope}"):
+        preprocess_slice(ds)
+
+
+def test_a_modality_lut_is_refused() -> None:
+    # A LUT's output is unsigned: it cannot give the negative HU of air, so
+    # its values are no HU the model could read.
+    ds = _ct(_head() + 2048, signed=False)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "HU"
+    item.LUTData = np.arange(4096, dtype="<u2").tobytes()
+    ds.ModalityLUTSequence = Sequence([item])
+    with pytest.raises(ValueError, match="ModalityLUTSequence is not supported"):
+        preprocess_slice(ds)
+
+
+def test_signed_pixels_declared_unsigned_are_refused() -> None:
+    # Air stored as -1000 and read as unsigned is 64536 HU: bright as blood to the model.
+    ds = _ct(_head())
+    ds.PixelRepresentation = 0
+    with pytest.raises(ValueError, match=r"HU not plausible for CT: \d+% of the field of view .* PixelRepresentation"):
+        to_hu(ds)
+
+
+def test_signed_pixels_declared_unsigned_refused_on_every_ge_slice(ge: tuple[list[Path], list[Dataset]]) -> None:
+    # Where the head fills half the field of view, still refused; the real
+    # slices themselves (padding ring of -1500 included) all pass.
+    for ds in ge[1]:
+        to_hu(ds)
+        wrong = copy.deepcopy(ds)
+        wrong.PixelRepresentation = 0
+        with pytest.raises(ValueError, match="HU not plausible for CT"):
+            to_hu(wrong)
+
+
+def test_a_blank_image_is_refused() -> None:
+    with pytest.raises(ValueError, match="Image is blank: every pixel in its field of view is 0 HU"):
+        to_hu(_ct(np.zeros((64, 64))))
+    # Blank inside a padding ring, as a scanner would pad it.
+    ring = np.where(_head() == -1000, -2000, 0)
+    with pytest.raises(ValueError, match="every pixel in its field of view is 0 HU"):
+        to_hu(_ct(ring, PixelPaddingValue=-2000))
+    with pytest.raises(ValueError, match="every pixel is padding"):
+        to_hu(_ct(np.full((64, 64), -3024)))
+
+
+def test_an_image_larger_than_ct_is_refused_before_decoding() -> None:
+    # Decoding 16384 x 16384 takes GBs, and running out of memory fails the
+    # whole series; refused from the header, it is one quarantined slice.
+    ds = _ct(_head())
+    ds.Rows = ds.Columns = 16384
+    with pytest.raises(ValueError, match=r"16384 x 16384 pixels not decoded: .* \(at most 4096 rows and columns\)"):
+        to_hu(ds)
+    tall = _ct(np.tile(_head(), (65, 8)))  # 4160 x 512, Pixel Data to match
+    with pytest.raises(ValueError, match="4160 x 512 pixels not decoded"):
+        to_hu(tall)
+
+
+@pytest.mark.parametrize("keyword", ["FloatPixelData", "DoubleFloatPixelData"])
+def test_float_pixel_data_says_it_is_not_supported(keyword: str) -> None:
+    ds = _ct(_head())
+    del ds.PixelData
+    ds.BitsAllocated = 32 if keyword == "FloatPixelData" else 64
+    setattr(ds, keyword, _head().astype("<f4" if keyword == "FloatPixelData" else "<f8").tobytes())
+    with pytest.raises(ValueError, match=f"{keyword} is not supported"):
+        to_hu(ds)
+
+
+def test_pixel_data_of_another_length_than_rows_and_columns_say() -> None:
+    ds = _ct(_head())  # 64 x 64 x 2 bytes
+    ds.Rows = 32
+    with pytest.raises(ValueError, match=r"Pixel Data holds 8192 bytes, .* \(32 x 64 x 16/8\) needs 4096"):
+        to_hu(ds)
+    ds.Rows = 100
+    with pytest.raises(ValueError, match=r"Pixel Data holds 8192 bytes, .* needs 12800"):
+        to_hu(ds)
 
 
 # --------------------------------------------------------------------------
@@ -352,6 +453,21 @@ def test_slice_normal_and_tilt() -> None:
         slice_normal(_ct([[0]]))
     with pytest.raises(ValueError, match="parallel"):
         slice_normal(_positioned([0, 0, 0], [1, 0, 0, 1, 0, 0]))
+
+
+def test_slice_normal_refuses_sheared_or_scaled_orientations() -> None:
+    # Normalised, [1,0,0, 0.7,0.7,0] would pass for axial, with rows and
+    # columns both running to the patient's left.
+    with pytest.raises(ValueError, match=r"unit vectors, got lengths 1 and 0.9899: \[1, 0, 0, 0.7, 0.7, 0\]"):
+        slice_normal(_positioned([0, 0, 0], [1, 0, 0, 0.7, 0.7, 0]))
+    with pytest.raises(ValueError, match="unit vectors, got lengths 1e\\+300 and 1"):
+        slice_normal(_positioned([0, 0, 0], [1e300, 0, 0, 0, 1, 0]))
+    sheared = [1, 0, 0, math.sin(math.radians(5)), math.cos(math.radians(5)), 0]  # unit, 85 degrees apart
+    with pytest.raises(ValueError, match="at right angles, got 85 degrees"):
+        slice_normal(_positioned([0, 0, 0], sheared))
+    # Cosines as scanners write them, rounded (the 18.5 degree tilt to 4 decimals).
+    rounded = [1, 0, 0, 0, 0.9483, -0.3173]
+    np.testing.assert_allclose(slice_normal(_positioned([0, 0, 0], rounded)), [0, 0.3173, 0.9483], atol=1e-4)
 
 
 def test_order_uses_projection_on_normal_not_z() -> None:
