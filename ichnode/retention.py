@@ -3,10 +3,10 @@ after their series last changed, once the series is finished (scored, skipped
 or failed) and its reports are no longer waiting to be sent.
 
 The series, its results and the delivery history stay in the database; only
-the image files and their instance rows go. Images of the series that arrive
-later do not replace its result unless they are all of it again (the worker's
-``_older_result_stands``). ``retention_days: 0`` keeps
-everything.
+the image files and their instance rows go, and the folders they leave empty.
+Images of the series that arrive later do not replace its result unless they
+are all of it again (the worker's ``_older_result_stands``).
+``retention_days: 0`` keeps everything.
 """
 
 from __future__ import annotations
@@ -22,35 +22,52 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
-def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days: int, *, now: dt.datetime | None = None) -> int:
-    """Delete the files of finished series older than the retention; returns how many files."""
+def purge_expired(
+    sessions: sessionmaker[Session], spool: Spool, retention_days: int, *, now: dt.datetime | None = None
+) -> int:
+    """Delete the files of finished series older than the retention; returns how many files.
+
+    Only series that still have images are looked at, so a run logs what it purged, not
+    every series purged before."""
     if retention_days <= 0:
         return 0
     cutoff = (now or db.utcnow()) - dt.timedelta(days=retention_days)
     with db.transaction(sessions) as session:
         waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED))
+        # Only series that still have images: those purged before have none, and
+        # their report files went before their images did (below).
+        has_images = select(db.Instance.id).where(db.Instance.series_id == db.Series.id).exists()
         expired = session.scalars(
             select(db.Series.id).where(
                 db.Series.state.in_(db.FINISHED),
                 db.Series.last_received_at < cutoff,
                 db.Series.id.not_in(waiting),
+                has_images,
             )
         ).all()
         if not expired:
             return 0
         instances = session.execute(
-            select(db.Instance.id, db.Instance.sop_instance_uid, db.Instance.path).where(
+            select(db.Instance.id, db.Instance.sop_instance_uid, db.Instance.path, db.Instance.series_id).where(
                 db.Instance.series_id.in_(expired)
             )
         ).all()
-        reports = session.scalars(
-            select(db.Delivery.path)
+        reports = session.execute(
+            select(db.Delivery.path, db.SeriesResult.series_id)
             .join(db.SeriesResult)
             .where(db.SeriesResult.series_id.in_(expired))
             .distinct()
         ).all()
+    purged: set[int] = set()
     removed = 0
-    for instance_id, sop_uid, path in instances:
+    # Report files first: a crash before the images are gone leaves the series
+    # with images, so the next run selects it again and finishes.
+    for relative, series_id in reports:
+        if spool.absolute(relative).exists():  # several deliveries share one file
+            spool.remove(relative, remove_empty_folders=True)
+            purged.add(series_id)
+            removed += 1
+    for instance_id, sop_uid, path, series_id in instances:
         # Under the instance's lock, and only if nothing came since: a resend
         # of the image (or of another of its series) keeps it.
         with spool.instance_lock(sop_uid), db.transaction(sessions) as session:
@@ -70,12 +87,10 @@ def purge_expired(sessions: sessionmaker[Session], spool: Spool, retention_days:
             # leaves a row without its file (harmless), never a file without
             # a row, which the start-up re-index would bring back as a newly
             # received image.
-            spool.remove(path)
+            spool.remove(path, remove_empty_folders=True)
             session.execute(delete(db.Instance).where(db.Instance.id == instance_id))
+            purged.add(series_id)
             removed += 1
-    for relative in reports:
-        if spool.absolute(relative).exists():  # several deliveries share one file
-            spool.remove(relative)
-            removed += 1
-    logger.info("retention: removed %d files of %d series older than %d days", removed, len(expired), retention_days)
+    if purged:
+        logger.info("retention: removed %d files of %d series older than %d days", removed, len(purged), retention_days)
     return removed

@@ -9,6 +9,9 @@ Layout under ``storage.spool_dir``::
     instances/<study>/<series>/<sop>.dcm
     reports/<study>/<sop>.dcm      report objects waiting for or after delivery
 
+Retention removes a series or study folder once it has emptied it; a file
+moved in is given its folders again if they went meanwhile.
+
 A file is first written under ``.tmp``, flushed to disk with fsync, then
 renamed into place and its folder fsynced, so after a crash or power loss a
 file is either whole at its final path or absent.
@@ -144,9 +147,8 @@ class Spool:
         """
         target = self.root / relative
         self.sync_file(source)
-        self._make_parents(target.parent)
         try:
-            os.replace(source, target)
+            self._move_into_folder(source, target)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -154,10 +156,25 @@ class Spool:
             shutil.copyfile(source, staged)
             if self.fsync:
                 _fsync_path(staged)
-            os.replace(staged, target)
+            self._move_into_folder(staged, target)
         if self.fsync:
             _fsync_path(target.parent)
         return target
+
+    def _move_into_folder(self, source: Path, target: Path) -> None:
+        """Rename ``source`` to ``target``, making the folders it needs.
+
+        Retention removes the folders it empties (:meth:`remove`), and may do
+        so just after they were found or made here: then they are made again.
+        """
+        for attempt in range(3):
+            try:
+                self._make_parents(target.parent)
+                os.replace(source, target)
+                return
+            except FileNotFoundError:
+                if attempt == 2 or target.parent.is_dir():
+                    raise  # not a folder gone: the source is missing
 
     def sync_file(self, path: Path) -> None:
         """Flush a file's content to disk (with ``storage.fsync``)."""
@@ -182,11 +199,26 @@ class Spool:
                 # The new folder's entry in its parent must reach the disk too.
                 _fsync_path(path.parent)
 
-    def remove(self, relative: str) -> None:
+    def remove(self, relative: str, *, remove_empty_folders: bool = False) -> None:
+        """Delete a spooled file; with ``remove_empty_folders``, also the folders
+        this leaves empty (its series folder, then its study folder), never
+        ``instances`` or ``reports`` themselves."""
+        path = self.root / relative
         try:
-            (self.root / relative).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
+        if not remove_empty_folders:
+            return
+        tops = (self.instances_dir, self.reports_dir)
+        folder = path.parent
+        while folder not in tops and any(folder.is_relative_to(top) for top in tops):
+            try:
+                folder.rmdir()
+            except OSError:
+                # Not empty: an image of the series arrived meanwhile, and keeps it.
+                return
+            folder = folder.parent
 
     def clear_tmp(self, folder: Path | None = None) -> int:
         """Delete leftovers of interrupted writes in ``folder`` (default: ``tmp_dir`` itself,

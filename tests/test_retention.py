@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import event, select, update
 
 from ichnode import db, service
 from ichnode.retention import purge_expired
 
-from .conftest import all_instances, require_data, store_files, wait_for
+from .conftest import all_instances, all_series, require_data, store_files, wait_for
 
 
 def _finish(node: Any) -> db.Series:
@@ -105,7 +112,10 @@ def test_a_running_node_purges_on_its_own(start_node: Any, monkeypatch: pytest.M
     assert all_instances(node) == []
 
 
-def test_purge_keeps_a_series_resent_while_it_runs(start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_purge_keeps_a_series_resent_while_it_runs(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode.retention")
     node = start_node()
     files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
     assert store_files(node.port, files) == [0, 0, 0]
@@ -127,9 +137,114 @@ def test_purge_keeps_a_series_resent_while_it_runs(start_node: Any, monkeypatch:
         session.execute(update(db.Series).values(last_received_at=db.utcnow() - dt.timedelta(days=30)))
     assert purge_expired(node.sessions, node.spool, 7) == 0
     assert resent == {"statuses": [0]}
+    assert _retention_lines(caplog) == []  # it purged no series
     instances = all_instances(node)
     assert len(instances) == 3 and all(node.spool.absolute(i.path).is_file() for i in instances)
     with node.sessions() as session:
         # The same bytes again: the series is not scored again, but was received just now.
         series = session.scalars(select(db.Series)).one()
         assert series.state == db.SCORED and series.last_received_at > db.utcnow() - dt.timedelta(minutes=5)
+
+
+def _of_another_series(path: Path) -> Dataset:
+    """The image at ``path`` as the one image of another series of its study."""
+    ds = dcmread(path)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def test_purge_leaves_no_empty_folders_and_logs_only_what_it_purged(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ichnode.retention")
+    node = start_node()
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:3]
+    assert store_files(node.port, [*files, _of_another_series(files[0])]) == [0, 0, 0, 0]
+    wait_for(lambda: len(all_instances(node)) == 4, message="4 instances")
+    expired, kept = all_series(node)
+    report = _queue_report(node, expired, db.SENT)
+    series_folder, kept_folder = (
+        node.spool.absolute(_an_image_of(node, series.id)).parent for series in (expired, kept)
+    )
+    study_folder = series_folder.parent
+    # Only the first series is finished: the other one of the study is still coming in.
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).where(db.Series.id == expired.id).values(state=db.SCORED))
+    later = db.utcnow() + dt.timedelta(days=30)
+
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 4
+    assert not series_folder.exists() and not report.parent.exists()
+    assert list(study_folder.iterdir()) == [kept_folder]
+    assert _retention_lines(caplog) == ["retention: removed 4 files of 1 series older than 7 days"]
+
+    # The next run has nothing left of that series: it reads no series' files and says nothing.
+    caplog.clear()
+    with _statements_of_this_thread(node.engine) as statements:
+        assert purge_expired(node.sessions, node.spool, 7, now=later) == 0
+    assert len(statements) == 1, statements  # the query for expired series only
+    assert _retention_lines(caplog) == []
+
+    # The study's last series goes too, and its folder with it; the spool's own folders stay.
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).values(state=db.SCORED))
+    assert purge_expired(node.sessions, node.spool, 7, now=later) == 1
+    assert not study_folder.exists()
+    assert list(node.spool.instances_dir.iterdir()) == [] and list(node.spool.reports_dir.iterdir()) == []
+    assert _retention_lines(caplog) == ["retention: removed 1 files of 1 series older than 7 days"]
+
+
+def _an_image_of(node: Any, series_id: int) -> str:
+    """The spool path of one image of the series ``series_id``."""
+    with node.sessions() as session:
+        return session.scalars(select(db.Instance.path).where(db.Instance.series_id == series_id)).first()
+
+
+@contextmanager
+def _statements_of_this_thread(engine: Any) -> Iterator[list[str]]:
+    """The SQL statements this thread runs on ``engine`` meanwhile (the node's own threads use it too)."""
+    thread, statements = threading.get_ident(), []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.get_ident() == thread:
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _retention_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "ichnode.retention"]
+
+
+def test_an_image_arriving_as_the_purge_removes_its_folder_is_stored(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = start_node()
+    files = sorted(require_data("ge-head-ct").glob("*.dcm"))[:4]
+    assert store_files(node.port, files[:3]) == [0, 0, 0]
+    wait_for(lambda: len(all_instances(node)) == 3, message="3 instances")
+    _finish(node)
+    with db.transaction(node.sessions) as session:
+        session.execute(update(db.Series).values(last_received_at=db.utcnow() - dt.timedelta(days=30)))
+    late = dcmread(files[3], stop_before_pixels=True)
+    relative = node.spool.instance_path(late.StudyInstanceUID, late.SeriesInstanceUID, late.SOPInstanceUID)
+    # The fourth image of the series reaches the spool as the purge empties
+    # the series folder: after the receiver found the folder, before it moved
+    # the image in. (The purge runs in the receiver's thread, under the fourth
+    # image's lock, which is not one of the other three's.)
+    replace, purged = os.replace, []
+
+    def purge_first(source: Any, target: Any) -> None:
+        if Path(target) == node.spool.absolute(relative) and not purged:
+            purged.append(purge_expired(node.sessions, node.spool, 7))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", purge_first)
+    assert store_files(node.port, files[3:4]) == [0]
+    assert purged == [3]
+    assert [instance.path for instance in all_instances(node)] == [relative]
+    assert node.spool.absolute(relative).is_file()
