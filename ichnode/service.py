@@ -55,6 +55,10 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 # How often spooled files past storage.retention_days are looked for.
 RETENTION_CHECK_SECONDS = 3600.0
 
+# After the spool was short of room, how long series wait before they are
+# completed: time for senders to send again the images that were refused.
+ROOM_GRACE_SECONDS = 300.0
+
 # How often series whose reports could not be built (a full disk) are looked
 # for, to be scored again once the spool has room (series.REPORTS_TRIES).
 UNREPORTED_CHECK_SECONDS = 600.0
@@ -143,6 +147,9 @@ class Node:
         self._running_jobs = 0
         self._jobs_idle = threading.Condition()
         self._database_lock = threading.Lock()
+        self._room_lock = threading.Lock()
+        self._room_short = False
+        self._room_back_at: float | None = None
         self._database_down_since: float | None = None
 
     @property
@@ -254,6 +261,31 @@ class Node:
         self._database_answered()
         return result
 
+    # While the spool is short of room (storage.min_free_mb) the receiver
+    # refuses images, so a series quiet since may only be waiting for its
+    # refused images to be sent again: none is completed until the senders
+    # had ROOM_GRACE_SECONDS to send them again, and none is scored while the
+    # room lasts short (its model input and reports would take what is left).
+    def _room_shortage(self) -> str | None:
+        shortage = self.spool.room_shortage()
+        with self._room_lock:
+            started, ended = shortage is not None and not self._room_short, shortage is None and self._room_short
+            self._room_short = shortage is not None
+            if ended:
+                self._room_back_at = time.monotonic()
+        if started:
+            logger.warning("%s: no series is completed or scored until there is room", shortage)
+        if ended:
+            logger.info(
+                "the spool has room again: series are completed again in %.0f s, once senders could send "
+                "again what was refused",
+                ROOM_GRACE_SECONDS,
+            )
+        return shortage
+
+    def _refused_images_may_come(self) -> bool:
+        return self._room_back_at is not None and time.monotonic() - self._room_back_at < ROOM_GRACE_SECONDS
+
     # A database that does not answer (a server down for an hour) fails every
     # stage at every tick: one line when it starts and one when it ends, not
     # a traceback per stage per second.
@@ -282,6 +314,8 @@ class Node:
             job.modify(next_run_time=dt.datetime.now(dt.UTC))
 
     def complete_series(self) -> list[str]:
+        if self._room_shortage() or self._refused_images_may_come():
+            return []
         completed = complete_stable_series(self.sessions, self.config.series.stable_seconds)
         if completed:
             self._wake(SCORING_JOB)
@@ -289,6 +323,8 @@ class Node:
 
     def score(self) -> int:
         assert self.worker is not None
+        if self._room_shortage():
+            return 0
         handled = self.worker.run_once()
         if handled:
             self._wake(DELIVERY_JOB)

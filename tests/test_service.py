@@ -196,6 +196,35 @@ def test_non_conformant_uids_do_not_flood_the_log_of_the_helpers_building_report
     assert "UserWarning" not in log
 
 
+def test_a_series_part_of_which_was_refused_for_want_of_room_waits_for_the_rest(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The spool fills while a series arrives: the rest is refused. Completed
+    # and scored from its first half, the series would be reported as a whole
+    # head; it waits, and for a while once there is room again, for the rest.
+    import time
+
+    from ichnode import service
+    from tests.conftest import wait_series_state
+
+    monkeypatch.setattr(service, "ROOM_GRACE_SECONDS", 3.0)
+    series = phantom(6, n_slices=12)
+    uid = str(series.datasets[0].SeriesInstanceUID)
+    node = start_node(series={"stable_seconds": 0.5})
+    assert store_files(node.port, series.datasets[:6]) == [0] * 6
+    room = node.spool.min_free_mb
+    node.spool.min_free_mb = 2**40  # the rest refused: an association is, when the spool lacks room
+    with pytest.raises(AssertionError, match="association to ICHNODE"):
+        store_files(node.port, series.datasets[6:])
+    time.sleep(1.5)  # three times stable_seconds
+    assert series_state(node, uid) == db.RECEIVING
+    node.spool.min_free_mb = room
+    time.sleep(1.5)  # room again, but the sender has not sent the rest yet
+    assert series_state(node, uid) == db.RECEIVING
+    assert store_files(node.port, series.datasets[6:]) == [0] * 6
+    assert wait_series_state(node, uid, db.COMPLETE, instance_count=12).version == 1
+
+
 def test_a_database_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     start_node: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
