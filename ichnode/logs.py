@@ -9,6 +9,7 @@ receiver processes (the same), its helper processes and ``ichnode send``
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
@@ -28,21 +29,30 @@ def setup_logging(level: str, process: str = "") -> None:
     logging.captureWarnings(True)  # other warnings go to the log
     # A job still running at its next tick is skipped by design, not a problem.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    # A peer that refuses or does not answer: logged by the node with the
+    # peer and what happens next, where pynetdicom's ERROR lines name neither.
+    for unnamed in ("pynetdicom.transport", "pynetdicom.acse"):
+        logging.getLogger(unnamed).setLevel(logging.CRITICAL)
 
 
 # Real-world UIDs such as "ID_1f6d1e8aeb" (RSNA), or with leading zeros from
 # older modalities, are accepted by design. pydicom would warn of each one
 # (a warning and a log record) and pynetdicom log each one it sends or
 # receives: a dozen lines per image that hide the warnings that matter.
-_UID_NOISE = {"pydicom": "Invalid value for VR UI", "pynetdicom.utils": "Non-conformant '"}
+_UID_NOISE = {
+    "pydicom": re.compile(
+        r"Invalid value for VR UI|The value length \(\d+\) exceeds the maximum length of 64 allowed for VR UI"
+    ),
+    "pynetdicom.utils": re.compile("Non-conformant '"),
+}
 
 
 class _UidNoiseToDebug(logging.Filter):
     """Those records at DEBUG, where they can still be looked at."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        prefix = _UID_NOISE.get(record.name)
-        if prefix is None or record.levelno != logging.WARNING or not record.getMessage().startswith(prefix):
+        noise = _UID_NOISE.get(record.name)
+        if noise is None or record.levelno != logging.WARNING or not noise.match(record.getMessage()):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
@@ -59,5 +69,5 @@ def quiet_source_data_warnings() -> None:
     itself in the log."""
     for name in _UID_NOISE:
         logging.getLogger(name).addFilter(_UID_NOISE_FILTER)
-    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+    warnings.filterwarnings("ignore", message=_UID_NOISE["pydicom"].pattern)
     warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")

@@ -70,8 +70,10 @@ def _start_helper(parent: int) -> None:
     # The node stops its helpers itself, once their series are done: Ctrl-C in
     # a terminal, which signals the whole process group, must not kill one
     # mid-series. SIGTERM stays: the pool ends its helpers with it when one
-    # of them dies (systemd's unit signals the main process only).
+    # of them dies (systemd's unit signals the main process only). SIGHUP,
+    # which the node ignores, is ignored here too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     imaging.keep_freed_memory()
     quiet_source_data_warnings()  # spawned: without the node's log set-up
     try:
@@ -340,7 +342,14 @@ def write_reports(
     for kind, dataset in built:
         relative = spool.report_path(study_uid, dataset.SOPInstanceUID)
         staged = spool.tmp_dir / f"{dataset.SOPInstanceUID}.part"
-        dataset.save_as(staged, enforce_file_format=True)
-        spool.commit_file(staged, relative)
+        try:
+            dataset.save_as(staged, enforce_file_format=True)
+            spool.commit_file(staged, relative)
+        except BaseException:
+            # A full disk keeps no part of them: not this one, nor one written before.
+            staged.unlink(missing_ok=True)
+            for _, _, done in written:
+                spool.remove(done)
+            raise
         written.append((kind, str(dataset.SOPInstanceUID), relative))
     return written, time.perf_counter() - started

@@ -392,15 +392,21 @@ class Node:
         self.engine.dispose()
 
     def run(self) -> None:
-        """Start and block until SIGTERM or SIGINT, then stop cleanly."""
+        """Start and block until SIGTERM or SIGINT, then stop cleanly; SIGHUP is ignored."""
         wake = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             logger.info("received %s, shutting down", signal.Signals(signum).name)
             wake.set()
 
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            # Its default would end the node at once, a stop systemd takes as
+            # clean (no restart). Nothing is read again: the log is stderr.
+            logger.info("received SIGHUP: ignored (the configuration is read at start: restart to change it)")
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
         try:
             self.start()
         except BaseException:

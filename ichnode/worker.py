@@ -685,7 +685,9 @@ class Worker:
             raise  # the helper died: the series is scored again
         except Exception as exc:
             logger.exception("the reports of series %s could not be built", item.series_uid)
-            return [], f"{db.REPORTS_NOT_BUILT}: {type(exc).__name__}: {exc}"
+            # One line: pydicom's write errors carry a traceback in their text.
+            first_line = (str(exc).splitlines() or [""])[0]
+            return [], f"{db.REPORTS_NOT_BUILT}: {type(exc).__name__}: {first_line}"
 
     # -- recording -------------------------------------------------------
     def destinations(self, calling_ae: str | None, peer_host: str | None = None) -> list[tuple[str, str, int]]:

@@ -58,6 +58,46 @@ def test_sigterm_while_a_series_is_scored_exits_cleanly(
     assert "helper process died" not in log
 
 
+def test_sighup_to_every_process_of_the_node_leaves_it_running(
+    node_process: Any, series_states: Any, tmp_path: Path
+) -> None:
+    # logrotate's postrotate, `systemctl kill -s HUP`: by default SIGHUP would
+    # end the node at once, a stop systemd takes as clean (no restart).
+    series = phantom(8, n_slices=12)
+    unreached = {"ae_title": "PACS", "host": "127.0.0.1", "port": 9}
+    node = node_process(node={"receiver_processes": 2}, reports={"destinations": [unreached]})
+    node.components = "receiver,worker,dispatcher"
+    node.start(timeout=180)
+    wait_for(lambda: "receiver-1" in node.log(), timeout=60, message="the second receiver process")
+    node.signal_group(signal.SIGHUP)
+    wait_for(lambda: "received SIGHUP: ignored" in node.log(), timeout=10, message="SIGHUP logged")
+    # Still receiving and scoring, helpers included.
+    assert set(store_files(node.port, write_series(series.datasets, tmp_path / "series"))) == {0x0000}
+    wait_for(lambda: series_states() == [db.SCORED], timeout=120, message="the series scored")
+    wait_for(lambda: "to PACS@127.0.0.1:9 failed (attempt 1)" in node.log(), timeout=60, message="a failed delivery")
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=90) == 0, node.log()
+    log = node.log()
+    assert "helper process died" not in log
+    # The failed delivery is told once, by the node, naming the destination: not by pynetdicom too.
+    assert "ERROR pynetdicom" not in log
+
+
+def test_uids_longer_than_64_characters_do_not_flood_the_log() -> None:
+    # pydicom warns of them in other words than of other non-conformant UIDs.
+    import subprocess
+    import sys
+
+    script = (
+        "from ichnode.logs import setup_logging; setup_logging('INFO')\n"
+        "from pydicom.dataset import Dataset\n"
+        "ds = Dataset(); ds.SOPInstanceUID = '1.2.' + '3' * 66; ds.SeriesInstanceUID = 'ID_1f6d1e8aeb'\n"
+        "print('set')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "set\n", "")
+
+
 @pytest.mark.slow
 def test_a_stop_finishes_the_series_in_hand_and_leaves_the_rest_for_the_next_start(
     node_process: Any, series_states: Any, tmp_path: Path

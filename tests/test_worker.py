@@ -860,6 +860,9 @@ def test_a_series_whose_reports_cannot_be_written_keeps_its_scores(nodes: Nodes)
     assert result.skip_reason.startswith("scored, but its reports could not be built: ")
     with db.transaction(receiver.sessions) as session:
         assert session.scalars(select(db.Delivery)).all() == []
+    # Nothing of them is left taking room: no part file, no report of the pair.
+    assert list(receiver.spool.tmp_dir.glob("*.part")) == []
+    assert [p for p in receiver.spool.reports_dir.rglob("*") if p.is_file()] == [blocker]
     from ichnode.status import collect_status, format_status
 
     assert collect_status(config)["scored_without_reports"] == 1
