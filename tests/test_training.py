@@ -908,43 +908,31 @@ def test_fine_tune_from_a_slice_model_keeps_the_previous_split(trained, tmp_path
     keras.backend.clear_session()
 
 
-def test_a_starting_model_of_another_input_shape_is_refused_before_indexing(phantom_data, tmp_path):
+@pytest.mark.parametrize(
+    ("size", "filters", "refusal"),
+    [
+        (48, (4,), r"takes inputs of shape \(48, 48, 9\).* give \(32, 32, 9\)"),
+        # The same input, another architecture: the card, which records the config's, would be wrong.
+        (32, (8,), "is not of the architecture this config describes"),
+    ],
+    ids=["input shape", "architecture"],
+)
+def test_a_starting_model_unlike_the_config_is_refused_before_indexing(phantom_data, tmp_path, size, filters, refusal):
     import click
     import keras
 
     from training import models, train
 
     start = tmp_path / "start.keras"
-    arch = models.ArchitectureConfig(filters=(4,), embedding_dim=4)
-    models.build_slice_model(models.build_slice_encoder((48, 48, 9), arch), models.build_slice_head()).save(start)
-    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace(
-        "slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}",
-        f"slice_stage: {{epochs: 1, steps_per_epoch: 1, batch_size: 8, init_from: '{start}'}}"))
-    run = train.Run(phantom_data, train.TrainConfig.load(tmp_path / "c.yaml"), tmp_path / "run", "t", progress=False)
-    with pytest.raises(click.ClickException, match=r"takes inputs of shape \(48, 48, 9\).* give \(32, 32, 9\)"):
-        run.prepare_data()
-    assert not (tmp_path / "run" / "cache" / rsna.INDEX_FILE).exists()
-    keras.backend.clear_session()
-
-
-def test_a_starting_model_of_another_architecture_is_refused_before_indexing(phantom_data, tmp_path):
-    # The card records the config's architecture: a starting model of another
-    # one (here wider filters, the same input) would make it wrong.
-    import click
-    import keras
-
-    from training import models, train
-
-    start = tmp_path / "start.keras"
-    arch = models.ArchitectureConfig(filters=(8,), embedding_dim=4)
-    models.build_slice_model(models.build_slice_encoder((32, 32, 9), arch), models.build_slice_head()).save(start)
+    arch = models.ArchitectureConfig(filters=filters, embedding_dim=4)
+    models.build_slice_model(models.build_slice_encoder((size, size, 9), arch), models.build_slice_head()).save(start)
     (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace(
         "slice_stage: {epochs: 2, steps_per_epoch: 3, batch_size: 8}",
         f"slice_stage: {{epochs: 1, steps_per_epoch: 1, batch_size: 8, init_from: '{start}'}}"))
     config = train.TrainConfig.load(tmp_path / "c.yaml")
-    assert config.arch.filters != (8,)
+    assert (tuple(config.input.size), config.arch.filters) != ((size, size), filters)
     run = train.Run(phantom_data, config, tmp_path / "run", "t", progress=False)
-    with pytest.raises(click.ClickException, match="is not of the architecture this config describes"):
+    with pytest.raises(click.ClickException, match=refusal):
         run.prepare_data()
     assert not (tmp_path / "run" / "cache" / rsna.INDEX_FILE).exists()
     keras.backend.clear_session()
