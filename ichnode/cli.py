@@ -99,6 +99,9 @@ def serve(config_path: Path | None, components: str) -> None:
     from .service import ALL_COMPONENTS, WORKER, CannotListen, Node
     from .spool import SpoolInUse, SpoolOfAnotherDatabase
 
+    from .service import ignore_hangups
+
+    ignore_hangups()  # from the start: loading the model takes a while
     stages = [c.strip() for c in components.split(",") if c.strip()]
     if not stages:  # a node with no stage would run and do nothing until stopped
         raise click.BadParameter(f"name at least one of {', '.join(ALL_COMPONENTS)}", param_hint="--components")
@@ -415,17 +418,16 @@ def _writable_sessions(config: Config) -> Iterator[sessionmaker[Session]]:
 @contextmanager
 def _reading(config: Config, action: str = "read") -> Iterator[None]:
     """Errors reading (or writing) the node's database become one line naming it."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
 
-    from .db import DatabaseUnreadable, error_text
+    from .db import DatabaseUnreadable, error_text, shown_url
 
     try:
         yield
     except (FileNotFoundError, DatabaseUnreadable) as exc:
         raise click.ClickException(str(exc)) from None
     except DBAPIError as exc:
-        where = make_url(config.database.url).render_as_string(hide_password=True)
+        where = shown_url(config.database.url)
         raise click.ClickException(f"cannot {action} the database {where}: {error_text(exc)}") from None
 
 

@@ -304,10 +304,10 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         """The effective configuration as YAML, the database password hidden."""
-        from sqlalchemy.engine import make_url
+        from .db import shown_url
 
         data = self.model_dump(mode="json")
-        data["database"]["url"] = make_url(self.database.url).render_as_string(hide_password=True)
+        data["database"]["url"] = shown_url(self.database.url)
         return yaml.safe_dump(data, sort_keys=False)
 
     def report_addresses(self) -> set[tuple[str, str, int]]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import sqlite3
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -345,7 +347,7 @@ def open_node_database(url: str) -> Engine:
     driver is missing, its server refuses, the file is not a database, its
     schema is newer.
     """
-    where = make_url(url).render_as_string(hide_password=True)
+    where = shown_url(url)
     problem = driver_problem(url)
     if problem:
         raise DatabaseUnreadable(f"cannot open the database {where}: {problem}")
@@ -358,6 +360,13 @@ def open_node_database(url: str) -> Engine:
         if engine is not None:
             engine.dispose()
         raise DatabaseUnreadable(f"cannot open the database {where}: {error_text(exc)}") from None
+
+
+def shown_url(url: str) -> str:
+    """A database URL as the node prints it: its password hidden, also one
+    given as a query parameter (``?password=``, common with socket URLs)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    return re.sub(r"([?&](?:ssl)?password=)[^&]*", r"\1***", shown)
 
 
 def error_text(exc: BaseException) -> str:
@@ -376,7 +385,7 @@ def open_existing(url: str) -> Engine:
     """
     path = sqlite_file(url)
     if path is None:
-        where = make_url(url).render_as_string(hide_password=True)
+        where = shown_url(url)
         problem = driver_problem(url)
         if problem:
             raise DatabaseUnreadable(f"cannot read the database {where}: {problem}")
@@ -449,6 +458,24 @@ _SCHEMA_LOCK = 0x1C4D0DE
 
 def init_db(engine: Engine) -> None:
     """Create missing tables and record the schema version; refuse a newer schema."""
+    for attempt in range(_INIT_TRIES):
+        try:
+            _init_db(engine)
+            return
+        except (OperationalError, IntegrityError):
+            # Another process of the node setting up a new SQLite database at
+            # the same moment ("table meta already exists", "database is
+            # locked"): the next try finds what it made. (PostgreSQL takes a
+            # lock instead, and there such an error is a server not answering.)
+            if engine.dialect.name != "sqlite" or attempt == _INIT_TRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+_INIT_TRIES = 5
+
+
+def _init_db(engine: Engine) -> None:
     with Session(engine) as session, session.begin():
         if engine.dialect.name == "postgresql":
             # Processes started together (stages run as separate services)

@@ -26,7 +26,8 @@ send the same delivery, and a failure is recorded only on a row still
 ``sending``: a report superseded during its C-STORE stays superseded. A
 Success is recorded whatever the state: the PACS holds the object. One the
 database fails to record stays ``sending`` (no other round claims it) and is
-recorded at the start of the next round, never sent again.
+recorded at the start of the next round, or at the stop; a node that stops
+before the database answers again sends it once more at its next start.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
@@ -249,8 +251,19 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Start no more batches, and end those under way after the report on
-        the wire: the node is stopping (what is left is queued for its next start)."""
+        the wire: the node is stopping (what is left is queued for its next start).
+        Reports stored but not yet recorded sent are recorded now if the database answers."""
         self._stopping.set()
+        with self._lock:
+            try:
+                self._record_acknowledged()
+            except OperationalError as exc:
+                logger.warning(
+                    "%d reports stored by the PACS could not be recorded sent; they are sent again at the next "
+                    "start: %s",
+                    len(self._acknowledged),
+                    db.error_text(exc),
+                )
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Send every due delivery and wait for it; returns how many were stored.
@@ -328,6 +341,8 @@ class Dispatcher:
         while self._acknowledged:
             try:
                 self._sent(self._acknowledged[0])
+            except OperationalError:
+                raise  # the database fails: the node says so once, not each round
             except Exception as exc:
                 logger.warning("recording %d stored reports as sent failed again: %r", len(self._acknowledged), exc)
                 return False
@@ -434,7 +449,7 @@ class Dispatcher:
             self._sent(delivery)
         except Exception:
             logger.exception(
-                "%s was stored by %s but recording it failed; it is recorded, not sent again, at the next round",
+                "%s was stored by %s but recording it failed; it is recorded at the next round, not sent again",
                 delivery.sop_instance_uid,
                 delivery.ae_title,
             )

@@ -70,8 +70,8 @@ def _start_helper(parent: int) -> None:
     # The node stops its helpers itself, once their series are done: Ctrl-C in
     # a terminal, which signals the whole process group, must not kill one
     # mid-series. SIGTERM stays: the pool ends its helpers with it when one
-    # of them dies (systemd's unit signals the main process only). SIGHUP,
-    # which the node ignores, is ignored here too.
+    # of them dies (systemd's unit signals the main process only). SIGHUP is
+    # ignored, as the node ignores it (inherited, where the node started it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     imaging.keep_freed_memory()

@@ -22,42 +22,49 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
+_IDS_PER_QUERY = 1000
+
+
 def purge_expired(
     sessions: sessionmaker[Session], spool: Spool, retention_days: int, *, now: dt.datetime | None = None
 ) -> int:
     """Delete the files of finished series older than the retention; returns how many files.
 
-    Only series that still have images are looked at, so a run logs what it purged, not
-    every series purged before."""
+    A run logs the series it removed files of, not every series purged before."""
     if retention_days <= 0:
         return 0
     cutoff = (now or db.utcnow()) - dt.timedelta(days=retention_days)
     with db.transaction(sessions) as session:
         waiting = select(db.SeriesResult.series_id).join(db.Delivery).where(db.Delivery.state.in_(db.UNDELIVERED))
-        # Only series that still have images: those purged before have none, and
-        # their report files went before their images did (below).
+        # With images, or with reports whose files may be left: a series whose
+        # images all moved to another series keeps the reports it was sent.
         has_images = select(db.Instance.id).where(db.Instance.series_id == db.Series.id).exists()
+        has_reports = (
+            select(db.SeriesResult.id).join(db.Delivery).where(db.SeriesResult.series_id == db.Series.id).exists()
+        )
         expired = session.scalars(
             select(db.Series.id).where(
                 db.Series.state.in_(db.FINISHED),
                 db.Series.last_received_at < cutoff,
                 db.Series.id.not_in(waiting),
-                has_images,
+                has_images | has_reports,
             )
         ).all()
-        if not expired:
-            return 0
-        instances = session.execute(
-            select(db.Instance.id, db.Instance.sop_instance_uid, db.Instance.path, db.Instance.series_id).where(
-                db.Instance.series_id.in_(expired)
-            )
-        ).all()
-        reports = session.execute(
-            select(db.Delivery.path, db.SeriesResult.series_id)
-            .join(db.SeriesResult)
-            .where(db.SeriesResult.series_id.in_(expired))
-            .distinct()
-        ).all()
+        instances, reports = [], []
+        # In parts: a server database takes a bounded number of parameters per statement.
+        for start in range(0, len(expired), _IDS_PER_QUERY):
+            part = expired[start : start + _IDS_PER_QUERY]
+            instances += session.execute(
+                select(db.Instance.id, db.Instance.sop_instance_uid, db.Instance.path, db.Instance.series_id).where(
+                    db.Instance.series_id.in_(part)
+                )
+            ).all()
+            reports += session.execute(
+                select(db.Delivery.path, db.SeriesResult.series_id)
+                .join(db.SeriesResult)
+                .where(db.SeriesResult.series_id.in_(part))
+                .distinct()
+            ).all()
     purged: set[int] = set()
     removed = 0
     # Report files first: a crash before the images are gone leaves the series

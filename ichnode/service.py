@@ -149,7 +149,6 @@ class Node:
         self._database_lock = threading.Lock()
         self._room_lock = threading.Lock()
         self._room_short = False
-        self._room_back_at: float | None = None
         self._database_down_since: float | None = None
 
     @property
@@ -264,27 +263,32 @@ class Node:
     # While the spool is short of room (storage.min_free_mb) the receiver
     # refuses images, so a series quiet since may only be waiting for its
     # refused images to be sent again: none is completed until the senders
-    # had ROOM_GRACE_SECONDS to send them again, and none is scored while the
-    # room lasts short (its model input and reports would take what is left).
+    # had ROOM_GRACE_SECONDS to send them again (a restart meanwhile
+    # included), and none is scored while the room lasts short (its model
+    # input and reports would take what is left).
     def _room_shortage(self) -> str | None:
         shortage = self.spool.room_shortage()
         with self._room_lock:
             started, ended = shortage is not None and not self._room_short, shortage is None and self._room_short
             self._room_short = shortage is not None
-            if ended:
-                self._room_back_at = time.monotonic()
         if started:
             logger.warning("%s: no series is completed or scored until there is room", shortage)
         if ended:
             logger.info(
-                "the spool has room again: series are completed again in %.0f s, once senders could send "
-                "again what was refused",
+                "the spool has room again: series are completed %.0f s after the last image refused",
                 ROOM_GRACE_SECONDS,
             )
         return shortage
 
     def _refused_images_may_come(self) -> bool:
-        return self._room_back_at is not None and time.monotonic() - self._room_back_at < ROOM_GRACE_SECONDS
+        short_at = self.spool.room_short_at()
+        if short_at is None:
+            return False
+        if time.time() - short_at < ROOM_GRACE_SECONDS:
+            return True
+        self.spool.forget_room_shortage()
+        logger.info("series are completed again")
+        return False
 
     # A database that does not answer (a server down for an hour) fails every
     # stage at every tick: one line when it starts and one when it ends, not
@@ -300,10 +304,20 @@ class Node:
             logger.debug("the database still fails: %s", db.error_text(exc))
 
     def _database_answered(self) -> None:
+        """After a job ran through: if the database failed before, it answers
+        again only if it answers now (the job may not have asked it)."""
         with self._database_lock:
-            since, self._database_down_since = self._database_down_since, None
-        if since is not None:
-            logger.info("the database answers again, after %.0f s", time.monotonic() - since)
+            since = self._database_down_since
+        if since is None:
+            return
+        try:
+            with self.sessions() as session:
+                session.execute(select(1))
+        except OperationalError:
+            return
+        with self._database_lock:
+            self._database_down_since = None
+        logger.info("the database answers again, after %.0f s", time.monotonic() - since)
 
     def _wake(self, job_id: str) -> None:
         """Run a job now rather than at its next tick (the next stage has work)."""
@@ -399,14 +413,9 @@ class Node:
             logger.info("received %s, shutting down", signal.Signals(signum).name)
             wake.set()
 
-        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
-            # Its default would end the node at once, a stop systemd takes as
-            # clean (no restart). Nothing is read again: the log is stderr.
-            logger.info("received SIGHUP: ignored (the configuration is read at start: restart to change it)")
-
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, on_hangup)
+        ignore_hangups()
         try:
             self.start()
         except BaseException:
@@ -416,6 +425,15 @@ class Node:
         self.stop()
 
 
+def ignore_hangups() -> None:
+    """SIGHUP (logrotate, `systemctl kill -s HUP`) would end a process of the
+    node at once, a stop systemd takes as clean (no restart). Ignored, and so
+    by every process it starts (helpers, extra receivers, multiprocessing's
+    resource tracker): nothing is read again, the configuration is read at
+    start and the log is stderr."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def wall_minus_monotonic() -> float:
     """The wall clock less the monotonic one: it drops when the system clock is set back."""
     return time.time() - time.monotonic()
@@ -423,6 +441,7 @@ def wall_minus_monotonic() -> float:
 
 def run_extra_receiver(config: Config, index: int) -> None:
     """Entry point of receiver process ``index`` (>= 1) of a node."""
+    ignore_hangups()
     _die_with_parent()
     # The main process's log set-up (quiet libraries, UID warnings at DEBUG): a
     # spawned process starts without it.

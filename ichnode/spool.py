@@ -79,11 +79,30 @@ class Spool:
     def room_shortage(self) -> str | None:
         """None while the spool has ``storage.min_free_mb`` free (room for the
         datasets written out whole before they can be refused), else how much
-        is free."""
+        is free; a shortage is remembered (:meth:`room_short_at`)."""
         free = self.free_mb()
         if free >= self.min_free_mb:
             return None
+        try:
+            self._room_marker.touch()
+        except OSError:
+            pass  # the shortage is then seen again at the next look
         return f"{free:.0f} MB free in the spool, less than storage.min_free_mb ({self.min_free_mb} MB)"
+
+    def room_short_at(self) -> float | None:
+        """When (``time.time()``) the spool was last found short of room, by
+        any process of the node, before or since a restart; None once forgotten."""
+        try:
+            return self._room_marker.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def forget_room_shortage(self) -> None:
+        self._room_marker.unlink(missing_ok=True)
+
+    @property
+    def _room_marker(self) -> Path:
+        return self.root / ".room-short"
 
     # -- the instance lock ------------------------------------------------
     @contextmanager

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from . import db
@@ -51,7 +50,7 @@ def collect_status(config: Config) -> dict[str, Any]:
     spool_bytes = _spool_bytes(spool_dir)
     usage = shutil.disk_usage(spool_dir if spool_dir.exists() else spool_dir.parent)
     return {
-        "database": make_url(config.database.url).render_as_string(hide_password=True),
+        "database": db.shown_url(config.database.url),
         "spool_dir": str(spool_dir),
         # Copies of stored instances: counted when identical, else replacing them.
         "instances": {"total": instances, "quarantined": quarantined, "received_again": int(received_again)},

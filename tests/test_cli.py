@@ -611,10 +611,15 @@ def test_serve_names_a_database_it_cannot_open(tmp_path: Path) -> None:
         assert not (tmp_path / "spool").exists()  # nothing was set up
 
 
-def test_check_config_names_a_database_server_it_cannot_reach_and_hides_the_password(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "login", ["ichnode:s3cret@127.0.0.1:{port}/ichnode", "ichnode@127.0.0.1:{port}/ichnode?password=s3cret"]
+)
+def test_check_config_names_a_database_server_it_cannot_reach_and_hides_the_password(
+    tmp_path: Path, login: str
+) -> None:
     # As serve would fail on it, check-config says so, before the node is started.
     pytest.importorskip("psycopg")
-    url = f"postgresql+psycopg://ichnode:s3cret@127.0.0.1:{free_port()}/ichnode"
+    url = "postgresql+psycopg://" + login.format(port=free_port())
     path = write_config(tmp_path / "node.yaml", {"database": {"url": url}})
     result = run_cli(["check-config", "--config", str(path)])
     assert result.returncode == 1
@@ -622,9 +627,12 @@ def test_check_config_names_a_database_server_it_cannot_reach_and_hides_the_pass
     assert heading == "error: invalid configuration:"
     assert problem.startswith("  database.url: cannot connect: ") and "refused" in problem, problem
     assert "s3cret" not in result.stderr + result.stdout
+    status = run_cli(["status", "--config", str(path)])
+    assert status.returncode == 1 and "***" in status.stderr and "s3cret" not in status.stderr
     from ichnode.config import load_config
 
-    assert "url: postgresql+psycopg://ichnode:***@127.0.0.1:" in load_config(path).to_yaml()
+    shown = load_config(path).to_yaml()
+    assert "url: postgresql+psycopg://ichnode" in shown and "***" in shown and "s3cret" not in shown
 
 
 def test_serve_gives_up_on_a_database_server_that_does_not_answer(tmp_path: Path, silent_port: int) -> None:

