@@ -488,16 +488,18 @@ def _check_plausible(hu: np.ndarray, padding: np.ndarray) -> None:
     """Refuse HU that no CT gives: a blank image (a slope of 0, a constant
     frame) or much of the field of view out of range (signed data declared
     unsigned, a wrong rescale), which the model would score as if real."""
-    in_field = ~padding
-    n_field = int(np.count_nonzero(in_field))
+    # Whole-array passes, no masked ones (several times slower): padding is
+    # AIR_HU by now, inside the range, so it adds to no count below.
+    n_field = hu.size - int(np.count_nonzero(padding))
     if n_field == 0:
         raise ValueError("Image is blank: every pixel is padding (outside the field of view)")
-    low = float(np.min(hu, where=in_field, initial=np.inf))
-    high = float(np.max(hu, where=in_field, initial=-np.inf))
+    low, high = float(hu.min()), float(hu.max())
+    if n_field < hu.size and AIR_HU in (low, high):  # the padding may be the one other value
+        field = hu[~padding]
+        low, high = float(field.min()), float(field.max())
     if low == high:
         raise ValueError(f"Image is blank: every pixel in its field of view is {low:g} HU")
-    # Padding is AIR_HU by now, inside the range: only the field counts.
-    outside = int(np.count_nonzero((hu < PLAUSIBLE_HU[0]) | (hu > PLAUSIBLE_HU[1])))
+    outside = int(np.count_nonzero(hu < PLAUSIBLE_HU[0])) + int(np.count_nonzero(hu > PLAUSIBLE_HU[1]))
     if outside > MAX_IMPLAUSIBLE_FRACTION * n_field:
         raise ValueError(
             f"HU not plausible for CT: {outside / n_field:.0%} of the field of view is outside "
