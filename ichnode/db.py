@@ -85,6 +85,19 @@ def reports_not_built(series_id: Any) -> Any:
     )
 
 
+def current_scored_result(session: Session, series_id: int, *, before_version: int | None = None) -> Any:
+    """The (id, slice_count) of the series' newest scored result that is not
+    superseded (of a version before ``before_version``); None if it has none."""
+    query = select(SeriesResult.id, SeriesResult.slice_count).where(
+        SeriesResult.series_id == series_id,
+        SeriesResult.status == SCORED,
+        SeriesResult.superseded.is_(False),
+    )
+    if before_version is not None:
+        query = query.where(SeriesResult.version < before_version)
+    return session.execute(query.order_by(SeriesResult.id.desc()).limit(1)).first()
+
+
 def slices_removed(session: Session, result_id: int) -> int:
     """How many of the slices a result was scored from have no instance row
     any more. Only retention deletes instance rows, so these images are gone

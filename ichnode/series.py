@@ -480,17 +480,8 @@ def _images_gone(session: Session, series: db.Series) -> str | None:
     """Why ``series`` cannot be scored again from the spool, or None."""
     if not session.scalar(select(db.Instance.id).where(db.Instance.series_id == series.id).limit(1)):
         return "none of its images are kept (storage.retention_days removed them, or they moved to another series)"
-    current = session.scalar(
-        select(db.SeriesResult.id)
-        .where(
-            db.SeriesResult.series_id == series.id,
-            db.SeriesResult.status == db.SCORED,
-            db.SeriesResult.superseded.is_(False),
-        )
-        .order_by(db.SeriesResult.id.desc())
-        .limit(1)
-    )
-    removed = db.slices_removed(session, current) if current else 0
+    current = db.current_scored_result(session, series.id)
+    removed = db.slices_removed(session, current.id) if current else 0
     if removed:
         return f"storage.retention_days removed {removed} of the images its result was scored from"
     return None

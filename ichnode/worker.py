@@ -282,9 +282,6 @@ class Worker:
         deadlines: dict[Future[Any], float] = {}  # of work a helper took up: past it, it has stopped answering
         stores: list[Future[None]] = []
 
-        def hand_over(future: Future[Any], item: ClaimedSeries, step: str) -> None:
-            preparing[future] = (item, step)
-
         def in_preparation() -> list[ClaimedSeries]:
             return list({id(item): item for item, _ in preparing.values()}.values())
 
@@ -313,7 +310,7 @@ class Worker:
                     fail(item, exc)
                     continue
                 for future, step in started:
-                    hand_over(future, item, step)
+                    preparing[future] = (item, step)
 
         prepare(claimed)
         held: list[ClaimedSeries] = []  # prepared, waiting for others to fill a batch
@@ -347,7 +344,7 @@ class Worker:
                     continue  # another part of it failed already
                 try:
                     for more, next_step in self._prepared(item, step, future.result()):
-                        hand_over(more, item, next_step)
+                        preparing[more] = (item, next_step)
                     if any(other is item for other, _ in preparing.values()):
                         continue  # parts of it still being decoded
                     item.prepared.receive_volume(self.config.series.min_slices)
@@ -696,7 +693,7 @@ class Worker:
         wanted = [(d.ae_title, d.host, d.port) for d in self.config.reports.destinations]
         if self.config.reports.return_to_sender and not calling_ae:
             logger.warning("reports.return_to_sender is set but the series has no known sender")
-        if self.config.reports.return_to_sender and calling_ae:
+        elif self.config.reports.return_to_sender:
             sender = _sender_address(self.config.access.allow, calling_ae, peer_host)
             if sender is None:
                 logger.warning(
@@ -844,17 +841,7 @@ def _older_result_stands(session: Session, item: ClaimedSeries) -> bool:
     version replaces it."""
     if item.version <= 1:
         return False
-    older = session.execute(
-        select(db.SeriesResult.id, db.SeriesResult.slice_count)
-        .where(
-            db.SeriesResult.series_id == item.series_id,
-            db.SeriesResult.version < item.version,
-            db.SeriesResult.status == db.SCORED,
-            db.SeriesResult.superseded.is_(False),
-        )
-        .order_by(db.SeriesResult.id.desc())
-        .limit(1)
-    ).first()
+    older = db.current_scored_result(session, item.series_id, before_version=item.version)
     if older is None or len(item.sop_uids) >= (older.slice_count or 0):
         return False
     removed = db.slices_removed(session, older.id)

@@ -939,13 +939,7 @@ def test_reports_return_to_the_scanner_that_sent_the_series(nodes: Nodes) -> Non
     ]
     _, config = nodes.config(access={"allow": scanners}, reports={"return_to_sender": True, "destinations": []})
     receiver = nodes.start(config, components=("receiver",))
-    statuses = store_files(receiver.port, series.datasets, calling_ae="CT", source_host="127.0.0.2")
-    assert statuses == [0x0000] * len(series.datasets)
-    wait_series_state(receiver, _uid(series.datasets[0]), db.COMPLETE)
-    _score_once(config, receiver)
-    with db.transaction(receiver.sessions) as session:
-        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
-    assert targets == {("CT", "127.0.0.2", 4102)}
+    assert _reports_go_to(config, receiver, series.datasets) == {("CT", "127.0.0.2", 4102)}
 
 
 def test_reports_return_to_the_sender_of_a_series_whose_first_image_came_without_one(nodes: Nodes) -> None:
@@ -965,13 +959,7 @@ def test_reports_return_to_the_sender_of_a_series_whose_first_image_came_without
         first, sop_class_uid=str(first.SOPClassUID), sop_instance_uid=str(first.SOPInstanceUID)
     )
     register_instance(receiver.sessions, header, path=relative, size_bytes=1, calling_ae=None, peer_host=None)
-    statuses = store_files(receiver.port, series.datasets[1:], calling_ae="CT", source_host="127.0.0.2")
-    assert statuses == [0x0000] * (len(series.datasets) - 1)
-    wait_series_state(receiver, _uid(first), db.COMPLETE)
-    _score_once(config, receiver)
-    with db.transaction(receiver.sessions) as session:
-        targets = {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
-    assert targets == {("CT", "127.0.0.2", 4102)}
+    assert _reports_go_to(config, receiver, series.datasets[1:]) == {("CT", "127.0.0.2", 4102)}
 
 
 def test_large_private_values_are_not_held_for_every_slice_while_a_series_is_prepared(nodes: Nodes) -> None:
@@ -1000,6 +988,17 @@ def test_large_private_values_are_not_held_for_every_slice_while_a_series_is_pre
         tracemalloc.stop()
     assert (prepared.skip, len(prepared.rows), prepared.quarantined) == (None, 12, {})
     assert peak < 40 << 20, f"{peak / 2**20:.0f} MB"
+
+
+def _reports_go_to(config: Any, receiver: Any, datasets: list[Any]) -> set[tuple[str, str, int]]:
+    """Send ``datasets`` as the scanner CT at 127.0.0.2, score their series
+    once it is complete; the addresses its reports are queued to."""
+    statuses = store_files(receiver.port, datasets, calling_ae="CT", source_host="127.0.0.2")
+    assert statuses == [0x0000] * len(datasets)
+    wait_series_state(receiver, _uid(datasets[0]), db.COMPLETE)
+    _score_once(config, receiver)
+    with db.transaction(receiver.sessions) as session:
+        return {(d.ae_title, d.host, d.port) for d in session.scalars(select(db.Delivery))}
 
 
 def _score_once(config: Any, receiver: Any) -> None:
