@@ -406,7 +406,10 @@ def test_reports_queued_before_the_clock_went_back_are_sent_at_once(
         job.modify(next_run_time=later)
     stepped[0] = 600.0
     wait_for(lambda: len(pacs.stored()) == 2, timeout=10, message="both reports sent")
-    assert [d.state for d in deliveries(node.sessions)] == [db.SENT] * 2
+    # Recorded sent once the PACS answered: a moment after it stored the second.
+    wait_for(
+        lambda: [d.state for d in deliveries(node.sessions)] == [db.SENT] * 2, timeout=10, message="both recorded sent"
+    )
 
 
 def series_state(node: Any, uid: str) -> str | None:
