@@ -76,6 +76,9 @@ PREPARATION_SECONDS_PER_SLICE = 1.0
 # How often work still queued for the helpers is looked at: its time starts
 # when a helper takes it up.
 TAKEN_UP_CHECK_SECONDS = 1.0
+# Said of an outcome recorded as superseded at once: images came while it
+# was scored (the next version follows), or an earlier result stands.
+_NOT_CURRENT = "; superseded at once, not reported"
 
 
 @dataclass
@@ -645,11 +648,11 @@ class Worker:
     def _store(self, item: ClaimedSeries, scored: Scored | None) -> None:
         if scored is None:
             skip = item.prepared.skip
-            self._finish(item, status=db.SKIPPED, skip_reason=skip)
-            logger.info("series %s skipped: %s", item.series_uid, skip)
+            current = self._finish(item, status=db.SKIPPED, skip_reason=skip)
+            logger.info("series %s skipped: %s%s", item.series_uid, skip, "" if current else _NOT_CURRENT)
             return
         reports, note = self._built_reports(item, scored)
-        self._finish(
+        current = self._finish(
             item,
             status=db.SCORED,
             skip_reason=note,
@@ -662,12 +665,13 @@ class Worker:
         )
         positive = [label for label in LABELS if scored.flags[label]]
         logger.info(
-            "series %s scored (version %d, %d slices, %d quarantined): %s",
+            "series %s scored (version %d, %d slices, %d quarantined): %s%s",
             item.series_uid,
             item.version,
             len(item.sop_uids),
             item.quarantined_count,
             ", ".join(positive) or "no hemorrhage flagged",
+            "" if current else _NOT_CURRENT,
         )
 
     @staticmethod
@@ -722,7 +726,8 @@ class Worker:
         slice_probs: np.ndarray | None = None,
         reports: Sequence[tuple[str, str, str]] = (),
         targets: Sequence[tuple[str, str, int]] = (),
-    ) -> None:
+    ) -> bool:
+        """Record the outcome; whether it is the series' current result (its reports queued)."""
         card = self.model.card
         now = db.utcnow()
         with db.transaction(self.sessions) as session:
@@ -799,6 +804,7 @@ class Worker:
             # Reports of a result that is not current are never sent, so nothing else would remove them.
             for _, _, path in reports:
                 self.spool.remove(path)
+        return bool(replaces)
 
     def _fail(self, item: ClaimedSeries, reason: str) -> None:
         with db.transaction(self.sessions) as session:

@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import io
 import multiprocessing
+import logging
 import os
 import platform
 from concurrent.futures import ProcessPoolExecutor
@@ -554,6 +555,31 @@ def test_the_reports_of_a_stale_result_are_removed(nodes: Nodes) -> None:
     (old,) = results_of(receiver.sessions, series_uid)
     assert (old.version, old.superseded, old.deliveries) == (1, True, [])
     assert not receiver.spool.absolute(report).exists()
+
+
+def test_the_log_says_a_result_superseded_while_it_was_scored_is_not_reported(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    series = phantom(66, n_slices=14, hemorrhage=("subdural",))
+    series_uid = _uid(series.datasets[0])
+    config, receiver = _received_complete(nodes, SimpleNamespace(datasets=series.datasets[:12]), reports=UNREACHED)
+    worker = Worker(config, receiver.sessions, receiver.spool, shared_model())
+    store = worker._store
+
+    def late_slices_arrive_first(item: Any, scored: Any) -> None:
+        assert store_files(receiver.port, series.datasets[12:]) == [0x0000] * 2
+        store(item, scored)
+
+    worker._store = late_slices_arrive_first
+    caplog.set_level(logging.INFO, logger="ichnode.worker")
+    try:
+        assert worker.run_once() == 1
+    finally:
+        worker.close()
+    (old,) = results_of(receiver.sessions, series_uid)
+    assert (old.version, old.superseded, old.deliveries) == (1, True, [])
+    (line,) = [r.getMessage() for r in caplog.records if f"series {series_uid} scored" in r.getMessage()]
+    assert "version 1" in line and line.endswith("superseded at once, not reported")
 
 
 @pytest.mark.parametrize("failing", [("_finish",), ("_finish", "_fail")])
@@ -1172,7 +1198,6 @@ def test_a_model_busy_for_longer_than_the_deadline_takes_no_helper_for_stuck(
 ) -> None:
     # Preparations that finished while the main thread scored (a large model
     # on a CPU), or that wait behind others for a helper, are not overdue.
-    import logging
     import time
 
     monkeypatch.setattr(worker_module, "PREPARATION_SECONDS", 3.0)
