@@ -116,8 +116,11 @@ def test_threshold_choice():
     y = (rng.random(500) < 0.4).astype(float)
     s = np.clip(0.3 * y + 0.7 * rng.random(500), 0, 1)
     t = M.threshold_at_sensitivity(y, s, 0.95)
-    assert ((s >= t) & (y > 0.5)).sum() / (y > 0.5).sum() >= 0.95
-    assert ((s >= t + 1e-9) & (y > 0.5)).sum() / (y > 0.5).sum() < 0.95
+    positive = y > 0.5
+    assert ((s >= t) & positive).sum() / positive.sum() >= 0.95
+    # the highest operating point: flagging one positive fewer misses the target
+    lowest_caught = s[positive & (s >= t)].min()
+    assert ((s > lowest_caught) & positive).sum() / positive.sum() < 0.95
     assert 0 <= M.threshold_youden(y, s) <= 1
     ys = np.stack([y] * 6, axis=1)
     chosen = M.choose_thresholds(ys, np.stack([s] * 6, axis=1))
@@ -139,6 +142,23 @@ def test_youden_threshold_is_the_argmax_of_sensitivity_plus_specificity():
         assert 0 <= t <= 1
         assert youden(t) == pytest.approx(best, abs=1e-12)
         assert best > 0.05  # the scores carry signal: 0.5 or any fixed value would not do
+
+
+def test_thresholds_lie_halfway_between_two_validation_scores_not_on_one():
+    # The node's scores of the validation series differ from those the thresholds
+    # were chosen on in the last bits (float16 cache, batch size, backend): a
+    # threshold equal to a series' score would put that series on either side.
+    rng = np.random.default_rng(11)
+    y = (rng.random(300) < 0.4).astype(float)
+    s = np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1)
+    for t in (M.threshold_at_sensitivity(y, s, 0.95), M.threshold_youden(y, s)):
+        flagged = s >= t
+        assert flagged.any() and not flagged.all()
+        assert t == pytest.approx((s[flagged].min() + s[~flagged].max()) / 2, rel=1e-12)
+        for last_bits in (-1e-9, 1e-9):
+            np.testing.assert_array_equal(s + last_bits >= t, flagged)
+    # Nothing below the chosen score: halfway down to 0, still flagging every series.
+    assert M.threshold_at_sensitivity(np.ones(4), np.array([0.9, 0.8, 0.7, 0.6]), 1.0) == pytest.approx(0.3)
 
 
 def test_threshold_fallbacks_name_the_labels_without_a_rule_threshold():
@@ -167,6 +187,21 @@ def test_read_labels_pivots_and_drops_duplicates(tmp_path):
     assert list(table.columns) == list(LABELS)
     assert table.loc["ID_aaa"].tolist() == [1, 0, 0, 0, 0, 1]
     assert table.loc["ID_bbb"].tolist() == [0] * 6
+
+
+def test_read_labels_refuses_labels_other_than_0_and_1(tmp_path):
+    def labels_of(images: dict[str, dict[str, str]]):
+        rows = ["ID,Label"] + [f"{sop}_{label},{values.get(label, 0)}" for sop, values in images.items()
+                               for label in LABELS]
+        (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+        return rsna.read_labels(tmp_path / "labels.csv")
+
+    # -1 (an "uncertain" label) would wrap to 255: a negative log loss, 255 times the positives.
+    with pytest.raises(rsna.DataError, match=r"labels\.csv: 3 rows have a Label other than 0 or 1: "
+                                              r"ID_aaa_any -1, ID_aaa_intraparenchymal 2, ID_ccc_subdural \(empty\)"):
+        labels_of({"ID_aaa": {"any": "-1", "intraparenchymal": "2"}, "ID_bbb": {"any": "1.0"},
+                   "ID_ccc": {"subdural": ""}})
+    assert labels_of({"ID_bbb": {"any": "1.0"}}).to_numpy().tolist() == [[1, 0, 0, 0, 0, 0]]
 
 
 def test_split_by_patient_keeps_patients_whole():
@@ -259,6 +294,34 @@ def test_indexing_with_worker_processes_logs_no_uid_warning_per_image(tmp_path, 
     assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN  # left as it was
 
 
+def test_data_that_cannot_be_indexed_is_refused_in_one_line_naming_the_cause(tmp_path):
+    from training import evaluate, phantoms, train
+
+    labelled_otherwise = tmp_path / "other"
+    phantoms.write_dataset(labelled_otherwise, 1, seed=12, layout="rsna", matrix=64, progress=False)
+    images, csv = labelled_otherwise / rsna.TRAIN_DIR, labelled_otherwise / rsna.TRAIN_CSV
+    files = sorted(images.glob("*.dcm"))
+    flat = tmp_path / "flat"  # the images in the data folder itself
+    flat.mkdir()
+    for f in files:
+        (flat / f.name).symlink_to(f)
+    shutil.copyfile(csv, flat / rsna.TRAIN_CSV)
+    csv.write_text(csv.read_text().replace("\nID_", "\nID_x"))  # another data set's labels
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace("workers: 2", "workers: 1"))
+    causes = {
+        labelled_otherwise: f"none of the {len(files)} images in {images} has a label in {csv} (it names "
+                            f"{len(files)} other images)",
+        flat: f"image folder {flat / rsna.TRAIN_DIR} does not exist: the images go in {rsna.TRAIN_DIR}/ inside the "
+              f"data folder ({len(files)} .dcm files are in {flat} itself)",
+    }
+    for folder, cause in causes.items():
+        for command, options in ((train.main, ["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]),
+                                 (evaluate.main, ["--model", "default", "--out", str(tmp_path / "r.json")])):
+            result = CliRunner().invoke(command, ["--data", str(folder), *options, "--quiet"])
+            assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+            assert f"Error: {cause}" in result.output
+
+
 def test_the_index_and_slice_cache_are_rebuilt_when_their_data_change(tmp_path):
     import pydicom
 
@@ -337,6 +400,51 @@ def test_training_without_the_cache_leaves_out_a_slice_that_cannot_be_decoded(tm
     split = run.index.loc[run.index["image_id"] == broken.stem, "split"].iat[0]
     batches = list(run.dataset(split, training=False, repeat=False, batch_size=32))
     assert [x.shape for x, _ in batches] == [(31, 32, 32, 9)]
+
+
+def test_training_batches_follow_from_the_seed_alone(tmp_path):
+    """The same seed gives the same batches, in the same order, flipped alike, however
+    long each batch takes to load and whatever else drew random numbers before."""
+    import itertools
+    import time
+
+    import tensorflow as tf
+
+    n, size = 40, (8, 8)
+    cache = rsna.SliceCache(tmp_path, ((40.0, 80.0),), size, "float32")
+    np.save(cache.images_path, np.random.default_rng(0).random((n, *size, 1), dtype=np.float32))
+    index = pd.DataFrame({"path": [f"{i}.dcm" for i in range(n)]})
+    loader = rsna.SliceLoader(index, np.arange(n)[:, None], 0, cache.windows, size, cache=cache)
+    labels = np.repeat(np.arange(n, dtype=np.float32)[:, None], len(LABELS), axis=1)  # a row's number
+
+    class FirstBatchLoadsLast:
+        """The same slices, the first batch read slowly (a cold disk, a busy core)."""
+
+        def __init__(self) -> None:
+            self.size, self.channels, self.calls = loader.size, loader.channels, itertools.count()
+
+        def load(self, rows: np.ndarray) -> np.ndarray:
+            if next(self.calls) == 0:
+                time.sleep(0.5)
+            return loader.load(rows)
+
+    def batches(source, seed: int, augment: bool = True) -> list:
+        tf.random.set_seed(seed * 100)  # the global seed: other draws of the process
+        ds = rsna.slice_dataset(source, np.arange(n), labels, batch_size=4, shuffle=True, seed=seed, repeat=True,
+                                augment=augment, parallel_calls=4)
+        return [(np.asarray(x), np.asarray(y)) for x, y in ds.take(12)]  # past the first epoch
+
+    first = batches(loader, 5)
+    for (x, y), (x_again, y_again) in zip(first, batches(FirstBatchLoadsLast(), 5), strict=True):
+        np.testing.assert_array_equal(y_again, y)
+        np.testing.assert_array_equal(x_again, x)
+    # Each slice as it is or mirrored left-right, both drawn; another seed draws otherwise.
+    plain = np.concatenate([x for x, _ in batches(loader, 5, augment=False)])
+    flipped = np.concatenate([x for x, _ in first])
+    mirrored = [bool(np.array_equal(f, p[:, ::-1])) for f, p in zip(flipped, plain)]
+    assert all(m or np.array_equal(f, p) for m, f, p in zip(mirrored, flipped, plain))
+    assert 0 < sum(mirrored) < len(mirrored)
+    assert not all(np.array_equal(y, y_other) for (_, y), (_, y_other) in zip(first, batches(loader, 6)))
 
 
 # -- end to end -----------------------------------------------------------------------
@@ -461,17 +569,19 @@ def test_run_outputs_curves_checkpoints_and_card(trained):
 
 
 def _validation_series_scores(trained) -> tuple:
-    """The validation series' labels and scores as the node gives them (series-level, the card's aggregation)."""
-    from training import train
+    """The validation series' labels and scores as the node gives them (series-level, the card's aggregation):
+    each series read from its DICOM files by ``preprocess_series``, as ``training.evaluate`` and the node do."""
+    from training import evaluate, train
 
     config = train.TrainConfig.load(trained["config"])
     run = train.Run(trained["data"], config, trained["out"], "test", progress=False)
     run.prepare_data()  # reads the run's index, split and cache
     model = load_model(trained["model"])
     truth, scores = [], []
-    for rows in run.series_rows("val"):
+    for rows, x, failures in evaluate.series_volumes(run.index, trained["data"], run.series_rows("val"), model.card):
+        assert not failures
         truth.append(run.labels[rows].max(axis=0))
-        scores.append(model.predict_series(run.loader.load(rows)).max(axis=0))  # aggregation: max
+        scores.append(model.predict_series(x).max(axis=0))  # aggregation: max
     assert model.card.series_aggregation == "max"
     return model.card, np.array(truth), np.array(scores), config
 
@@ -480,17 +590,23 @@ def test_card_thresholds_follow_the_documented_rule_at_series_level(trained):
     card, truth, scores, config = _validation_series_scores(trained)
     assert len(truth) >= 2 and truth[:, 0].any()
     thresholds = card.thresholds
-    # any: the highest threshold flagging 95 % of the positive validation series
-    assert thresholds["any"] == pytest.approx(M.threshold_at_sensitivity(truth[:, 0], scores[:, 0], 0.95), abs=1e-6)
+    # Chosen on the very scores the node gives (not on the float16 training cache's,
+    # which differ in the last bits): any at 95 % sensitivity, subtypes by Youden's J.
+    assert thresholds["any"] == M.threshold_at_sensitivity(truth[:, 0], scores[:, 0], 0.95)
     assert config.export.any_sensitivity == 0.95
-    flagged = scores[truth[:, 0] > 0.5, 0] >= thresholds["any"]
-    assert flagged.mean() >= 0.95
-    for j, label in enumerate(LABELS[1:], start=1):  # subtypes: Youden's J on the same series
-        assert thresholds[label] == pytest.approx(M.threshold_youden(truth[:, j], scores[:, j]), abs=1e-6), label
+    for j, label in enumerate(LABELS[1:], start=1):
+        assert thresholds[label] == M.threshold_youden(truth[:, j], scores[:, j]), label
     validation = card.metrics["validation"]
     assert validation["n_series"] == len(truth)
     assert validation["series_sens_spec"]["any"]["sensitivity"] >= 0.95
     assert validation["positives_series"] == {label: int(v) for label, v in zip(LABELS, truth.sum(axis=0))}
+    # What the card states is what the node gives on those series.
+    for j, label in enumerate(LABELS):
+        positive, flagged = truth[:, j] > 0.5, scores[:, j] >= thresholds[label]
+        counts = {"tp": positive & flagged, "fn": positive & ~flagged, "tn": ~positive & ~flagged,
+                  "fp": ~positive & flagged}
+        stated = validation["series_sens_spec"][label]
+        assert {k: stated[k] for k in counts} == {k: int(v.sum()) for k, v in counts.items()}, label
 
 
 def test_a_label_without_positive_validation_series_is_named_in_the_card(trained):
@@ -542,6 +658,41 @@ def test_rerun_resumes_without_retraining(trained):
     assert (out / "slice_model.keras").stat().st_mtime_ns == stamp
     assert (out / "sequence_head.keras").exists()
     load_model(trained["model"])
+
+
+def test_a_rerun_with_other_stage_settings_is_refused_naming_them(trained, tmp_path):
+    from training import train
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    card, written = card_path_for(out / "export" / "tiny.keras"), (out / "config.yaml").read_text()
+    stated, cached = card.read_text(), sorted((out / "cache").iterdir())
+
+    def rerun(config: str):
+        (tmp_path / "c.yaml").write_text(config)
+        arguments = ["--data", str(trained["data"]), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet"]
+        return CliRunner().invoke(train.main, arguments)
+
+    # Kept models of another seed and epochs would be carded with this config's.
+    result = rerun(TINY_CONFIG.replace("seed: 3", "seed: 4").replace("{epochs: 2, steps_per_epoch: 3", "{epochs: 5, "
+                                                                   "steps_per_epoch: 3"))
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert "slice stage" in result.output and "seed 3 -> 4, slice_stage.epochs 2 -> 5" in result.output
+    assert "use a new run folder" in result.output
+    # Another input size: refused before a slice cache of that size is built.
+    result = rerun(TINY_CONFIG.replace("size: [32, 32]", "size: [48, 48]"))
+    assert result.exit_code == 1 and "input.size [32, 32] -> [48, 48]" in result.output, result.output
+    assert (out / "config.yaml").read_text() == written and card.read_text() == stated
+    assert sorted((out / "cache").iterdir()) == cached
+    # A run folder from before the settings were recorded: its slice model's input is checked.
+    (out / train.STAGE_SETTINGS).unlink()
+    result = rerun(TINY_CONFIG.replace("size: [32, 32]", "size: [48, 48]"))
+    assert result.exit_code == 1 and r"takes inputs of shape (32, 32, 9)" in result.output, result.output
+    assert sorted((out / "cache").iterdir()) == cached
+    # Settings that shape no model (processes, the card's name) may change.
+    (tmp_path / "c.yaml").write_text(TINY_CONFIG.replace("workers: 2", "workers: 1").replace("name: tiny", "name: t2"))
+    config = train.TrainConfig.load(tmp_path / "c.yaml")
+    train.Run(trained["data"], config, trained["out"], "test", progress=False).refuse_changed_stage_settings()
 
 
 def test_interrupted_stage_resumes_from_backup(phantom_data, tmp_path):
@@ -743,6 +894,34 @@ def test_evaluate_writes_report_plot_and_submission(trained, tmp_path):
     assert data["n_slices"] == len(files) - 2 and data["submission_filled"] == 2
     assert sub["ID"].str.match(r"^ID_[0-9a-z]+_(any|epidural|intraparenchymal|intraventricular|subarachnoid|subdural)$").all()
     assert sub["Label"].between(0, 1).all()
+
+
+def test_an_evaluation_report_names_each_skipped_file_by_folder_and_is_strict_json(trained, tmp_path):
+    import pydicom
+
+    from training import evaluate
+
+    # One series (the one with the slice whose pixels cannot be decoded) and the file that is no DICOM.
+    images = trained["data"] / rsna.TRAIN_DIR
+    series = pydicom.dcmread(images / "ID_badpixels.dcm", stop_before_pixels=True).SeriesInstanceUID
+    one = tmp_path / "one"
+    (one / rsna.TRAIN_DIR).mkdir(parents=True)
+    for f in images.glob("*.dcm"):
+        if f.stem == "ID_0000garbage" or pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == series:
+            (one / rsna.TRAIN_DIR / f.name).symlink_to(f)
+    shutil.copyfile(trained["data"] / rsna.TRAIN_CSV, one / rsna.TRAIN_CSV)
+    evaluate.evaluate(load_model(trained["model"]), one, tmp_path / "report.json", workers=1, progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    # Every path relative to its data folder, which each entry names (pooled reports hold several).
+    assert sorted(s["path"] for s in report["skipped"]) == [f"{rsna.TRAIN_DIR}/ID_0000garbage.dcm",
+                                                             f"{rsna.TRAIN_DIR}/ID_badpixels.dcm"]
+    assert all(s["data"] == str(one) for s in report["skipped"])
+    # One series: no series AUC is defined; null, as in the model card.
+    assert report["n_series"] == 1 and set(report["series_auc"].values()) == {None}
 
 
 def test_export_refuses_a_heldout_report_of_another_model_or_of_its_own_patients(trained, tmp_path):

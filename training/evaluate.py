@@ -17,7 +17,9 @@ phantom set moves a subtype's series AUC by up to 0.1).
 ``REPORT.json`` holds ``weighted_log_loss``, ``slice_auc`` and ``series_auc``
 (label -> AUC), ``series_auc_ci95`` (label -> [low, high], bootstrap over
 series), sensitivity/specificity at the card thresholds at slice and
-series level, counts and throughput; ``REPORT.roc.png`` the ROC curves.
+series level, counts, throughput and the ``skipped`` files (``data`` folder,
+``path`` relative to it, ``error``); a metric undefined on the data (the AUC
+of a label with one class) is ``null``.  ``REPORT.roc.png`` the ROC curves.
 The images are read from ``DIR/stage_2_train`` (labels from
 ``DIR/stage_2_train.csv``), or from ``DIR/stage_2_test`` when the folder has
 no labels CSV but that folder (the Kaggle test layout); ``--image-dir``
@@ -48,7 +50,7 @@ import pandas as pd
 
 from ichnode import imaging
 from ichnode.config import LABELS
-from ichnode.model import HemorrhageModel, load_model
+from ichnode.model import HemorrhageModel, ModelCard, load_model
 from training import metrics as M
 from training import rsna
 
@@ -103,6 +105,19 @@ def _bounded_map(fn: Any, jobs: list, workers: int, ahead: int) -> Iterator[Any]
             yield result
 
 
+def series_volumes(
+    index: pd.DataFrame, data_dir: Path, series: Sequence[np.ndarray], card: ModelCard, workers: int = 1
+) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[tuple[int, str]]]]:
+    """Each series' model input as the node makes it: its index ``rows`` (z order)
+    read from the DICOM files by ``ichnode.imaging.preprocess_series`` with the
+    card's windows, size and context, float32, decoded in ``workers`` processes.
+    Yields ``(rows in the volume, volume or None, [(row, error)] of the files left out)``."""
+    preprocessing = (card.windows, card.input_size, card.context_slices)
+    jobs = [([os.path.join(data_dir, index["path"].iat[r]) for r in rows], *preprocessing) for rows in series]
+    for rows, (volume, used, failures) in zip(series, _bounded_map(_load_series, jobs, workers, 2 * workers)):
+        yield rows[used], volume, [(int(rows[i]), error) for i, error in failures]
+
+
 def predict_dataset(
     model: HemorrhageModel,
     index: pd.DataFrame,
@@ -113,28 +128,23 @@ def predict_dataset(
     progress: bool = True,
 ) -> tuple[np.ndarray, list[dict[str, str]], dict[str, float]]:
     """Probabilities ``(N, 6)`` for every index row (``nan`` for skipped rows),
-    the skipped files, and the seconds spent: ``wall_s`` in all, ``model_s`` in the model."""
+    the skipped files (paths relative to ``data_dir``), and the seconds spent:
+    ``wall_s`` in all, ``model_s`` in the model."""
     from tqdm import tqdm
 
-    card = model.card
     probs = np.full((len(index), len(LABELS)), np.nan, dtype=np.float32)
     skipped: list[dict[str, str]] = []
-    series = list(rsna.iter_series(index))
-    jobs = [
-        ([os.path.join(data_dir, index["path"].iat[r]) for r in rows], card.windows, card.input_size, card.context_slices)
-        for _, rows in series
-    ]
+    series = [rows for _, rows in rsna.iter_series(index)]
     t_model = 0.0
     started = time.perf_counter()
     bar = tqdm(total=len(index), desc="evaluate", unit="slice", disable=not progress)
-    for (series_uid, rows), (volume, used, failures) in zip(series, _bounded_map(_load_series, jobs, workers, 2 * workers)):
-        for i, error in failures:
-            skipped.append({"path": index["path"].iat[rows[i]], "error": error})
+    for rows, volume, failures in series_volumes(index, data_dir, series, model.card, workers):
+        skipped += [{"path": index["path"].iat[row], "error": error} for row, error in failures]
         if volume is not None:
             t0 = time.perf_counter()
-            probs[rows[used]] = model.predict_series(volume, batch_size=batch_size)
+            probs[rows] = model.predict_series(volume, batch_size=batch_size)
             t_model += time.perf_counter() - t0
-        bar.update(len(rows))
+        bar.update(len(rows) + len(failures))
     bar.close()
     return probs, skipped, {"wall_s": time.perf_counter() - started, "model_s": t_model}
 
@@ -158,7 +168,8 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
             ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(truth, y_prob[:, i]):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{level} level", xlim=(0, 1), ylim=(0, 1.01))
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # none where every label has one class
+            ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -241,8 +252,6 @@ def evaluate(
             workers=workers, progress=progress,
         )
         image_ids += sorted(p.stem for p in (folder / images).iterdir() if p.suffix.lower() == ".dcm")
-        # What the index left out is part of the report, not only of a log.
-        skipped += rsna.index_skipped(folder_cache)
         probs, folder_skipped, folder_timing = predict_dataset(
             model, index, folder, batch_size=batch_size, workers=workers, progress=progress
         )
@@ -250,7 +259,9 @@ def evaluate(
         index = index.assign(data=str(folder), series_key=f"{number}/" + index["series_uid"])
         parts.append(index)
         all_probs.append(probs)
-        skipped += folder_skipped
+        # What the index left out is part of the report, not only of a log; paths are
+        # relative to their folder, which pooled folders may share.
+        skipped += [{"data": str(folder), **entry} for entry in rsna.index_skipped(folder_cache) + folder_skipped]
         for key in timing:
             timing[key] += folder_timing[key]
     index = pd.concat(parts, ignore_index=True)
@@ -293,8 +304,22 @@ def evaluate(
         table.to_csv(predictions, index=False, float_format="%.6f")
         result["predictions"] = str(predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    out.write_text(json.dumps(_strict_json(result), indent=2, allow_nan=False) + "\n")
     return result
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` for standard JSON: an undefined metric (nan) is null, as in the
+    model card; strict readers (JavaScript, many dashboards) refuse ``NaN``."""
+    if isinstance(value, dict):
+        return {key: _strict_json(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 @click.command()
@@ -324,8 +349,12 @@ def main(model_arg: str, data_dirs: tuple[Path, ...], out: Path, image_dir: str 
     model = load_model(None if model_arg == "default" else Path(model_arg))
     if cache_dir is not None and len(data_dirs) > 1:
         raise click.BadParameter("give --cache-dir with a single --data folder", param_hint="--cache-dir")
-    result = evaluate(model, list(data_dirs), out, submission=submission, predictions=predictions, cache_dir=cache_dir,
-                      image_dir=image_dir, batch_size=batch_size, workers=workers, progress=not quiet)
+    try:
+        result = evaluate(model, list(data_dirs), out, submission=submission, predictions=predictions,
+                          cache_dir=cache_dir, image_dir=image_dir, batch_size=batch_size, workers=workers,
+                          progress=not quiet)
+    except rsna.DataError as exc:
+        raise click.ClickException(str(exc)) from exc
     if "series_auc" in result:
         click.echo(f"weighted log loss {result['weighted_log_loss']:.4f}")
         for label in LABELS:

@@ -149,26 +149,40 @@ def series_level(
     return [str(s) for s in order], truth, probs
 
 
+def _below(score: float, scores: np.ndarray) -> float:
+    """A threshold flagging the same ``scores`` as ``score`` (``>=``), halfway down
+    to the next lower one (to 0 when none is lower).  A threshold equal to a
+    score would put that series on a knife edge: the node's score of it differs
+    in the last bits (float16 training cache, batch size, backend)."""
+    lower = scores[scores < score]
+    return float((score + (lower.max() if len(lower) else 0.0)) / 2)
+
+
 def threshold_at_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold whose sensitivity (``score >= t``) is at least ``sensitivity``."""
+    """A threshold of the highest operating point whose sensitivity (``score >= t``)
+    is at least ``sensitivity``, halfway between the lowest positive score it
+    flags and the next lower score."""
     truth = np.asarray(y_true) > 0.5
-    positives = np.sort(np.asarray(y_score, dtype=np.float64)[truth])[::-1]
+    scores = np.asarray(y_score, dtype=np.float64)
+    positives = np.sort(scores[truth])[::-1]
     if len(positives) == 0:
         return 0.5
     k = max(1, math.ceil(sensitivity * len(positives)))
-    return float(positives[k - 1])
+    return _below(positives[k - 1], scores)
 
 
 def threshold_youden(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (Youden's J)."""
+    """A threshold of the operating point maximising sensitivity + specificity - 1
+    (Youden's J), halfway between the lowest score it flags and the next lower one."""
     from sklearn.metrics import roc_curve
 
     truth = np.asarray(y_true) > 0.5
     if truth.all() or not truth.any():
         return 0.5
-    fpr, tpr, thr = roc_curve(truth, y_score)
+    scores = np.asarray(y_score, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(truth, scores)
     best = int(np.argmax(tpr - fpr))
-    return float(min(1.0, max(0.0, thr[best])))
+    return _below(min(1.0, thr[best]), scores)
 
 
 def choose_thresholds(

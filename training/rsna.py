@@ -58,8 +58,8 @@ TEST_DIR = "stage_2_test"  # the Kaggle test images: no labels
 INDEX_FILE = "index.csv"
 INDEX_FINGERPRINT = "index_fingerprint.json"
 # Bumped when the rules of what is indexed change: an index an older rule
-# built is rebuilt, not read.
-INDEX_FORMAT = 2
+# built is rebuilt, not read.  3: skipped files relative to the data folder.
+INDEX_FORMAT = 3
 SKIPPED_FILE = "index_skipped.csv"
 HEADER_TAGS = (
     "PatientID",
@@ -77,6 +77,11 @@ HEADER_TAGS = (
 )
 
 
+class DataError(ValueError):
+    """A data folder that cannot be read as the RSNA layout (the command lines
+    report it in one line)."""
+
+
 # --------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------
@@ -89,10 +94,20 @@ def read_labels(csv_path: Path) -> pd.DataFrame:
     column per label in :data:`LABELS` order.  Exact duplicated rows are
     dropped; an image listed twice for one label with different values keeps
     the maximum (and is logged).  Images lacking a label are dropped (logged).
+    A Label other than 0 or 1 (``-1`` for "uncertain", an empty one) is
+    refused with :class:`DataError`.
     """
-    frame = pd.read_csv(csv_path, dtype={"ID": str, "Label": "int8"})
+    frame = pd.read_csv(csv_path, dtype={"ID": str, "Label": str}, keep_default_na=False)
     if list(frame.columns[:2]) != ["ID", "Label"]:
-        raise ValueError(f"{csv_path}: expected header ID,Label, got {list(frame.columns)}")
+        raise DataError(f"{csv_path}: expected header ID,Label, got {list(frame.columns)}")
+    # Checked before any cast: -1 would become 255 as uint8 (a negative log loss,
+    # 255 "positives" per slice).
+    values = pd.to_numeric(frame["Label"], errors="coerce")
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        examples = ", ".join(f"{i} {v or '(empty)'}" for i, v in frame.loc[bad, ["ID", "Label"]].head(5).to_numpy())
+        raise DataError(f"{csv_path}: {int(bad.sum())} rows have a Label other than 0 or 1: {examples}")
+    frame["Label"] = values.astype(np.uint8)
     n = len(frame)
     frame = frame.drop_duplicates()
     if len(frame) < n:
@@ -101,7 +116,7 @@ def read_labels(csv_path: Path) -> pd.DataFrame:
     frame = pd.DataFrame({"image_id": parts[0], "label": parts[1], "value": frame["Label"]})
     unknown = set(frame["label"].unique()) - set(LABELS)
     if unknown:
-        raise ValueError(f"{csv_path}: unknown labels {sorted(unknown)}, expected {list(LABELS)}")
+        raise DataError(f"{csv_path}: unknown labels {sorted(unknown)}, expected {list(LABELS)}")
     conflicts = frame.duplicated(["image_id", "label"]).sum()
     if conflicts:
         logger.warning("%s: %d image/label pairs listed with different values; keeping the max", csv_path, conflicts)
@@ -260,20 +275,27 @@ def build_index(
     is keyed on), and the six labels when ``labels_csv`` exists (images
     without labels are then dropped).  Rows are sorted by series then z.
     Files whose header cannot be read are skipped and written, with the
-    reason, to ``cache_dir/index_skipped.csv``.
+    reason and their path relative to ``data_dir``, to
+    ``cache_dir/index_skipped.csv``.  A folder that cannot be indexed (no
+    image folder, no ``.dcm`` file, a labels CSV that is wrong or names none
+    of the images) raises :class:`DataError`.
     """
     from tqdm import tqdm
 
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     index_path = cache_dir / INDEX_FILE
     fingerprint_path = cache_dir / INDEX_FINGERPRINT
     root = data_dir / image_dir
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        misplaced = len(_dicom_files(data_dir)) if data_dir.is_dir() else 0
+        raise DataError(
+            f"image folder {root} does not exist: the images go in {image_dir}/ inside the data folder"
+            + (f" ({misplaced} .dcm files are in {data_dir} itself)" if misplaced else "")
+        )
     files = _dicom_files(root)
     if not files:
-        raise ValueError(f"no .dcm files in {root}")
+        raise DataError(f"no .dcm files in {root}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
     csv = data_dir / labels_csv if labels_csv else None
     fingerprint = _fingerprint(data_dir, image_dir, files, csv)
     if index_path.exists() and not rebuild:
@@ -305,12 +327,14 @@ def build_index(
     bar.close()
 
     table = pd.DataFrame.from_records(records)
+    table["file_size"] = [files[p][0] for p in table["path"]]
+    table["file_mtime_ns"] = [files[p][1] for p in table["path"]]
+    # Skipped files relative too, as the index and the decoding failures name
+    # files (a pooled evaluation report gives the data folder beside each).
+    table["path"] = [os.path.relpath(p, data_dir) for p in table["path"]]
     skipped = table[table["error"] != ""][["path", "error"]].copy()
     table = table[table["error"] == ""].drop(columns="error")
     table["image_id"] = [Path(p).stem for p in table["path"]]
-    table["file_size"] = [files[p][0] for p in table["path"]]
-    table["file_mtime_ns"] = [files[p][1] for p in table["path"]]
-    table["path"] = [os.path.relpath(p, data_dir) for p in table["path"]]
     table = table.rename(
         columns={
             "PatientID": "patient_id",
@@ -351,6 +375,10 @@ def build_index(
     if csv is not None and csv.exists():
         labels = read_labels(csv)
         missing = ~table["image_id"].isin(labels.index)
+        if len(missing) and missing.all():
+            # Else an empty index: the metrics, or the split, would fail far from the cause.
+            raise DataError(f"none of the {len(missing)} images in {root} has a label in {csv} (it names "
+                            f"{len(labels)} other images)")
         if missing.any():
             logger.warning("%d images have no labels in %s; skipped", int(missing.sum()), csv)
             skipped = pd.concat(
@@ -763,7 +791,9 @@ def slice_dataset(
     Rows (ints) are shuffled with ``seed`` (reshuffled each epoch), batched,
     then each batch is loaded by ``loader`` in parallel (``numpy_function``,
     ``num_parallel_calls``), optionally augmented (random left-right flip)
-    and prefetched.  With ``oversample`` > 0 (shuffled, repeated datasets
+    and prefetched.  The batches, their order and their flips follow from
+    ``seed`` alone: not from which parallel load finishes first, nor from
+    the global random state.  With ``oversample`` > 0 (shuffled, repeated datasets
     only) that fraction of the rows is drawn from the positive slices of each
     subtype in equal parts, so rare subtypes are seen more often.  With
     ``hard_fraction`` > 0 that fraction is drawn from ``hard_rows`` (the
@@ -803,23 +833,25 @@ def slice_dataset(
             weights=[1.0 - sum(share for _, share in sources)] + [share for _, share in sources],
             seed=seed,
         )
-    ds = ds.batch(batch_size, drop_remainder=False)
+    # Numbered: each batch's flips are drawn from the seed and its number.
+    ds = ds.batch(batch_size, drop_remainder=False).enumerate()
     h, w = loader.size
     c = loader.channels
     label_table = tf.constant(labels)
 
-    def load(batch_rows: Any) -> tuple[Any, Any]:
+    def load(number: Any, batch_rows: Any) -> tuple[Any, Any]:
         x = tf.numpy_function(loader.load, [batch_rows], tf.float32, stateful=False)
         x = tf.ensure_shape(x, [None, h, w, c])
+        if augment:
+            # Stateless: a shared random state would hand its draws to the batches
+            # in the order the parallel loads happen to finish.
+            batch_seed = tf.stack([tf.constant(seed, tf.int64), number])
+            draw = tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, 1], seed=batch_seed)
+            x = tf.where(draw < 0.5, tf.reverse(x, axis=[2]), x)
         return x, tf.gather(label_table, batch_rows)
 
-    ds = ds.map(load, num_parallel_calls=parallel_calls or autotune, deterministic=not shuffle)
-    if augment:
-        def flip(x: Any, y: Any) -> tuple[Any, Any]:
-            flip_mask = tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5
-            return tf.where(flip_mask, tf.reverse(x, axis=[2]), x), y
-
-        ds = ds.map(flip, num_parallel_calls=autotune)
+    # In order, not as the parallel loads finish.
+    ds = ds.map(load, num_parallel_calls=parallel_calls or autotune, deterministic=True)
     return ds.prefetch(prefetch or autotune)
 
 

@@ -6,7 +6,10 @@ Usage::
 
 Stages, each skipped when its output is already in ``RUNDIR`` (so running the
 same command again resumes an interrupted run; inside a stage Keras'
-``BackupAndRestore`` resumes from the last finished epoch):
+``BackupAndRestore`` resumes from the last finished epoch).  The settings
+that shape each stage's model are recorded when it starts
+(``stage_settings.json``); a run resumed with other values is refused, naming
+them, since the kept models would be described by the new ones in the card:
 
 1. index, patient split, preprocessed slice cache (:mod:`training.rsna`);
 2. slice stage: the 2.5D CNN + slice head on single slices
@@ -55,6 +58,8 @@ from training import rsna
 # processes (spawned) import this module and must stay light.
 
 logger = logging.getLogger(__name__)
+
+STAGE_SETTINGS = "stage_settings.json"
 
 
 class _Section(BaseModel):
@@ -206,14 +211,74 @@ class Run:
         self.cache_dir = config.data.cache_dir or self.out / "cache"
         self.hard_rows: np.ndarray | None = None  # see hardest_slices
 
+    # -------------------------------------------------------------- resume
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """What shapes the model of ``stage`` ("slice" or "sequence"), by dotted
+        name; the sequence stage is trained on the slice stage's embeddings."""
+        dumped = self.config.model_dump(mode="json")
+        settings = {
+            "seed": self.config.seed,
+            "input": dumped["input"],
+            "architecture": self.config.arch.get_config(),  # defaults spelt out or left out alike
+            # The split is kept in split.csv; the cache settings give the pixels trained on.
+            "data": {key: dumped["data"][key] for key in ("split", "split_from", "cache", "cache_dtype")},
+            "slice_stage": dumped["slice_stage"],
+        }
+        if stage == "sequence":
+            settings["sequence_stage"] = dumped["sequence_stage"]
+        return _dotted(settings)
+
+    def _stage_artefacts(self, stage: str) -> list[Path]:
+        artefacts = [self.out / ("slice_model.keras" if stage == "slice" else "sequence_head.keras"),
+                     self.out / "backup" / stage, self.out / "checkpoints" / f"{stage}_best.keras"]
+        return artefacts + ([self.out / "hard_examples.csv"] if stage == "slice" else [])
+
+    def _record_stage_settings(self, stage: str) -> None:
+        path = self.out / STAGE_SETTINGS
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        recorded[stage] = self.stage_settings(stage)
+        path.write_text(json.dumps(recorded, indent=1))
+
+    def refuse_changed_stage_settings(self) -> None:
+        """Refuse to resume a stage begun or finished with other settings that
+        shape its model (it would be kept, and carded with this config's), before
+        indexing and caching the data; a slice model from before the settings
+        were recorded is checked for its input shape and architecture."""
+        path = self.out / STAGE_SETTINGS
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        for stage in ("slice", "sequence"):
+            if not any(p.exists() for p in self._stage_artefacts(stage)):
+                continue
+            if stage not in recorded:
+                if stage == "slice" and (self.out / "slice_model.keras").exists():
+                    logger.warning("%s records no settings of the slice stage (an older run): only its model's input "
+                                   "and architecture are checked against this config", self.out)
+                    self._check_slice_model(self.out / "slice_model.keras", "the slice model of this run folder",
+                                            "use a new run folder, or the settings it was trained with")
+                continue
+            now = self.stage_settings(stage)
+            changed = [key for key in dict.fromkeys([*recorded[stage], *now])
+                       if recorded[stage].get(key, _UNSET) != now.get(key, _UNSET)]
+            if changed:
+                raise click.ClickException(
+                    f"{self.out} holds a {stage} stage trained with other settings than this config's: "
+                    + ", ".join(f"{key} {_shown(recorded[stage], key)} -> {_shown(now, key)}" for key in changed)
+                    + f". Its model would be kept and described by this config in the card: use a new run folder, "
+                    f"or the settings recorded in {path}"
+                )
+
     # ---------------------------------------------------------------- data
     def prepare_data(self) -> None:
         cfg = self.config
         if cfg.slice_stage.init_from is not None:
-            self._check_init_from(cfg.slice_stage.init_from)
-        self.index = rsna.build_index(
-            self.data_dir, self.cache_dir, workers=cfg.data.workers, progress=self.progress
-        )
+            self._check_slice_model(cfg.slice_stage.init_from, f"slice_stage.init_from {cfg.slice_stage.init_from}",
+                                    "use the input settings and `architecture` section of the run that made it")
+        try:
+            self.index = rsna.build_index(
+                self.data_dir, self.cache_dir, workers=cfg.data.workers, progress=self.progress
+            )
+        except rsna.DataError as exc:
+            raise click.ClickException(str(exc)) from exc
         if not rsna.has_labels(self.index):
             raise click.ClickException(f"{self.data_dir} has no {rsna.TRAIN_CSV}: cannot train")
         self.index["split"] = self.split()
@@ -255,10 +320,11 @@ class Run:
                 "in both of its splits, or new ones)."
             )
 
-    def _check_init_from(self, path: Path) -> None:
-        """Refuse a starting model of another input shape, or of another
-        architecture than the config's (which the model card records), before
-        indexing and caching the data (hours on the full set), not inside ``fit``."""
+    def _check_slice_model(self, path: Path, what: str, advice: str) -> None:
+        """Refuse a slice model (``what``: where it comes from) of another input
+        shape, or of another architecture than the config's (which the model card
+        records), before indexing and caching the data (hours on the full set),
+        not inside ``fit`` or at export."""
         import keras
 
         from training import models
@@ -266,20 +332,19 @@ class Run:
         try:
             model = keras.saving.load_model(path, compile=False)
         except (OSError, ValueError) as exc:
-            raise click.ClickException(f"slice_stage.init_from {path}: {exc}") from exc
+            raise click.ClickException(f"{what}: {exc}") from exc
         have = tuple(model.inputs[0].shape[1:])
         want = (*self.config.input.size, self.config.channels)
         if have != want:
             raise click.ClickException(
-                f"slice_stage.init_from {path} takes inputs of shape {have}, but input.size and the windows and "
-                f"context_slices of this config give {want}: use the starting model's input settings"
+                f"{what} takes inputs of shape {have}, but input.size and the windows and context_slices of this "
+                f"config give {want}: {advice}"
             )
         encoder = models.build_slice_encoder(want, self.config.arch)
         described = models.build_slice_model(encoder, models.build_slice_head())
         if [tuple(w.shape) for w in model.weights] != [tuple(w.shape) for w in described.weights]:
             raise click.ClickException(
-                f"slice_stage.init_from {path} is not of the architecture this config describes, which the model "
-                "card would record: copy the `architecture` section of the run that made it"
+                f"{what} is not of the architecture this config describes, which the model card would record: {advice}"
             )
 
     def split(self) -> pd.Series:
@@ -342,6 +407,7 @@ class Run:
         if path.exists():
             logger.info("slice stage done: %s", path)
             return keras.saving.load_model(path, compile=False)
+        self._record_stage_settings("slice")
         cfg, stage = self.config, self.config.slice_stage
         n_train = len(self.rows["train"])
         steps = stage.steps_per_epoch or math.ceil(n_train / stage.batch_size)
@@ -500,6 +566,7 @@ class Run:
         if path.exists():
             logger.info("sequence stage done: %s", path)
             return keras.saving.load_model(path, compile=False)
+        self._record_stage_settings("sequence")
         cfg, stage = self.config, self.config.sequence_stage
         train, val = self.series_rows("train"), self.series_rows("val")
         dim = embeddings.shape[1]
@@ -566,10 +633,12 @@ class Run:
     # -------------------------------------------------------------- export
     def export(self, slice_model: Any, sequence: Any | None) -> Path:
         """Assemble the model, choose its thresholds on the validation split as
-        the node will score it (``ichnode.model``, so with ``test_time_flip``
-        too), and save it with its card."""
+        the node will score it (each series read from its DICOM files as the node
+        reads it, float32, not from the float16 training cache; scored by
+        ``ichnode.model``, so with ``test_time_flip`` too), and save it with its card."""
         from ichnode.model import HemorrhageModel
         from training import export, models
+        from training.evaluate import series_volumes
 
         cfg = self.config
         full = models.assemble(slice_model.get_layer("slice_encoder"), slice_model.get_layer("slice_head"), sequence)
@@ -579,8 +648,14 @@ class Run:
 
         node_model = HemorrhageModel(full, card(thresholds=dict.fromkeys(LABELS, 0.5), metrics={}))
         ids, y_true, y_prob, y_prob_slice = [], [], [], []
-        for n, rows in enumerate(self.series_rows("val")):
-            x = self.loader.load(rows)
+        volumes = series_volumes(self.index, self.data_dir, self.series_rows("val"), node_model.card,
+                                 cfg.data.workers or rsna.default_workers())
+        for n, (rows, x, failures) in enumerate(volumes):
+            if failures:  # the decoding check passed them: the files changed since
+                logger.warning("export: %d validation slices of series %s could not be read now, left out: %s",
+                               len(failures), self.index["series_uid"].iat[failures[0][0]], failures[0][1])
+            if x is None:
+                continue
             y_prob.append(node_model.predict_series(x))
             y_prob_slice.append(node_model.predict_slices(x))
             y_true.append(self.labels[rows])
@@ -616,6 +691,8 @@ class Run:
 
         keras.utils.set_random_seed(self.config.seed)
         started = time.monotonic()
+        self.refuse_changed_stage_settings()
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
         self.prepare_data()
         slice_model = self.train_slice_stage()
         sequence = None
@@ -625,6 +702,24 @@ class Run:
         path = self.export(slice_model, sequence)
         logger.info("run finished in %.0f s: %s", time.monotonic() - started, path)
         return path
+
+
+_UNSET = object()  # a setting one of two configs lacks
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return json.dumps(settings[key]) if key in settings else "(unset)"
 
 
 def command_line(data_dir: Path, config_path: Path, out: Path) -> str:
@@ -646,8 +741,6 @@ def main(data_dir: Path, config_path: Path, out: Path, quiet: bool) -> None:
     """Train the slice and sequence stages and export the model with its card."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.load(config_path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     path = Run(data_dir, config, out, command_line(data_dir, config_path, out), progress=not quiet).run()
     click.echo(f"exported {path}")
 
