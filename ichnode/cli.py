@@ -93,12 +93,8 @@ def main() -> None:
 )
 def serve(config_path: Path | None, components: str) -> None:
     """Receive images, score series and deliver reports until SIGTERM/SIGINT."""
-    from .config import keras_backend, model_path_problem
-    from .db import DatabaseUnreadable
-    from .model import ModelCardError
-    from .service import ALL_COMPONENTS, WORKER, CannotListen, Node
-    from .spool import SpoolInUse, SpoolOfAnotherDatabase
-
+    from .config import model_path_problem
+    from .service import ALL_COMPONENTS, WORKER, CannotListen, CannotStart, Node, explained_start_failures
     from .service import ignore_hangups
 
     ignore_hangups()  # from the start: loading the model takes a while
@@ -112,14 +108,10 @@ def serve(config_path: Path | None, components: str) -> None:
         raise click.ClickException(f"invalid configuration:\n  {problem}")
     setup_logging(config.logging.level)
     try:  # the database is opened first: one that cannot be is one line naming it, nothing made
-        node = Node(config, components=stages)
-    except (DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse, SpoolOfAnotherDatabase) as exc:
-        raise click.ClickException(f"cannot start: {exc}") from None
-    except ImportError as exc:  # KERAS_BACKEND names a backend this environment lacks
-        raise click.ClickException(
-            f"cannot start: Keras backend {keras_backend()!r} (KERAS_BACKEND) cannot be loaded "
-            f"in this environment: {exc}"
-        ) from None
+        with explained_start_failures():
+            node = Node(config, components=stages)
+    except CannotStart as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         node.run()
     except CannotListen as exc:
@@ -137,11 +129,12 @@ def check_config(config_path: Path | None) -> None:
     """Validate the configuration and print the effective values (exit 1 on error).
 
     Also checks the model (its card, its file), that the Keras backend
-    ($KERAS_BACKEND, as this command sees it) is installed, and that a
-    database server answers and takes the URL's login. The database
-    password is printed as ***.
+    ($KERAS_BACKEND, as this command sees it) loads, that a database server
+    answers and takes the URL's login, that the spool is the database's own,
+    and that the peers' host names resolve. The database password is
+    printed as ***.
     """
-    from .config import keras_backend, keras_backend_problem, model_path_problem
+    from .config import keras_backend, keras_backend_problem, model_path_problem, unresolved_hosts
     from .db import driver_problem, server_problem
 
     try:
@@ -150,7 +143,12 @@ def check_config(config_path: Path | None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     database = driver_problem(config.database.url) or server_problem(config.database.url)
-    problems = [model_path_problem(config), f"database.url: {database}" if database else None, keras_backend_problem()]
+    problems = [
+        model_path_problem(config),
+        f"database.url: {database}" if database else _spool_problem(config),
+        *unresolved_hosts(config),
+        keras_backend_problem(),
+    ]
     problems = [problem for problem in problems if problem]
     if problems:
         click.echo("error: invalid configuration:\n  " + "\n  ".join(problems), err=True)
@@ -158,6 +156,22 @@ def check_config(config_path: Path | None) -> None:
     click.echo(config.to_yaml(), nl=False)
     # A YAML comment: the output stays a valid configuration file.
     click.echo(f"# Keras backend: {keras_backend()} (KERAS_BACKEND), installed")
+
+
+def _spool_problem(config: Config) -> str | None:
+    """Why serve would refuse the spool with this database, read without making either;
+    a warning, and None, where this user cannot read them (the node's may)."""
+    from .db import DatabaseUnreadable, stored_installation
+    from .spool import SpoolOfAnotherDatabase, spool_owner
+
+    try:
+        installation, empty = stored_installation(config.database.url)
+        spool_owner(config.storage.spool_dir, installation, database_is_empty=empty)
+    except SpoolOfAnotherDatabase as exc:
+        return str(exc)
+    except (DatabaseUnreadable, OSError) as exc:
+        click.echo(f"warning: not checked that the spool is the database's own: {exc}", err=True)
+    return None
 
 
 # The node's own AE title by default: a PACS that checks calling AE titles
@@ -348,13 +362,23 @@ format_option = click.option(
     help="Only series of this status: scored, skipped or failed, or receiving, complete or processing while "
     "on their way (repeat for several).",
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    help="At most this many series, the newest; 0: all. Default: 100 in a table, all in json and csv.",
+)
 @format_option
 def results_list(
-    config_path: Path | None, positive: bool, since: str | None, statuses: tuple[str, ...], fmt: str
+    config_path: Path | None,
+    positive: bool,
+    since: str | None,
+    statuses: tuple[str, ...],
+    limit: int | None,
+    fmt: str,
 ) -> None:
     """One line per series, newest first."""
     from .db import SERIES_STATES
-    from .results import format_results, list_results, parse_since
+    from .results import count_results, format_results, list_results, parse_since
 
     try:
         since_time = parse_since(since) if since else None
@@ -363,10 +387,18 @@ def results_list(
     for status in statuses:
         if status not in SERIES_STATES:
             raise click.BadParameter(f"{status!r} is none of {', '.join(SERIES_STATES)}", param_hint="--status")
+    if limit is None:
+        # A year of series is too many to read on a screen; a program reading json or csv wants them all.
+        limit = 100 if fmt == "table" else 0
+    filters = dict(positive=positive, since=since_time, statuses=statuses)
     config = _load(config_path)
     with _reading(config), _session(config) as session:
-        rows = list_results(session, positive=positive, since=since_time, statuses=statuses)
+        rows = list_results(session, limit=limit or None, **filters)
+        total = count_results(session, **filters) if limit and len(rows) == limit else len(rows)
     click.echo(format_results(rows, fmt))
+    if total > len(rows):
+        # Under a table; on stderr beside json or csv, which stay what a program can read.
+        click.echo(f"the newest {len(rows)} of {total} series; --limit 0 shows them all", err=fmt != "table")
 
 
 @results.command("show")
@@ -437,9 +469,14 @@ def _reading(config: Config, action: str = "read") -> Iterator[None]:
 def demo(keep: bool, timeout: float) -> None:
     """Run a node on its defaults in a temporary folder, send it phantom studies, print the findings."""
     from .demo import run_demo
+    from .service import CannotListen, CannotStart
 
     setup_logging("WARNING")
-    sys.exit(run_demo(keep=keep, timeout=timeout, echo=click.echo))
+    try:
+        code = run_demo(keep=keep, timeout=timeout, echo=click.echo)
+    except (CannotStart, CannotListen) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 if __name__ == "__main__":

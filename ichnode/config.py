@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_VAR = "ICHNODE_CONFIG"
 DEFAULT_PATH = Path("config.yaml")
@@ -35,6 +47,9 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
+    # Numbers are StrictInt and StrictFloat: YAML reads yes, on and true as a
+    # boolean, which a lax number takes for 1 (retention_days: true would
+    # delete images after a day).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
@@ -87,6 +102,22 @@ def _check_allowed_host(value: str | None) -> str | None:
         raise
 
 
+def _check_path(path: Path | None) -> Path | None:
+    """``path`` with a leading ``~`` made the home folder of the user the node
+    (or the command) runs as; a path holding ``$`` is refused: the node does not
+    expand environment variables, and under systemd its environment is not the
+    administrator's shell's. Taken literally, either would name a folder ``~``
+    or ``$HOME`` beside the configuration file."""
+    if path is None:
+        return None
+    if "$" in str(path):
+        raise ValueError("environment variables are not expanded in paths; write the path out")
+    try:
+        return path.expanduser()
+    except RuntimeError as exc:  # no home folder for this user
+        raise ValueError(f"cannot expand ~: {exc}") from None
+
+
 def _check_listen_host(value: str) -> str:
     # "" makes the server listen on every interface: a node meant to be
     # local would not be. Listening everywhere must be written out.
@@ -99,12 +130,12 @@ class NodeConfig(_Section):
     ae_title: str = "ICHNODE"
     host: str = "127.0.0.1"
     # 0 picks a free port (tests); the log says which.
-    port: int = Field(11112, ge=0, le=65535)
-    max_associations: int = Field(8, ge=1)
+    port: StrictInt = Field(11112, ge=0, le=65535)
+    max_associations: StrictInt = Field(8, ge=1)
     # Receiver processes sharing the port (SO_REUSEPORT). More than one lets
     # concurrent associations use several CPU cores; max_associations applies
     # to each.
-    receiver_processes: int = Field(1, ge=1, le=32)
+    receiver_processes: StrictInt = Field(1, ge=1, le=32)
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_listen_host)
@@ -118,7 +149,7 @@ class Peer(_Section):
 
     ae_title: str
     host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
+    port: StrictInt | None = Field(None, ge=1, le=65535)
 
     @field_validator("ae_title")
     @classmethod
@@ -146,10 +177,12 @@ class AccessConfig(_Section):
 
 class StorageConfig(_Section):
     spool_dir: Path = Path("ichnode-data/spool")
-    min_free_mb: int = Field(1024, ge=0)
+    min_free_mb: StrictInt = Field(1024, ge=0)
     # fsync every received file and its folder before answering Success.
     fsync: bool = True
-    retention_days: int = Field(7, ge=0)
+    retention_days: StrictInt = Field(7, ge=0)
+
+    _spool = field_validator("spool_dir")(_check_path)
 
 
 class DatabaseConfig(_Section):
@@ -161,6 +194,8 @@ class DatabaseConfig(_Section):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
+        from .db import sqlite_file
+
         try:
             url = make_url(value)
         except ArgumentError:
@@ -170,6 +205,10 @@ class DatabaseConfig(_Section):
                 "an in-memory SQLite database is not shared between threads and processes, but the node's "
                 "stages must all use one database; use a file, e.g. sqlite:///ichnode-data/ichnode.db"
             )
+        path = sqlite_file(value)
+        expanded = _check_path(path)
+        if expanded != path:
+            return url.set(database=str(expanded)).render_as_string(hide_password=False)
         return value
 
 
@@ -186,12 +225,12 @@ def _sqlite_in_memory(database: str | None, query: Any) -> bool:
 
 
 class SeriesConfig(_Section):
-    stable_seconds: float = Field(10.0, gt=0)
-    check_interval_seconds: float = Field(1.0, gt=0)
-    min_slices: int = Field(10, ge=1)
+    stable_seconds: StrictFloat = Field(10.0, gt=0)
+    check_interval_seconds: StrictFloat = Field(1.0, gt=0)
+    min_slices: StrictInt = Field(10, ge=1)
     # Largest angle between the slice normal and the patient's z axis still
     # called axial; admits gantry tilt (typically up to ~30 degrees).
-    axial_tolerance_degrees: float = Field(35.0, ge=0, le=90)
+    axial_tolerance_degrees: StrictFloat = Field(35.0, ge=0, le=90)
     # A series is a head series when its BodyPartExamined contains one of
     # these words (case-insensitive); when that tag is empty, when a study or
     # series description or protocol name does; with all of them empty, it is.
@@ -204,9 +243,11 @@ class SeriesConfig(_Section):
 
 class ModelConfig(_Section):
     path: Path | None = None  # None: the bundled default model
-    batch_size: int = Field(32, ge=1)
-    worker_processes: int | None = Field(None, ge=1)  # None: CPU cores - 1, at least 2
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    batch_size: StrictInt = Field(32, ge=1)
+    worker_processes: StrictInt | None = Field(None, ge=1)  # None: CPU cores - 1, at least 2
+    thresholds: dict[str, StrictFloat] = Field(default_factory=dict)
+
+    _path = field_validator("path")(_check_path)
 
     @field_validator("thresholds")
     @classmethod
@@ -222,16 +263,16 @@ class ModelConfig(_Section):
 class Destination(_Section):
     ae_title: str
     host: str
-    port: int = Field(ge=1, le=65535)
+    port: StrictInt = Field(ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_peer_host)
 
 
 class RetryConfig(_Section):
-    first_delay_s: float = Field(5.0, gt=0)
-    max_delay_s: float = Field(600.0, gt=0)
-    max_attempts: int = Field(20, ge=1)
+    first_delay_s: StrictFloat = Field(5.0, gt=0)
+    max_delay_s: StrictFloat = Field(600.0, gt=0)
+    max_attempts: StrictInt = Field(20, ge=1)
 
 
 class ReportsConfig(_Section):
@@ -243,7 +284,7 @@ class ReportsConfig(_Section):
     # Connect, association, DIMSE and network timeouts with a destination: a
     # PACS across a slow link may need more, one that never answers holds
     # back only its own reports for this long.
-    timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    timeout_seconds: StrictFloat = Field(30.0, gt=0, le=3600)
 
     @field_validator("destinations")
     @classmethod
@@ -400,14 +441,17 @@ def model_path_problem(config: Config) -> str | None:
     return None
 
 
-# The module each Keras backend needs (KERAS_BACKEND; Keras's default is TensorFlow).
-KERAS_BACKEND_MODULES = {
-    "tensorflow": "tensorflow",
-    "jax": "jax",
-    "torch": "torch",
-    "numpy": "numpy",
-    "openvino": "openvino",
-}
+# The Keras backends (KERAS_BACKEND; Keras's default is TensorFlow).
+KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")
+
+# Keras imported as the worker imports it; an error is its one line.
+_IMPORT_KERAS = """
+import sys
+try:
+    import keras
+except Exception as exc:
+    sys.exit(str(exc) or repr(exc))
+"""
 
 
 def keras_backend() -> str:
@@ -416,16 +460,45 @@ def keras_backend() -> str:
 
 
 def keras_backend_problem() -> str | None:
-    """Why the worker could not load a model under :func:`keras_backend` here, if it could not."""
+    """Why the worker could not load a model under :func:`keras_backend` here, if it could not.
+
+    A backend installed by hand is loaded, with Keras, in a child process: it
+    needs more than its own package (jax needs jaxlib, Keras's numpy backend
+    imports scipy and jax), and what more changes with Keras's version.
+    TensorFlow, which comes with ichnode and what it needs, is only looked
+    for: importing it takes seconds.
+    """
     import importlib.util
 
     backend = keras_backend()
-    module = KERAS_BACKEND_MODULES.get(backend)
-    if module is None:
-        return f"KERAS_BACKEND: unknown Keras backend {backend!r}, expected one of {sorted(KERAS_BACKEND_MODULES)}"
-    if importlib.util.find_spec(module) is None:
-        return f"KERAS_BACKEND: Keras backend {backend!r} needs {module!r}, which is not installed in this environment"
-    return None
+    if backend not in KERAS_BACKENDS:
+        return f"KERAS_BACKEND: unknown Keras backend {backend!r}, expected one of {list(KERAS_BACKENDS)}"
+    why = None
+    if backend == "tensorflow":
+        if importlib.util.find_spec("tensorflow") is None:
+            why = "No module named 'tensorflow'"
+    else:
+        child = subprocess.run([sys.executable, "-c", _IMPORT_KERAS], capture_output=True, text=True)
+        if child.returncode:
+            why = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+    return f"KERAS_BACKEND: Keras backend {backend!r} cannot be loaded in this environment: {why}" if why else None
+
+
+def unresolved_hosts(config: Config) -> list[str]:
+    """The peers' host names that do not resolve here, each as a problem naming its key.
+
+    A destination's typo would otherwise show only once its reports are dead
+    letters, hours later, and an allowed sender's as refused associations.
+    """
+    hosts = [(f"access.allow.{i}.host", peer.host) for i, peer in enumerate(config.access.allow) if peer.host]
+    hosts += [(f"reports.destinations.{i}.host", d.host) for i, d in enumerate(config.reports.destinations)]
+    problems = []
+    for key, host in hosts:
+        try:
+            socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode ("a..b")
+            problems.append(f"{key}: cannot resolve host {host}: {getattr(exc, 'strerror', None) or exc}")
+    return problems
 
 
 def _cross_check(config: Config) -> list[str]:

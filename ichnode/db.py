@@ -22,7 +22,7 @@ import sqlite3
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -353,8 +353,11 @@ def server_problem(url: str) -> str | None:
         engine.dispose()
 
 
-def open_node_database(url: str) -> Engine:
+def open_node_database(url: str, *, before_creating: Callable[[], object] = lambda: None) -> Engine:
     """The node's database, its tables made and its schema version checked.
+
+    A new database (no SQLite file yet, or no tables) is made only after
+    ``before_creating`` returns: what it raises refuses it with nothing made.
 
     Raises :class:`DatabaseUnreadable` naming it, password hidden, and why: its
     driver is missing, its server refuses, the file is not a database, its
@@ -364,15 +367,26 @@ def open_node_database(url: str) -> Engine:
     problem = driver_problem(url)
     if problem:
         raise DatabaseUnreadable(f"cannot open the database {where}: {problem}")
+    path = sqlite_file(url)
+    new_file = path is not None and not path.exists()
+    if new_file:
+        before_creating()  # not even the file's folder is made yet
     engine = None
     try:
         engine = make_engine(url)
+        if not new_file:
+            with engine.connect() as connection:
+                new = not inspect(connection).has_table(Meta.__tablename__)
+            if new:  # a new database on a server, an empty file
+                before_creating()
         init_db(engine)
         return engine
-    except (SQLAlchemyError, NewerSchema, OSError) as exc:
+    except BaseException as exc:
         if engine is not None:
             engine.dispose()
-        raise DatabaseUnreadable(f"cannot open the database {where}: {error_text(exc)}") from None
+        if isinstance(exc, (SQLAlchemyError, NewerSchema, OSError)):
+            raise DatabaseUnreadable(f"cannot open the database {where}: {error_text(exc)}") from None
+        raise
 
 
 def shown_url(url: str) -> str:
@@ -396,28 +410,7 @@ def open_existing(url: str) -> Engine:
 
     Raises :class:`FileNotFoundError` (no such file) or :class:`DatabaseUnreadable`.
     """
-    path = sqlite_file(url)
-    if path is None:
-        where = shown_url(url)
-        problem = driver_problem(url)
-        if problem:
-            raise DatabaseUnreadable(f"cannot read the database {where}: {problem}")
-        engine = make_engine(url)
-    else:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no database at {path}: has the node run with this configuration? "
-                "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
-            )
-        where = str(path)
-        target = path.resolve()  # SQLite keeps -wal and -shm beside a link's target
-        unreadable = [str(p) for p in (target, Path(f"{target}-wal"), Path(f"{target}-shm")) if _exists_unreadable(p)]
-        if unreadable:
-            raise DatabaseUnreadable(
-                f"cannot read the database {where}: permission denied on {', '.join(unreadable)} "
-                "(status and results need read access to the database and its -wal and -shm files)"
-            )
-        engine = _read_only_sqlite(target)
+    engine, where = _read_only_engine(url)
     try:
         with engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
@@ -429,6 +422,58 @@ def open_existing(url: str) -> Engine:
         engine.dispose()
         raise DatabaseUnreadable(f"{where} is not an ichnode database (it has no table {', '.join(missing)})")
     return engine
+
+
+def stored_installation(url: str) -> tuple[str | None, bool]:
+    """What a node would find in its database, read as :func:`open_existing`
+    reads, making nothing: its :func:`installation` (None when it has none yet:
+    no SQLite file, no tables) and whether it holds no series.
+
+    Raises :class:`DatabaseUnreadable`.
+    """
+    try:
+        engine, where = _read_only_engine(url)
+    except FileNotFoundError:
+        return None, True
+    try:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+            facts = {}
+            if Meta.__tablename__ in tables:
+                facts = {key: value for key, value in connection.execute(select(Meta.key, Meta.value))}
+            empty = Series.__tablename__ not in tables or connection.scalar(select(Series.id).limit(1)) is None
+    except DBAPIError as exc:
+        raise DatabaseUnreadable(f"cannot read the database {where}: {error_text(exc)}") from None
+    finally:
+        engine.dispose()
+    if "installation" not in facts and "schema_version" in facts:
+        return "", empty  # made before installations: init_db gives it ""
+    return facts.get("installation"), empty
+
+
+def _read_only_engine(url: str) -> tuple[Engine, str]:
+    """An engine that reads the node's database (an SQLite file read-only) and
+    the database as messages name it; FileNotFoundError for an SQLite file that is not there."""
+    path = sqlite_file(url)
+    if path is None:
+        where = shown_url(url)
+        problem = driver_problem(url)
+        if problem:
+            raise DatabaseUnreadable(f"cannot read the database {where}: {problem}")
+        return make_engine(url), where
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no database at {path}: has the node run with this configuration? "
+            "(--config or ICHNODE_CONFIG names the one `ichnode serve` uses)"
+        )
+    target = path.resolve()  # SQLite keeps -wal and -shm beside a link's target
+    unreadable = [str(p) for p in (target, Path(f"{target}-wal"), Path(f"{target}-shm")) if _exists_unreadable(p)]
+    if unreadable:
+        raise DatabaseUnreadable(
+            f"cannot read the database {path}: permission denied on {', '.join(unreadable)} "
+            "(status and results need read access to the database and its -wal and -shm files)"
+        )
+    return _read_only_sqlite(target), str(path)
 
 
 def _exists_unreadable(path: Path) -> bool:

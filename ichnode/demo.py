@@ -25,7 +25,7 @@ from . import db
 from .config import parse_config
 from .results import format_results, list_results
 from .scu import send_files
-from .service import Node
+from .service import Node, explained_start_failures
 
 # (seed, hemorrhages) of the demo phantoms: fixed so every run shows the same cases.
 DEMO_PHANTOMS = ((1001, ["subdural", "intraparenchymal"]), (1002, []))
@@ -67,25 +67,29 @@ def run_demo(*, keep: bool = False, timeout: float = 300.0, echo: Callable[[str]
         received.append(f"{event.dataset.Modality} {event.dataset.SOPInstanceUID}")
         return 0x0000
 
-    pacs = AE(ae_title="DEMO_PACS")
-    pacs.supported_contexts = AllStoragePresentationContexts
-    pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    config = parse_config(
-        {
-            "node": {"port": 0},
-            "series": {"stable_seconds": DEMO_STABLE_SECONDS, "check_interval_seconds": 0.5},
-            "storage": {"min_free_mb": 100},
-            "reports": {
-                "destinations": [{"ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_server.server_address[1]}]
+    pacs_server = node = None
+    try:  # whatever stops the demo (a node that cannot start, Ctrl-C), it leaves nothing behind
+        pacs = AE(ae_title="DEMO_PACS")
+        pacs.supported_contexts = AllStoragePresentationContexts
+        pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        config = parse_config(
+            {
+                "node": {"port": 0},
+                "series": {"stable_seconds": DEMO_STABLE_SECONDS, "check_interval_seconds": 0.5},
+                "storage": {"min_free_mb": 100},
+                "reports": {
+                    "destinations": [
+                        {"ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_server.server_address[1]}
+                    ]
+                },
             },
-        },
-        workdir,
-    )
-    echo(f"working folder {workdir}")
-    echo("loading the model and starting the node ...")
-    node = Node(config)
-    node.start()
-    try:
+            workdir,
+        )
+        echo(f"working folder {workdir}")
+        echo("loading the model and starting the node ...")
+        with explained_start_failures():
+            node = Node(config)
+        node.start()
         echo(f"node {config.node.ae_title} listening on 127.0.0.1:{node.port}")
         studies = write_phantoms(workdir / "studies")
         ge = _shared_ge_series()
@@ -101,8 +105,10 @@ def run_demo(*, keep: bool = False, timeout: float = 300.0, echo: Callable[[str]
         echo(f"the demo PACS received {len(received)} report objects")
         return 0 if ok else 1
     finally:
-        node.stop(grace_seconds=2)
-        pacs_server.shutdown()
+        if node is not None:
+            node.stop(grace_seconds=2)
+        if pacs_server is not None:
+            pacs_server.shutdown()
         if keep:
             echo(f"kept {workdir}")
         else:

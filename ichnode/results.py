@@ -15,14 +15,18 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from . import db
 from .config import LABELS
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# A series on its way to a new result: its row shows that state, not the result so far.
+_PENDING = (db.RECEIVING, db.COMPLETE, db.PROCESSING)
+# What a spreadsheet takes for the start of a formula, in a cell of a CSV.
+_FORMULA_STARTS = ("=", "+", "-", "@")
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -58,7 +62,7 @@ def series_summary(series: db.Series, *, with_slices: bool = False) -> dict[str,
     result = _latest_result(series)
     # While a newer version is on its way, the row says so rather than
     # showing the older result as if it were current.
-    pending = result is None or series.state in (db.RECEIVING, db.COMPLETE, db.PROCESSING)
+    pending = result is None or series.state in _PENDING
     row: dict[str, Any] = {
         "study_uid": series.study_uid,
         "series_uid": series.series_uid,
@@ -117,24 +121,56 @@ def _query():
     )
 
 
+def _current_result_id() -> Any:
+    """The id of the result :func:`_latest_result` picks, for a query of series."""
+
+    def newest(*conditions: Any) -> Any:
+        query = select(func.max(db.SeriesResult.id)).where(db.SeriesResult.series_id == db.Series.id, *conditions)
+        return query.scalar_subquery()
+
+    return func.coalesce(newest(db.SeriesResult.superseded.is_(False)), newest())
+
+
+def _kept(query: Any, *, positive: bool, since: dt.datetime | None, statuses: Sequence[str]) -> Any:
+    """``query`` (of series) with the filters of :func:`list_results`, in
+    SQL: a year of series is too many to read only to drop most of them."""
+    if since is not None:
+        query = query.where(db.Series.last_received_at >= since)
+    if not (positive or statuses):
+        return query
+    result = aliased(db.SeriesResult)
+    query = query.outerjoin(result, result.id == _current_result_id())
+    if statuses:
+        # The status as series_summary shows it.
+        shown = case((or_(result.id.is_(None), db.Series.state.in_(_PENDING)), db.Series.state), else_=result.status)
+        query = query.where(shown.in_(statuses))
+    if positive:
+        query = query.where(or_(*(result.flags[label].as_boolean() for label in LABELS)))
+    return query
+
+
 def list_results(
     session: Session,
     *,
     positive: bool = False,
     since: dt.datetime | None = None,
     statuses: Sequence[str] = (),
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One summary per series, newest first; ``statuses`` keeps those whose
-    ``status`` (as the summary shows it) is one of them."""
-    query = _query().order_by(db.Series.last_received_at.desc())
-    if since is not None:
-        query = query.where(db.Series.last_received_at >= since)
-    rows = [series_summary(series) for series in session.scalars(query)]
-    if positive:
-        rows = [row for row in rows if any(row["flags"].values())]
-    if statuses:
-        rows = [row for row in rows if row["status"] in statuses]
-    return rows
+    """One summary per series, newest first, at most ``limit``; ``statuses``
+    keeps those whose ``status`` (as the summary shows it) is one of them,
+    ``positive`` those whose result flags a finding."""
+    query = _kept(_query(), positive=positive, since=since, statuses=statuses)
+    query = query.order_by(db.Series.last_received_at.desc(), db.Series.id.desc()).limit(limit)
+    return [series_summary(series) for series in session.scalars(query)]
+
+
+def count_results(
+    session: Session, *, positive: bool = False, since: dt.datetime | None = None, statuses: Sequence[str] = ()
+) -> int:
+    """How many series :func:`list_results` lists when it has no ``limit``."""
+    kept = _kept(select(db.Series.id), positive=positive, since=since, statuses=statuses)
+    return session.scalar(select(func.count()).select_from(kept.subquery())) or 0
 
 
 def show_results(session: Session, uid: str) -> list[dict[str, Any]]:
@@ -149,7 +185,7 @@ def show_results(session: Session, uid: str) -> list[dict[str, Any]]:
 def _delivery_text(row: dict[str, Any]) -> str:
     states = [d["state"] for d in row["delivery"]]
     if not states:
-        return "-"
+        return ""
     return ", ".join(f"{state} {states.count(state)}" for state in sorted(set(states)))
 
 
@@ -176,11 +212,7 @@ def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     flat = [_flat(row) for row in rows]
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(_flat(_EMPTY).keys()))
-        writer.writeheader()
-        writer.writerows(flat)
-        return out.getvalue().rstrip("\n")
+        return _csv(list(_flat(_EMPTY).keys()), flat)
     if fmt != "table":
         raise ValueError(f"format must be table, json or csv, got {fmt!r}")
     if not flat:
@@ -190,6 +222,7 @@ def format_results(rows: list[dict[str, Any]], fmt: str) -> str:
     for r in shown:
         # Long UIDs and reasons would push the scores off the screen.
         r["series_uid"] = r["series_uid"] if len(r["series_uid"]) <= 28 else "..." + r["series_uid"][-25:]
+        r["delivery"] = r["delivery"] or "-"  # no report
     return _table(columns, shown)
 
 
@@ -202,7 +235,7 @@ def format_show(rows: list[dict[str, Any]], fmt: str) -> str:
         return format_results(rows, fmt)
     parts = [format_results(rows, fmt)]
     for row in rows:
-        parts.append(f"series {row['series_uid']} ({row['status']}, version {row['version'] or '-'})")
+        parts.append(_one_line(f"series {row['series_uid']} ({row['status']}, version {row['version'] or '-'})"))
         if row["delivery"]:
             deliveries = [
                 {
@@ -242,14 +275,12 @@ def _show_csv(rows: list[dict[str, Any]]) -> str:
     # One table for a spreadsheet or pandas: the ``level`` column tells a
     # series' own scores from its slices'.
     fieldnames = ["level", "slice", "sop_instance_uid", *_flat(_EMPTY).keys(), "quarantine_reason"]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fieldnames, restval="")
-    writer.writeheader()
+    lines: list[dict[str, Any]] = []
     for row in rows:
         series = _flat(row)
-        writer.writerow({**series, "level": "series"})
+        lines.append({**series, "level": "series"})
         for s in row.get("slices", []):
-            writer.writerow(
+            lines.append(
                 {
                     "level": "slice",
                     "slice": s["position"],
@@ -261,7 +292,7 @@ def _show_csv(rows: list[dict[str, Any]]) -> str:
                 }
             )
         for q in row.get("quarantined", []):
-            writer.writerow(
+            lines.append(
                 {
                     "level": "quarantined",
                     "sop_instance_uid": q["sop_instance_uid"],
@@ -270,7 +301,23 @@ def _show_csv(rows: list[dict[str, Any]]) -> str:
                     "quarantine_reason": q["reason"],
                 }
             )
+    return _csv(fieldnames, lines)
+
+
+def _csv(fieldnames: list[str], rows: list[dict[str, Any]]) -> str:
+    """CSV text. A cell that begins like a formula (= + - @) gets a quote
+    before it, or a spreadsheet would run it: header values come from outside
+    the hospital's control."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _not_a_formula(value) for key, value in row.items()})
     return out.getvalue().rstrip("\n")
+
+
+def _not_a_formula(value: Any) -> Any:
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
 def _score(value: float | None) -> str:
@@ -296,8 +343,14 @@ def _series_score(row: dict[str, Any], label: str) -> str:
     return shown_scores(probability, threshold, bool(row["flags"].get(label)))[0]
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a header value) as spaces, so that it keeps to its line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
+
+
 def _table(columns: list[str], rows: list[dict[str, str]]) -> str:
-    """Aligned columns under an upper-case header."""
+    """Aligned columns under an upper-case header, a line a row."""
+    rows = [{c: _one_line(r[c]) for c in columns} for r in rows]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]

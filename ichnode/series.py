@@ -58,7 +58,7 @@ class InstanceHeader:
         }
         for keyword, uid in uids.items():
             if not uid:
-                raise ValueError(f"{keyword} ({Tag(keyword)}) is missing or empty")
+                raise ValueError(f"{keyword} {Tag(keyword)} is missing or empty")
             # A UID cut to fit would be another image's: refused, not clipped.
             if len(uid) > _UID_LENGTH:
                 raise ValueError(f"{keyword} is {len(uid)} characters, more than {_UID_LENGTH}")
@@ -88,9 +88,12 @@ _INT_RANGE = range(-(2**31), 2**31)
 
 
 def _text(value: object, limit: int | None = None) -> str | None:
-    """Stripped text without NULs (a server database refuses them), at most ``limit`` characters."""
+    """Stripped text without NULs (a server database refuses them), at most ``limit`` characters;
+    a multi-valued one as DICOM writes it, its values joined by backslashes."""
     if value is None:
         return None
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):  # a MultiValue
+        value = "\\".join(str(v) for v in value)  # not str(), a Python list: "['A', 'B']"
     text = str(value).replace("\x00", "").strip()
     return text[:limit] or None
 

@@ -17,7 +17,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -28,11 +29,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from . import db
-from .config import Config
+from .config import Config, keras_backend
 from .dispatch import Dispatcher, shift_due_times
 from .dispatch import requeue_interrupted as requeue_interrupted_deliveries
 from .logs import setup_logging
-from .model import HemorrhageModel, load_model
+from .model import HemorrhageModel, ModelCardError, load_model
 from .receiver import start_receiver
 from .retention import purge_expired
 from .series import (
@@ -44,7 +45,7 @@ from .series import (
     score_again,
     unreported_series,
 )
-from .spool import Spool
+from .spool import Spool, SpoolInUse, SpoolOfAnotherDatabase, spool_owner
 from .worker import Worker, describe_device, requeue_interrupted
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,25 @@ class CannotListen(Exception):
     """The receiver cannot listen as configured; the message names the keys."""
 
 
+class CannotStart(Exception):
+    """A :class:`Node` cannot be made; the message says why, in one line."""
+
+
+@contextmanager
+def explained_start_failures() -> Iterator[None]:
+    """Around making a :class:`Node`: what an administrator can fix (the
+    database, spool, model, Keras backend) becomes :class:`CannotStart`."""
+    try:
+        yield
+    except (db.DatabaseUnreadable, ModelCardError, OSError, ValueError, SpoolInUse, SpoolOfAnotherDatabase) as exc:
+        raise CannotStart(f"cannot start: {exc}") from None
+    except ImportError as exc:  # KERAS_BACKEND names a backend this environment lacks
+        raise CannotStart(
+            f"cannot start: Keras backend {keras_backend()!r} (KERAS_BACKEND) cannot be loaded "
+            f"in this environment: {exc}"
+        ) from None
+
+
 class Node:
     """One ichnode: call :meth:`start`, then :meth:`stop` (or :meth:`run` to block)."""
 
@@ -102,7 +122,12 @@ class Node:
         # receive; the first one also does the start-up recovery.
         self.receiver_index = receiver_index
         self._extra_receivers: list[multiprocessing.process.BaseProcess] = []
-        self.engine = db.open_node_database(config.database.url)
+        # A new database over a spool that is not its own is refused before it
+        # is made: made, it would stay, and status would show an empty node.
+        self.engine = db.open_node_database(
+            config.database.url,
+            before_creating=lambda: spool_owner(config.storage.spool_dir, None, database_is_empty=True),
+        )
         self.sessions = db.session_factory(self.engine)
         self.spool = Spool(
             config.storage.spool_dir,

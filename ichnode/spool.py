@@ -6,6 +6,7 @@ Layout under ``storage.spool_dir``::
     .tmp/receiver-N/, .tmp/worker/ each receiver process's, and the worker's
                                    preprocessed volumes in transit (not durable)
     .locks/                        lock files (Spool.instance_lock, Spool.hold_role)
+    .installation                  whose spool it is (spool_owner)
     instances/<study>/<series>/<sop>.dcm
     reports/<study>/<sop>.dcm      report objects waiting for or after delivery
 
@@ -31,8 +32,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+# How a replaced name ends (safe_name): a UID that ends so itself is replaced too.
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 # Instance locks: files the SOP Instance UIDs are spread over.
 LOCK_STRIPES = 256
+INSTANCES = "instances"
+OWNER_FILE = ".installation"
 
 
 def safe_name(uid: str) -> str:
@@ -40,12 +45,14 @@ def safe_name(uid: str) -> str:
 
     Characters outside ``[0-9A-Za-z._-]`` are replaced, and so is a leading
     dot: a sender's UID must never name ``..`` or a hidden folder such as
-    ``.tmp``. A short hash keeps replaced names unique.
+    ``.tmp``. A short hash keeps replaced names unique. A UID that ends as
+    such a name does (``-`` and 8 hex digits) takes a hash too, so that it
+    never names another UID's file (``1.2.3_4-cc81865a`` is ``1.2.3/4``'s).
     """
     cleaned = _UNSAFE.sub("_", uid.strip())[:96]
     if cleaned.startswith("."):
         cleaned = "_" + cleaned[1:]
-    if cleaned != uid or not cleaned:
+    if cleaned != uid or not cleaned or _HASH_SUFFIX.search(cleaned):
         cleaned += "-" + hashlib.sha1(uid.encode()).hexdigest()[:8]
     return cleaned
 
@@ -66,7 +73,7 @@ class Spool:
         self.min_free_mb = min_free_mb
         self.fsync = fsync
         self.tmp_dir = self.root / ".tmp"
-        self.instances_dir = self.root / "instances"
+        self.instances_dir = self.root / INSTANCES
         self.reports_dir = self.root / "reports"
         self.locks_dir = self.root / ".locks"
         for folder in (self.tmp_dir, self.instances_dir, self.reports_dir, self.locks_dir):
@@ -253,31 +260,42 @@ class Spool:
         yield from self.instances_dir.rglob("*.dcm")
 
     def claim_for(self, installation: str, *, database_is_empty: bool) -> None:
-        """Tie the spool to the database of ``installation`` (:func:`ichnode.db.installation`).
-
-        A node started on another (or a new, empty) database over a spool that
-        holds images would index them again as new, score every series of the
-        retention period again and send all their reports to the PACS again,
-        under new UIDs: :class:`SpoolOfAnotherDatabase` instead, naming the ways out.
-        """
-        marker = self.root / ".installation"
-        try:
-            owner = marker.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            owner = None
-        if owner is None and database_is_empty and next(self.iter_instance_files(), None) is not None:
-            owner = "a database this node no longer uses"
-        if owner is not None and owner != installation:
-            raise SpoolOfAnotherDatabase(
-                f"the spool {self.root} (storage.spool_dir) holds the images of another database "
-                f"({owner or 'one from before installation ids'}); point database.url back to it, or give "
-                "this database a spool of its own: on this one every retained series would be scored and "
-                "reported to the PACS again"
-            )
-        if owner is None:
+        """Tie the spool to the database of ``installation`` (:func:`ichnode.db.installation`);
+        :class:`SpoolOfAnotherDatabase` when it is another's (:func:`spool_owner`)."""
+        if spool_owner(self.root, installation, database_is_empty=database_is_empty) is None:
+            marker = self.root / OWNER_FILE
             staged = marker.with_suffix(".part")
             staged.write_text(installation, encoding="utf-8")
             os.replace(staged, marker)
+
+
+def spool_owner(root: Path, installation: str | None, *, database_is_empty: bool) -> str | None:
+    """The installation whose spool ``root`` is, None while it is nobody's; read
+    without making or changing anything (``check-config``, a node before it
+    makes a new database).
+
+    A node started on another (or a new, empty) database over a spool that
+    holds images would index them again as new, score every series of the
+    retention period again and send all their reports to the PACS again,
+    under new UIDs: :class:`SpoolOfAnotherDatabase`, naming the ways out, when
+    the spool is not that of ``installation`` (:func:`ichnode.db.installation`;
+    None for a database not made yet, whose installation will be new).
+    """
+    root = Path(root)
+    try:
+        owner: str | None = (root / OWNER_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        owner = None
+    if owner is None and database_is_empty and next((root / INSTANCES).rglob("*.dcm"), None) is not None:
+        owner = "a database this node no longer uses"
+    if owner is not None and owner != installation:
+        raise SpoolOfAnotherDatabase(
+            f"the spool {root} (storage.spool_dir) holds the images of another database "
+            f"({owner or 'one from before installation ids'}); point database.url back to it, or give "
+            "this database a spool of its own: on this one every retained series would be scored and "
+            "reported to the PACS again"
+        )
+    return owner
 
 
 def _fsync_path(path: Path) -> None:

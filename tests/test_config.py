@@ -416,7 +416,8 @@ def test_check_config_names_a_keras_backend_that_is_not_installed(tmp_path: Path
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "error: invalid configuration:",
-        f"  KERAS_BACKEND: Keras backend {missing!r} needs {missing!r}, which is not installed in this environment",
+        f"  KERAS_BACKEND: Keras backend {missing!r} cannot be loaded in this environment: "
+        f"No module named {missing!r}",
     ]
     # The backend this environment has is reported, as a comment of the YAML printed.
     result = run_cli(["check-config", "--config", str(path)])
@@ -424,3 +425,113 @@ def test_check_config_names_a_keras_backend_that_is_not_installed(tmp_path: Path
     backend = os.environ.get("KERAS_BACKEND") or "tensorflow"
     assert result.stdout.splitlines()[-1] == f"# Keras backend: {backend} (KERAS_BACKEND), installed"
     assert parse_config(yaml.safe_load(result.stdout), tmp_path) == load_config(path)
+
+
+def test_check_config_loads_the_keras_backend_as_serve_does(tmp_path: Path) -> None:
+    # jax installed without jaxlib (or the numpy backend without scipy): the
+    # backend's package is there, and serve still cannot load the backend.
+    site = tmp_path / "site"
+    (site / "jax").mkdir(parents=True)
+    (site / "jax" / "__init__.py").write_text('raise ModuleNotFoundError("jax requires jaxlib to be installed")\n')
+    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": python_path}
+    path = write_config(tmp_path / "node.yaml", config_data(tmp_path))
+    result = run_cli(["check-config", "--config", str(path)], env=env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: invalid configuration:",
+        "  KERAS_BACKEND: Keras backend 'jax' cannot be loaded in this environment: "
+        "jax requires jaxlib to be installed",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        # YAML reads yes/true as a boolean, which a lax integer would take as 1:
+        # images deleted after one day, a node listening on port 1.
+        ("storage:\n  retention_days: true\n", "storage.retention_days", "a valid integer"),
+        ("node:\n  port: yes\n", "node.port", "a valid integer"),
+        ("model:\n  worker_processes: on\n", "model.worker_processes", "a valid integer"),
+        ("access:\n  allow: [{ae_title: CT, host: 10.1.2.3, port: yes}]\n", "access.allow.0.port", "a valid integer"),
+        ("reports:\n  timeout_seconds: yes\n", "reports.timeout_seconds", "a valid number"),
+        ("model:\n  thresholds: {subdural: true}\n", "model.thresholds.subdural", "a valid number"),
+    ],
+)
+def test_a_boolean_is_no_number(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{key}: Input should be {expected} (got True)" in str(info.value)
+
+
+def test_numbers_stay_numbers(tmp_path: Path) -> None:
+    # An integer is a good float; a float with nothing after the point is no integer (a port 104.0).
+    config = parse_config({"reports": {"timeout_seconds": 45}, "model": {"thresholds": {"any": 1}}}, tmp_path)
+    assert (config.reports.timeout_seconds, config.model.thresholds) == (45.0, {"any": 1.0})
+    with pytest.raises(ConfigError, match=r"node.port: Input should be a valid integer \(got 104.0\)"):
+        parse_config({"node": {"port": 104.0}}, tmp_path)
+
+
+def test_a_leading_tilde_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the node's user sees it: systemd sets HOME to the service user's home.
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    data = {
+        "storage": {"spool_dir": "~/ichnode/spool"},
+        "database": {"url": "sqlite:///~/ichnode/ichnode.db"},
+        "model": {"path": "~/models/mine.keras"},
+    }
+    config = parse_config(data, tmp_path / "etc")
+    assert config.storage.spool_dir == home / "ichnode" / "spool"
+    assert config.database.url == f"sqlite:///{home / 'ichnode' / 'ichnode.db'}"
+    assert config.model.path == home / "models" / "mine.keras"
+    # Only at the start: elsewhere "~" is a character of a name.
+    assert parse_config({"storage": {"spool_dir": "a~/b"}}, tmp_path).storage.spool_dir == tmp_path / "a~" / "b"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"storage": {"spool_dir": "$HOME/ichnode/spool"}}, "storage.spool_dir"),
+        ({"storage": {"spool_dir": "/srv/${NODE}/spool"}}, "storage.spool_dir"),
+        ({"database": {"url": "sqlite:///$STATE_DIRECTORY/ichnode.db"}}, "database.url"),
+        ({"model": {"path": "$MODELS/mine.keras"}}, "model.path"),
+    ],
+)
+def test_a_path_with_an_environment_variable_is_refused(tmp_path: Path, data: dict, key: str) -> None:
+    # Not expanded, it would name a folder "$HOME" beside the configuration file.
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path)
+    assert f"{key}: Value error, environment variables are not expanded in paths" in str(info.value)
+    # A "$" in a server's password is no path.
+    url = "postgresql://ichnode:pa$$word@dbhost/ichnode"
+    assert parse_config({"database": {"url": url}}, tmp_path).database.url == url
+
+
+def test_check_config_names_a_peer_host_that_does_not_resolve(tmp_path: Path) -> None:
+    # A typo in a destination would show only once its reports are dead letters, hours later.
+    data = config_data(
+        tmp_path,
+        access={
+            "allow": [{"ae_title": "*", "host": "localhost"}, {"ae_title": "CT", "host": "ct.nonexistent.invalid"}]
+        },
+        reports={
+            "destinations": [
+                {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                {"ae_title": "PACS2", "host": "pacs.nonexistent.invalid", "port": 104},
+            ]
+        },
+    )
+    path = write_config(tmp_path / "node.yaml", data)
+    result = run_cli(["check-config", "--config", str(path)])
+    assert result.returncode == 1
+    heading, *problems = result.stderr.splitlines()
+    assert heading == "error: invalid configuration:"
+    assert [problem.split(":", 1)[0].strip() for problem in problems] == [
+        "access.allow.1.host",
+        "reports.destinations.1.host",
+    ]
+    assert problems[0].startswith("  access.allow.1.host: cannot resolve host ct.nonexistent.invalid: ")
+    assert problems[1].startswith("  reports.destinations.1.host: cannot resolve host pacs.nonexistent.invalid: ")

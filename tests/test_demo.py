@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pydicom
 import pytest
 
@@ -58,3 +61,14 @@ def test_demo_scores_and_reports_every_study() -> None:
         flagged = {label for cell in _row(table, series_uid).split() for label in cell.split(",") if label in LABELS}
         assert "any" in flagged if hemorrhage else flagged == set(), flagged
     assert f"the demo PACS received {2 * len(expected)} report objects" in out.stdout
+
+
+def test_a_demo_whose_node_cannot_start_says_why_in_one_line_and_leaves_nothing(tmp_path) -> None:
+    # A Keras backend this environment lacks: the node cannot load its model.
+    if importlib.util.find_spec("jax") is not None:
+        pytest.skip("jax is installed here")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TMPDIR": str(tmp_path)}
+    out = run_cli(["demo"], env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.splitlines() == [out.stderr.splitlines()[0]] and "Keras backend 'jax'" in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -302,3 +302,181 @@ def test_show_says_when_the_end_of_a_uid_is_the_end_of_several(tmp_path: Path) -
     assert [row["series_uid"] for row in json.loads(out.stdout)] == ["1.2.3.1045"]
     out = show("D_0099")
     assert out.returncode == 1 and "no study or series 'D_0099' in the database" in out.stderr
+
+
+# -- a database filled directly: many series, or header values from outside --
+_RECEIVED = dt.datetime(2025, 11, 28, 8, 0, 0)
+
+
+def _result(
+    version: int, status: str = db.SCORED, *, positive: bool = False, superseded: bool = False
+) -> db.SeriesResult:
+    scored = status == db.SCORED
+    return db.SeriesResult(
+        version=version,
+        status=status,
+        skip_reason=None if scored else f"{status} for a test",
+        scores={label: 0.9 if positive else 0.1 for label in LABELS} if scored else None,
+        flags={label: positive and label == "any" for label in LABELS} if scored else None,
+        thresholds={label: 0.5 for label in LABELS} if scored else None,
+        superseded=superseded,
+    )
+
+
+def _series(n: int, state: str, *results: db.SeriesResult, **header: Any) -> db.Series:
+    """Series ``n``, received ``n`` minutes after the first."""
+    received = _RECEIVED + dt.timedelta(minutes=n)
+    return db.Series(
+        series_uid=f"1.2.826.0.1.{n}",
+        study_uid=f"1.2.826.0.2.{n}",
+        state=state,
+        instance_count=40,
+        first_received_at=received,
+        last_received_at=received,
+        version=len(results),
+        results=list(results),
+        **header,
+    )
+
+
+def _database(tmp_path: Path, series: list[db.Series]) -> Path:
+    """The configuration of a node whose database holds ``series``."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    db.init_db(engine)
+    with db.transaction(db.session_factory(engine)) as session:
+        session.add_all(series)
+    engine.dispose()
+    return write_config(tmp_path / "node.yaml", config_data(tmp_path))
+
+
+def _cli(config: Path, *args: str) -> Any:
+    out = run_cli(["results", *args, "--config", str(config)])
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_status_and_positive_are_answered_by_the_database_not_by_reading_every_series(tmp_path: Path) -> None:
+    # A year of series took 15-27 s and 0.8 GB to find the failed ones: each
+    # was read, with its results and reports, to be dropped afterwards.
+    from sqlalchemy import event
+
+    from ichnode.results import list_results
+
+    negative = [_series(n, db.SCORED, _result(1)) for n in range(300)]
+    failed = _series(300, db.FAILED, _result(1, db.FAILED))
+    positive = _series(301, db.SCORED, _result(1, positive=True))
+    # Images after retention: their version is recorded superseded, the full series' result stays current.
+    stands = _series(302, db.SKIPPED, _result(1, positive=True), _result(2, db.SKIPPED, superseded=True))
+    # Being received again: shown as such, with the flags of its result so far.
+    again = _series(303, db.RECEIVING, _result(1, positive=True))
+    _database(tmp_path, [*negative, failed, positive, stands, again])
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ichnode.db'}")
+    read: list[str] = []
+
+    def count_read(series: db.Series, context: Any) -> None:
+        read.append(series.series_uid)
+
+    def listed(**filters: Any) -> list[str]:
+        read.clear()
+        with db.session_factory(engine)() as session:
+            uids = [row["series_uid"] for row in list_results(session, **filters)]
+        assert sorted(read) == sorted(uids)  # no series read only to be left out
+        return uids
+
+    event.listen(db.Series, "load", count_read)
+    try:
+        assert listed(statuses=[db.FAILED]) == [failed.series_uid]
+        assert listed(positive=True) == [again.series_uid, stands.series_uid, positive.series_uid]
+        assert listed(positive=True, statuses=[db.SCORED]) == [stands.series_uid, positive.series_uid]
+        assert listed(statuses=[db.SKIPPED]) == []
+        assert listed(statuses=[db.RECEIVING, db.FAILED]) == [again.series_uid, failed.series_uid]
+        assert len(listed(statuses=[db.SCORED])) == 302
+    finally:
+        event.remove(db.Series, "load", count_read)
+        engine.dispose()
+
+
+def test_list_table_shows_the_newest_100_and_says_how_many_were_left_out(tmp_path: Path) -> None:
+    config = _database(tmp_path, [_series(n, db.SCORED, _result(1)) for n in range(105)])
+    lines = _cli(config, "list").stdout.splitlines()
+    assert len(lines) == 1 + 100 + 1
+    assert [line.split()[0] for line in lines[1:3]] == ["1.2.826.0.1.104", "1.2.826.0.1.103"]
+    assert lines[-1] == "the newest 100 of 105 series; --limit 0 shows them all"
+    assert len(_cli(config, "list", "--limit", "0").stdout.splitlines()) == 1 + 105
+
+    # CSV and JSON, read by programs, hold every series unless told; the note
+    # goes to stderr, so that what they read stays CSV or JSON.
+    every = _cli(config, "list", "--format", "csv")
+    assert len(every.stdout.splitlines()) == 1 + 105 and every.stderr == ""
+    few = _cli(config, "list", "--format", "json", "--limit", "2")
+    assert [row["series_uid"] for row in json.loads(few.stdout)] == ["1.2.826.0.1.104", "1.2.826.0.1.103"]
+    assert few.stderr == "the newest 2 of 105 series; --limit 0 shows them all\n"
+
+    bad = run_cli(["results", "list", "--limit", "-1", "--config", str(config)])
+    assert bad.returncode == 2 and "--limit" in bad.stderr
+
+
+def test_a_multi_valued_header_value_is_stored_as_dicom_writes_it() -> None:
+    from pydicom.dataset import Dataset
+
+    from ichnode.series import InstanceHeader
+
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    ds.SeriesDescription, ds.AccessionNumber = "Schädel nativ\\axial", "A\\\\B"
+    header = InstanceHeader.from_dataset(ds, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4.5")
+    assert (header.series_description, header.accession_number) == ("Schädel nativ\\axial", "A\\\\B")
+
+
+def test_header_text_neither_breaks_the_table_nor_becomes_a_spreadsheet_formula(tmp_path: Path) -> None:
+    # Series description and accession number come from the scanner or PACS, beyond the hospital's control.
+    odd = [
+        ('HEAD, "plain"\nline2', "ACC,1"),
+        ('=HYPERLINK("http://x","click")', "+123"),
+        ("Schädel nativ\\axial", "A\\B"),
+        ("-5 mm\tbone", "@SUM(A1)"),
+    ]
+    series = [
+        _series(n, db.SCORED, _result(1), series_description=description, accession_number=accession)
+        for n, (description, accession) in enumerate(odd)
+    ]
+    series[0].results[0].deliveries = [
+        db.Delivery(
+            kind="sr",
+            sop_instance_uid="1.2.9",
+            path="reports/x.dcm",
+            ae_title="PACS",
+            host="10.1.2.10",
+            port=104,
+            state=db.DEAD,
+            attempts=3,
+            last_error="refused:\r\nline two",
+        )
+    ]
+    config = _database(tmp_path, series)
+    newest_first = odd[::-1]
+
+    table = _cli(config, "list").stdout.splitlines()
+    assert len(table) == 1 + len(odd)  # one line a series: control characters read as spaces
+    for line, shown in zip(table[1:], ["-5 mm bone", "Schädel nativ\\axial", '=HYPERLINK("http://x","click")']):
+        assert shown in line
+    assert 'HEAD, "plain" line2' in table[-1]
+    report = _cli(config, "show", series[0].series_uid).stdout.splitlines()
+    assert [line for line in report if line.startswith("sr ")][0].endswith("refused:  line two")
+    assert not any(line.startswith("line two") for line in report)
+
+    # A spreadsheet takes a cell that begins with = + - @ for a formula: a quote keeps it text.
+    rows = list(csv.DictReader(io.StringIO(_cli(config, "list", "--format", "csv").stdout)))
+    assert [(row["series_description"], row["accession_number"]) for row in rows] == [
+        ("'-5 mm\tbone", "'@SUM(A1)"),
+        ("Schädel nativ\\axial", "A\\B"),
+        ("'=HYPERLINK(\"http://x\",\"click\")", "'+123"),
+        ('HEAD, "plain"\nline2', "ACC,1"),
+    ]
+    (shown, *_) = csv.DictReader(io.StringIO(_cli(config, "show", series[1].series_uid, "--format", "csv").stdout))
+    assert (shown["series_description"], shown["accession_number"]) == ("'" + odd[1][0], "'+123")
+
+    # JSON is read by programs, not opened as a sheet: values as they are.
+    rows = json.loads(_cli(config, "list", "--format", "json").stdout)
+    assert [(row["series_description"], row["accession_number"]) for row in rows] == newest_first

@@ -220,15 +220,37 @@ def test_a_new_database_over_a_spool_that_holds_images_is_refused(tmp_path: Path
     # Moving to PostgreSQL, or a damaged ichnode.db replaced by an empty one,
     # with the spool kept: every retained image would be indexed as new and
     # every series scored and reported to the PACS again, under new UIDs.
+    from ichnode.config import parse_config
+    from ichnode.service import Node
+    from ichnode.spool import SpoolOfAnotherDatabase
+
     node = start_node()
     assert store_files(node.port, phantom(6, n_slices=3).datasets) == [0] * 3
     node.stop()
     moved = config_data(tmp_path, database={"url": f"sqlite:///{tmp_path / 'new.db'}"})
-    result = run_cli(["serve", "--config", str(write_config(tmp_path / "moved.yaml", moved))])
+    moved_path = write_config(tmp_path / "moved.yaml", moved)
+    # check-config sees it, reading the spool and the database without making either.
+    checked = run_cli(["check-config", "--config", str(moved_path)])
+    assert checked.returncode == 1
+    assert "holds the images of another database" in checked.stderr
+    assert "storage.spool_dir" in checked.stderr and "database.url" in checked.stderr
+    result = run_cli(["serve", "--config", str(moved_path)])
     assert result.returncode == 1
     assert "cannot start: the spool" in result.stderr and "holds the images of another database" in result.stderr
     assert "point database.url back to it" in result.stderr
-    start_node().stop()  # on its own database, the spool is its own
+    # The refused start made no database, so status still says the configuration has none.
+    status = run_cli(["status", "--config", str(moved_path)])
+    assert status.returncode == 1 and f"no database at {tmp_path / 'new.db'}" in status.stderr
+    # A database that has no tables yet (a new PostgreSQL database) is given none.
+    (tmp_path / "new.db").write_bytes(b"")
+    with pytest.raises(SpoolOfAnotherDatabase):
+        Node(parse_config(moved, tmp_path), components=("receiver",))
+    with pytest.raises(db.DatabaseUnreadable, match="is not an ichnode database"):
+        db.open_existing(moved["database"]["url"])
+    # On its own database, the spool is its own.
+    own = run_cli(["check-config", "--config", str(write_config(tmp_path / "own.yaml", config_data(tmp_path)))])
+    assert own.returncode == 0, own.stderr
+    start_node().stop()
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # this process writing and sending them
