@@ -52,7 +52,12 @@ _ENCODER_NOTES = {_PIXEL_DATA, Tag("DerivationDescription"), Tag("LossyImageComp
 
 
 class Truncated(ValueError):
-    """The file is cut off; the message says where."""
+    """The file is cut off; the message says where, :attr:`brief` in fewer
+    words (a C-STORE's ErrorComment holds 64 characters)."""
+
+    def __init__(self, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief or message
 
 
 class TooLarge(ValueError):
@@ -63,7 +68,7 @@ def read_elements(path: Path, *, force: bool = False) -> Dataset:
     """Every top-level element of a file, long values skipped; :class:`Truncated`
     when it ends inside an element of undefined length, :class:`TooLarge` when
     it is deflated and inflates past :data:`MAX_INFLATED_BYTES`."""
-    _check_inflated_size(path, force=force)
+    _inflated_end(path, force=force)
     with warnings.catch_warnings():
         # pydicom only warns, and keeps none of the data set, when the file
         # ends inside an element of undefined length (encapsulated Pixel Data).
@@ -74,30 +79,39 @@ def read_elements(path: Path, *, force: bool = False) -> Dataset:
             raise Truncated("the file ends inside an element of undefined length") from None
 
 
-def _check_inflated_size(path: Path, *, force: bool) -> None:
-    """:class:`TooLarge` when ``path`` holds a deflated data set that inflates
-    past the limit; counted a chunk at a time, nothing kept."""
+def _inflated_end(path: Path, *, force: bool) -> tuple[int, bytes] | None:
+    """Where the data set in ``path`` ends when it is deflated: its inflated
+    length and last few bytes (None for any other transfer syntax);
+    :class:`TooLarge` when it inflates past the limit. Inflated a chunk at a
+    time, nothing else kept."""
     with open(path, "rb") as f:
         read_preamble(f, force)
         meta = _read_file_meta_info(f)
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return
+            return None
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        inflated = 0
+        inflated, tail = 0, b""
         while not inflater.eof and (deflated := f.read(_INFLATE_CHUNK_BYTES)):
             # max_length keeps each piece small; what it leaves is inflated next.
             while deflated and not inflater.eof:
-                inflated += len(inflater.decompress(deflated, _INFLATE_CHUNK_BYTES))
+                piece = inflater.decompress(deflated, _INFLATE_CHUNK_BYTES)
+                inflated += len(piece)
+                tail = (tail + piece[-_ELEMENT_HEADER_BYTES:])[-_ELEMENT_HEADER_BYTES:]
                 if inflated > MAX_INFLATED_BYTES:
                     raise TooLarge(f"deflated data set inflates past {MAX_INFLATED_BYTES // 2**20} MiB")
                 deflated = inflater.unconsumed_tail
+    return inflated, tail
 
 
 def check_whole(path: Path, ds: Dataset) -> None:
     """:class:`Truncated` when ``path`` (read into ``ds`` by :func:`read_elements`)
-    falls short of its last element, or ends in part of another."""
-    if not ds or transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
-        return  # a deflated file's positions are those of the inflated stream
+    falls short of its last element, or ends in part of another. A deflated
+    data set is inflated once more to tell (a sender that deflates a cut-off
+    file as it reads it sends a whole deflate stream)."""
+    if not ds:
+        return
+    # A deflated data set's positions are those of its inflated stream.
+    inflated = _inflated_end(path, force=True) if transfer_syntax(ds) == DeflatedExplicitVRLittleEndian else None
     # The element last in the file (not always the highest tag).
     raw = [e for e in (ds.get_item(tag, keep_deferred=True) for tag in ds.keys()) if isinstance(e, RawDataElement)]
     if not raw:
@@ -106,14 +120,21 @@ def check_whole(path: Path, ds: Dataset) -> None:
     if last.length == 0xFFFFFFFF:
         return  # read to its end already: an undefined length ends at its delimiter
     name = dictionary_description(last.tag) if dictionary_has_tag(last.tag) else "element"
-    left = path.stat().st_size - last.value_tell
+    size, whole = (inflated[0], "the inflated data set") if inflated else (path.stat().st_size, "the file")
+    left = size - last.value_tell
     if last.length > left:
-        raise Truncated(f"{name} {last.tag} is {last.length} bytes, the file has {left}")
+        raise Truncated(
+            f"{name} {last.tag} is {last.length} bytes, {whole} has {left}",
+            brief=f"{last.tag} short by {last.length - left} bytes",
+        )
     rest = left - last.length
-    if 0 < rest < _ELEMENT_HEADER_BYTES and _tail(path, rest).strip(b"\0"):
+    if 0 < rest < _ELEMENT_HEADER_BYTES and (inflated[1][-rest:] if inflated else _tail(path, rest)).strip(b"\0"):
         # pydicom stops without a word where the next element's header is cut
         # (padding of zeros after the data set is no element, and harmless).
-        raise Truncated(f"{rest} bytes after {name} {last.tag} are no whole element")
+        raise Truncated(
+            f"{rest} bytes after {name} {last.tag} are no whole element",
+            brief=f"{rest} bytes after {last.tag} are no whole element",
+        )
 
 
 def _tail(path: Path, count: int) -> bytes:

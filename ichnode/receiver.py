@@ -10,6 +10,7 @@ row, and only then answers Success. It never decodes pixels.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -74,6 +75,15 @@ HOST_LOOKUP_SECONDS = 60.0
 # How often the receiving folder is cleared of abandoned partial files
 # (besides at each association request).
 SWEEP_SECONDS = 30.0
+# How long a connection may wait before its association request (and a peer
+# before it closes the connection after a release or a rejection): it holds
+# one of node.max_associations meanwhile (pynetdicom's default: 30 s).
+REQUEST_SECONDS = 10
+# The largest PDU peers may send (pynetdicom's, and the node's, unit of
+# reading: a PDU is read whole and copied several times). A sender that takes
+# the offer (pynetdicom does) sends a data set in PDUs of this size; offered
+# no limit, it sent a 300 MB image in one, and the node took 1.3 GB for it.
+MAX_PDU_BYTES = 2**20
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -115,8 +125,16 @@ class AccessPolicy:
         self.allow = access.allow
         self._host_cache: dict[str, tuple[float, set[str]]] = {}  # host -> (when resolved, addresses)
 
+    def may_connect(self, host: str) -> bool:
+        """Whether an entry could let a peer at ``host`` in (one for any host,
+        or one naming it): a connection from anywhere else is closed before
+        it holds one of node.max_associations."""
+        host = plain_address(host)
+        return any(peer.host is None or host in self._addresses(peer.host) for peer in self.allow)
+
     def check(self, calling_ae: str, called_ae: str, host: str) -> Rejection | None:
         """None when the association may proceed, else why it may not."""
+        host = plain_address(host)
         if called_ae.strip() != self.called_ae_title:
             return Rejection(1, 1, 7, f"called AE title {called_ae!r} is not {self.called_ae_title!r}")
         calling = calling_ae.strip()
@@ -146,7 +164,17 @@ class AccessPolicy:
 def host_addresses(host: str) -> set[str]:
     """The addresses a host name (or address) stands for, itself included;
     OSError when it does not resolve."""
-    return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+    return {plain_address(info[4][0]) for info in socket.getaddrinfo(host, None)} | {host}
+
+
+def plain_address(address: str) -> str:
+    """A peer's address as access.allow names it: an IPv4 peer of a node
+    listening on "::" (every interface) arrives as ::ffff:a.b.c.d."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # a name
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 class ReceivedFile:
@@ -275,10 +303,40 @@ def _open_received_dataset(*args: Any, **kwargs: Any) -> Any:
 
 dimse_messages.NamedTemporaryFile = _open_received_dataset  # type: ignore[assignment]
 
+_decode_message = dimse_messages.DIMSEMessage.decode_msg
+
+
+def _decode_message_or_abort(message: Any, primitive: Any, assoc: Any = None) -> bool:
+    """pynetdicom's DIMSEMessage.decode_msg, but for a C-STORE-RQ to the node
+    whose command lacks the UIDs its chunked receive writes in the received
+    file's meta: that raised in the association's reactor thread, which died
+    with a traceback. Here the association is aborted, as pynetdicom aborts
+    one whose DIMSE message it cannot decode, with one warning."""
+    try:
+        return _decode_message(message, primitive, assoc)
+    except AttributeError:
+        command = getattr(message, "command_set", None)
+        needed = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+        missing = [keyword for keyword in needed if command is not None and keyword not in command]
+        received = getattr(message, "_data_set_file", None)
+        if not (isinstance(message, dimse_messages.C_STORE_RQ) and missing and isinstance(received, ReceivedFile)):
+            raise
+    received.close()
+    Path(received.name).unlink(missing_ok=True)
+    message._data_set_file = None  # removed already: no transfer cut off (discard_partial_transfer)
+    logger.warning("aborted the association from %s: a C-STORE without %s", _peer(assoc), " and ".join(missing))
+    assoc.dul.event_queue.put("Evt19")  # an invalid PDU: A-ABORT
+    return False
+
+
+dimse_messages.DIMSEMessage.decode_msg = _decode_message_or_abort  # type: ignore[method-assign]
+
 
 def _peer(assoc: Any) -> str:
-    """The peer as ``AE@address:port``."""
-    return f"{assoc.requestor.primitive.calling_ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
+    """The peer as ``AE@address:port`` (``address:port`` before its association request)."""
+    address = f"{plain_address(assoc.requestor.address)}:{assoc.requestor.port}"
+    request = assoc.requestor.primitive
+    return address if request is None else f"{request.calling_ae_title}@{address}"
 
 
 def _log_refusal(assoc: Any, reason: str) -> None:
@@ -352,8 +410,22 @@ def log_rejected(event: evt.Event) -> None:
     rj = assoc.acceptor.primitive
     reason = f"A-ASSOCIATE-RJ {rj.result_str.lower()}, {rj.reason_str.lower()}"
     if (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2):
-        reason = f"node.max_associations ({assoc.ae.maximum_associations}) are open ({reason})"
+        holders = [_peer(other) for other in assoc.ae.active_associations if other.is_acceptor and other is not assoc]
+        reason = (
+            f"node.max_associations ({assoc.ae.maximum_associations}) are open ({reason}), held by {', '.join(holders)}"
+        )
     _log_refusal(assoc, reason)
+
+
+def end_unrequested(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE: a connection that ended before an association request
+    (a port scan, a load balancer's probe, a peer silent for REQUEST_SECONDS)
+    held one of node.max_associations meanwhile; pynetdicom says nothing of
+    it, and would hold that until REQUEST_SECONDS are up. Logged, and the
+    association's thread, which waits for the request, told at once."""
+    if event.assoc.requestor.primitive is None:
+        logger.info("connection from %s ended without an association request", _peer(event.assoc))
+        event.assoc.dul.to_user_queue.put(None)  # what it gets when REQUEST_SECONDS are up
 
 
 def _uid_name(uid: str) -> str:
@@ -376,7 +448,7 @@ def handle_store(
     request = event.request
     sop_uid = str(request.AffectedSOPInstanceUID)
     calling = event.assoc.requestor.ae_title
-    host = event.assoc.requestor.address
+    host = plain_address(event.assoc.requestor.address)
     received = Path(event.dataset_path)
     write_error = receiving.write_error(received)
     if write_error is not None:
@@ -397,13 +469,13 @@ def handle_store(
         )
     except Truncated as exc:  # a cut-off file sent as it was: stored, it would replace a good copy
         logger.warning("refusing %s from %s: truncated: %s", sop_uid, calling, exc)
-        return _failure(CANNOT_UNDERSTAND, f"truncated: {exc}")
+        return _failure(CANNOT_UNDERSTAND, f"truncated: {exc.brief}")
     except TooLarge as exc:  # inflated, it would take that much of this process's memory
         logger.warning("refusing %s from %s: %s", sop_uid, _peer(event.assoc), exc)
         return _failure(CANNOT_UNDERSTAND, str(exc))
     except Exception as exc:  # any decode problem means we cannot understand it
         logger.warning("refusing %s from %s: unreadable header: %s", sop_uid, calling, exc)
-        return _failure(CANNOT_UNDERSTAND, f"unreadable header: {exc}")
+        return _failure(CANNOT_UNDERSTAND, f"bad header: {exc}")  # short: an ErrorComment holds 64 characters
     # An image whose data set names another SOP Class than its C-STORE is
     # refused (as DCMTK's storescp does). One that names another instance is
     # stored under its own UID, the one a PACS files it under too: some
@@ -576,18 +648,20 @@ def discard_partial_transfer(event: evt.Event) -> None:
 
 
 class _NodeAE(AE):
-    """The node's AE: its associations receive datasets into ``receiving``."""
+    """The node's AE: its associations receive datasets into ``receiving``,
+    from peers ``policy`` lets in."""
 
     receiving: ReceivingFolder | None = None
+    policy: AccessPolicy | None = None
 
 
-def build_ae(config: Config, receiving: ReceivingFolder) -> AE:
+def build_ae(config: Config, receiving: ReceivingFolder) -> _NodeAE:
     """An AE that accepts Verification, CT in every decodable syntax, and all other storage."""
     ae = _NodeAE(ae_title=config.node.ae_title)
     ae.receiving = receiving
     ae.maximum_associations = config.node.max_associations
-    # No upper limit on the PDUs peers send us: fewer, larger PDUs are faster.
-    ae.maximum_pdu_size = 0
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.acse_timeout = REQUEST_SECONDS
     # Access control is ours (AccessPolicy), with reasons in the log.
     ae.require_called_aet = False
     ae.add_supported_context(Verification)
@@ -604,8 +678,21 @@ def build_ae(config: Config, receiving: ReceivingFolder) -> AE:
 
 
 class _Receiver(ThreadedAssociationServer):
-    """The association server; between connections it also removes abandoned
-    partial files from the receiving folder (see :class:`ReceivingFolder`)."""
+    """The association server. It closes a connection from a host no entry
+    of access.allow could let in as soon as it is made (else it would hold
+    one of node.max_associations until its association request is due), and
+    between connections it removes abandoned partial files from the
+    receiving folder (see :class:`ReceivingFolder`)."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # In the connection's own thread, not the accept loop: it may look a host name of access.allow up.
+        host = plain_address(client_address[0])
+        if not self.ae.policy.may_connect(host):
+            port = client_address[1]
+            logger.warning("refused connection from %s:%d: no access.allow entry is for this host", host, port)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
 
     def service_actions(self) -> None:
         super().service_actions()
@@ -635,13 +722,14 @@ def start_receiver(
     receiving = ReceivingFolder(spool.tmp_dir / f"receiver-{index}")
     receiving.sweep()
     ae = build_ae(config, receiving)
-    policy = AccessPolicy(config.access, config.node.ae_title)
+    policy = ae.policy = AccessPolicy(config.access, config.node.ae_title)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [policy, spool, receiving]),
         (evt.EVT_ACCEPTED, log_accepted),
         (evt.EVT_REJECTED, log_rejected),
         (evt.EVT_C_STORE, handle_store, [spool, factory, receiving]),
         (evt.EVT_CONN_CLOSE, discard_partial_transfer),
+        (evt.EVT_CONN_CLOSE, end_unrequested),
     ]
     shared = config.node.receiver_processes > 1
     server = ae.make_server(

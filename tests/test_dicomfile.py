@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
@@ -48,6 +49,22 @@ def deflated_ct(path: Path, rows: int, columns: int) -> Path:
             f.write(deflater.compress(zeros[: pixel_bytes - start]))
         f.write(deflater.flush())
     return path
+
+
+def deflated_copy(part10: bytes, target: Path) -> Path:
+    """A Part 10 file's bytes (a cut-off file's too) with its data set
+    deflated, as a sender that deflates a file as it reads it sends it: a
+    whole deflate stream, whatever the data set inflates to."""
+    source = DicomBytesIO(part10)
+    read_preamble(source, False)
+    meta = _read_file_meta_info(source)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(target, "wb") as f:
+        f.write(bytes(128) + b"DICM")
+        write_file_meta_info(f, meta)
+        f.write(deflater.compress(source.read()) + deflater.flush())
+    return target
 
 
 @pytest.mark.parametrize(
@@ -131,3 +148,27 @@ def test_a_deflated_file_that_inflates_to_gbs_is_refused_without_inflating_it(tm
     ds = read_elements(deflated_ct(tmp_path / "ct.dcm", 512, 512))
     assert (ds.Rows, ds.Columns, ds.file_meta.TransferSyntaxUID) == (512, 512, DeflatedExplicitVRLittleEndian)
     assert read_elements(Path(get_testdata_file("image_dfl.dcm"))).file_meta.TransferSyntaxUID.is_deflated
+
+
+@pytest.mark.parametrize(
+    ("cut", "whole"),
+    [
+        ("as it is", True),
+        ("100 bytes short of its Pixel Data", False),
+        ("4 bytes into Pixel Data's header", False),
+    ],
+)
+def test_a_deflated_data_set_cut_off_is_told_from_a_whole_one(tmp_path: Path, cut: str, whole: bool) -> None:
+    # The deflate stream is whole: only the inflated data set tells that it was cut.
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    changed = {
+        "as it is": data,
+        "100 bytes short of its Pixel Data": data[: data.rindex(b"\xe0\x7f\x10\x00") + 12 + 32768 - 100],
+        "4 bytes into Pixel Data's header": data[: data.rindex(b"\xe0\x7f\x10\x00") + 4],
+    }[cut]
+    path = deflated_copy(changed, tmp_path / "deflated.dcm")
+    if whole:
+        _check(path)
+    else:
+        with pytest.raises(Truncated):
+            _check(path)

@@ -6,12 +6,15 @@ Senders are pynetdicom (in this process) and DCMTK's echoscu/storescu.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -47,7 +50,7 @@ from tests.conftest import (
     wait_for,
     wait_series_state,
 )
-from tests.test_dicomfile import deflated_ct
+from tests.test_dicomfile import deflated_copy, deflated_ct
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -331,6 +334,83 @@ def test_allowed_ae_title_from_another_host_is_rejected(start_node: Any) -> None
     assert echo_ok(node.port, calling_ae="CT_SCANNER_2")
 
 
+def test_a_node_on_every_interface_allows_an_ipv4_peer_listed_by_its_address(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Listening on "::", the socket takes IPv4 peers too, as ::ffff:127.0.0.1.
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(node={"host": "::"}, access={"allow": [{"ae_title": "CT1", "host": "127.0.0.1"}]})
+    assert store_files(node.port, [pydicom_file("CT_small.dcm")], calling_ae="CT1") == [0]
+    (series,) = all_series(node)
+    assert series.peer_host == "127.0.0.1"  # reports go back to the sender by its allow entry's host
+    assert [m for m in receiver_log(caplog, "INFO") if m.startswith("association from CT1@127.0.0.1:")]
+
+
+def _connect(port: int, source_host: str) -> socket.socket:
+    """A bare TCP connection to the node from ``source_host`` (any 127.x address is this machine)."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source_host, 0))
+    return connection
+
+
+def test_a_connection_from_a_host_no_entry_names_is_closed_at_once_and_holds_no_slot(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Held open without a word, each would hold one of node.max_associations
+    # until its association request was due.
+    node = start_node(node={"max_associations": 1})  # access.allow: any AE title from 127.0.0.1
+    strangers = [_connect(node.port, "127.0.0.2") for _ in range(2)]
+    ports = {str(stranger.getsockname()[1]) for stranger in strangers}
+    try:
+        for stranger in strangers:
+            assert stranger.recv(1) == b""  # closed by the node
+        assert echo_ok(node.port)
+    finally:
+        for stranger in strangers:
+            stranger.close()
+    refused = [m for m in receiver_log(caplog, "WARNING") if "127.0.0.2" in m]
+    assert len(refused) == 2, refused
+    for line in refused:
+        address, reason = re.fullmatch(r"refused connection from 127\.0\.0\.2:(\d+): (.*)", line).groups()
+        assert address in ports and reason == "no access.allow entry is for this host"
+
+
+def test_with_an_entry_for_any_host_a_connection_from_anywhere_gets_to_the_ae_title_check(start_node: Any) -> None:
+    node = start_node(access={"allow": [{"ae_title": "CT1"}]})
+    assert store_files(node.port, [pydicom_file("CT_small.dcm")], calling_ae="CT1", source_host="127.0.0.2") == [0]
+    assert_rejected(associate(node.port, "INTRUDER"), 1, 1, 3)
+
+
+def test_a_connection_without_an_association_request_is_closed_soon_and_logged(
+    start_node: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ichnode.receiver
+
+    caplog.set_level(logging.INFO, logger="ichnode")
+    monkeypatch.setattr(ichnode.receiver, "REQUEST_SECONDS", 1)  # a test's patience
+    node = start_node()
+    idle = _connect(node.port, "127.0.0.1")
+    logged = f"connection from 127.0.0.1:{idle.getsockname()[1]} ended without an association request"
+    try:
+        assert idle.recv(1) == b""  # closed by the node
+    finally:
+        idle.close()
+    wait_for(lambda: logged in receiver_log(caplog, "INFO"), message="the connection in the log")
+
+
+def test_a_connection_closed_before_its_association_request_frees_its_slot_at_once(
+    start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A port scan, a load balancer's probe: each would hold one of
+    # node.max_associations for as long as the node waits for a request.
+    caplog.set_level(logging.INFO, logger="ichnode")
+    node = start_node(node={"max_associations": 1})
+    probe = _connect(node.port, "127.0.0.1")
+    logged = f"connection from 127.0.0.1:{probe.getsockname()[1]} ended without an association request"
+    probe.close()
+    wait_for(lambda: logged in receiver_log(caplog, "INFO"), message="the connection in the log")
+    wait_for(lambda: echo_ok(node.port), timeout=5, message="a slot")
+
+
 def test_association_log_names_peer_and_ae_titles(start_node: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ichnode")
     node = start_node(access={"allow": [{"ae_title": "CT_SCANNER_1", "host": "127.0.0.1"}]})
@@ -366,6 +446,7 @@ def test_an_association_over_max_associations_is_logged_as_refused(
         r"^refused association from SECOND@127\.0\.0\.1:\d+ to ICHNODE: node\.max_associations \(1\)",
         refused,
     )
+    assert re.search(r"held by HOLDER@127\.0\.0\.1:\d+$", refused), refused  # who holds them
     accepted = [m for m in receiver_log(caplog, "INFO") if m.startswith("association from")]
     assert [m.split("@")[0] for m in accepted] == ["association from HOLDER"]
 
@@ -762,7 +843,8 @@ def test_header_without_series_uid_cannot_be_understood(start_node: Any, tmp_pat
     node = start_node()
     response = store_one(node.port, path)
     assert response.Status == 0xC000
-    assert "SeriesInstanceUID" in response.ErrorComment
+    # Whole, within the 64 characters of an ErrorComment.
+    assert re.fullmatch(r".*SeriesInstanceUID .*\(0020,000E\).* is missing or empty", response.ErrorComment)
     assert_nothing_stored(node)
 
 
@@ -777,21 +859,35 @@ def _changed_copy(folder: Path) -> Path:
     return second
 
 
-@pytest.mark.parametrize("cut", ["inside the pixel data", "inside an element header"])
+@pytest.mark.parametrize(
+    ("cut", "comment"),
+    [
+        # CT_small.dcm ends in 138 bytes of padding after its Pixel Data.
+        ("inside the pixel data", "truncated: (7FE0,0010) short by 2862 bytes"),
+        ("inside an element header", "truncated: 4 bytes after (0043,104E) are no whole element"),  # private
+        ("inside the pixel data, then deflated whole", "truncated: (7FE0,0010) short by 2862 bytes"),
+    ],
+)
 def test_a_cut_off_file_sent_as_it_is_is_refused_and_the_stored_copy_kept(
-    start_node: Any, send_raw: None, tmp_path: Path, cut: str
+    start_node: Any, send_raw: None, tmp_path: Path, caplog: pytest.LogCaptureFixture, cut: str, comment: str
 ) -> None:
-    # A sender that streams an interrupted copy: stored, it would replace
-    # the good copy the node holds with part of the pixels.
+    # A sender that streams an interrupted copy (deflating it as it reads
+    # it, or not): stored, it would replace the good copy the node holds
+    # with part of the pixels.
     node = start_node()
     good = pydicom_file("CT_small.dcm")
     whole = good.read_bytes()
-    end = len(whole) - 3000 if cut == "inside the pixel data" else whole.rindex(b"\xe0\x7f\x10\x00") + 4
+    end = whole.rindex(b"\xe0\x7f\x10\x00") + 4 if cut == "inside an element header" else len(whole) - 3000
     broken = tmp_path / "cut.dcm"
     broken.write_bytes(whole[:end])
+    if cut.endswith("deflated whole"):
+        broken = deflated_copy(whole[:end], tmp_path / "cut-deflated.dcm")
     assert store_one(node.port, good).Status == 0x0000
     response = store_one(node.port, broken)
-    assert response.Status == 0xC000 and response.ErrorComment.startswith("truncated: "), response
+    assert (response.Status, response.ErrorComment) == (0xC000, comment)
+    (warning,) = receiver_log(caplog, "WARNING")  # in full
+    in_full = "Pixel Data (7FE0,0010) is 32768 bytes" if "pixel data" in cut else "4 bytes after element (0043,104E)"
+    assert in_full in warning
     (row,) = all_instances(node)
     assert row.times_received == 1
     assert dcmread(node.spool.absolute(row.path)).PixelData == dcmread(good).PixelData
@@ -814,7 +910,31 @@ def test_a_small_deflated_image_that_inflates_to_gbs_is_refused(
     assert instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
 
 
-def store_as_requested(port: int, ds: Any, **affected: str) -> Any:
+def test_a_large_image_from_a_sender_that_takes_the_nodes_offer_arrives_in_bounded_pieces(
+    start_node: Any, tmp_path: Path
+) -> None:
+    # A sender sends PDUs as large as the node announces (pynetdicom's, such
+    # as ichnode send, do). pynetdicom reads a PDU whole and copies it several
+    # times: one PDU of a whole image took several times its size of the
+    # node's memory (300 MB images, 8 associations: the node is killed).
+    big = big_ct(tmp_path, 48)
+    node = start_node()
+    assoc = associate(node.port, "TEST_SCU")
+    assert assoc.is_established
+    assoc.release()
+    assert 0 < assoc.acceptor.maximum_length <= 4 * 2**20
+    tracemalloc.start()
+    try:
+        result = run_cli(["send", str(big), "--to", f"ICHNODE@127.0.0.1:{node.port}", "--no-progress"])
+        peak = tracemalloc.get_traced_memory()[1]  # of the node: the sender is another process
+    finally:
+        tracemalloc.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(all_instances(node)) == 1
+    assert peak < 16 * 2**20
+
+
+def store_as_requested(port: int, ds: Any, **affected: str | None) -> Any:
     """C-STORE ``ds`` under a command whose Affected SOP Class or Instance UID
     (``AffectedSOPInstanceUID=...``) is not the data set's; the response."""
     ae = AE(ae_title="ODD_SCU")
@@ -865,6 +985,24 @@ def test_a_c_store_naming_another_instance_than_its_data_set_stores_it_under_its
     (warning,) = receiver_log(caplog, "WARNING")
     assert warning.startswith(f"{asked} from ODD_SCU@127.0.0.1:")
     assert warning.endswith(f"is stored under its data set's SOP Instance UID {ds.SOPInstanceUID}")
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("missing", ["AffectedSOPInstanceUID", "AffectedSOPClassUID"])
+def test_a_c_store_without_the_uids_of_its_command_aborts_the_association_and_says_why(
+    start_node: Any, caplog: pytest.LogCaptureFixture, missing: str
+) -> None:
+    # They name the file the data set is received into: without them no
+    # failure status can be sent, but the A-ABORT is clean, and the log says why.
+    node = start_node()
+    response = store_as_requested(node.port, dcmread(pydicom_file("CT_small.dcm")), **{missing: None})
+    assert "Status" not in response  # aborted
+    (warning,) = receiver_log(caplog, "WARNING")
+    assert re.fullmatch(rf"aborted the association from ODD_SCU@127\.0\.0\.1:\d+: a C-STORE without {missing}", warning)
+    # Neither the state machine's exception nor the reactor thread's traceback.
+    assert not [r for r in caplog.records if r.name == "pynetdicom.fsm" and r.levelno >= logging.ERROR]
+    wait_for(lambda: not any((node.spool.tmp_dir / "receiver-0").iterdir()), message="its file to be removed")
+    assert store_files(node.port, [pydicom_file("CT_small.dcm")]) == [0]
 
 
 def test_a_data_set_without_its_sop_instance_uid_is_stored_under_the_requests(
@@ -925,6 +1063,52 @@ def test_uids_made_of_dots_stay_inside_the_spool(start_node: Any) -> None:
     assert len(files) == 2 and files == rows
     assert sorted(parent.iterdir()) == before  # nothing written beside the spool
     assert [p for p in node.spool.tmp_dir.rglob("*") if p.is_file()] == []
+
+
+def test_two_uids_never_share_a_file(start_node: Any) -> None:
+    # A UID cleaned for a file name takes a hash of itself; one that looks
+    # like such a name (a sender's odd UIDs) must not take its file.
+    node = start_node()
+    odd = "1.2.826.0.1.3680043.8.498.4/1"
+    look_alike = "1.2.826.0.1.3680043.8.498.4_1-" + hashlib.sha1(odd.encode()).hexdigest()[:8]
+    series_uid = generate_uid()
+    first, second = _ct(odd, series_uid), _ct(look_alike, series_uid)
+    first.InstanceNumber, second.InstanceNumber = 1, 2
+    assert store_files(node.port, [first, second]) == [0, 0]
+    files, rows = _files_and_rows(node)
+    assert len(files) == 2 and files == rows
+    for instance in all_instances(node):
+        stored = dcmread(node.spool.absolute(instance.path))
+        assert stored.SOPInstanceUID == instance.sop_instance_uid
+    # Sent again, each is an identical copy of its own file.
+    assert store_files(node.port, [first, second]) == [0, 0]
+    assert [i.times_received for i in all_instances(node)] == [2, 2]
+    assert _files_and_rows(node) == (files, rows)
+
+
+def test_an_instance_stored_under_the_name_it_had_before_is_replaced_when_sent_again(start_node: Any) -> None:
+    # A UID that ends as a cleaned one's name does was its own file name
+    # before such UIDs took a hash too; sent again, its new copy replaces that file.
+    node = start_node()
+    sop = "1.2.826.0.1.3680043.8.498.7-0123abcd"
+    first = _ct(sop, generate_uid())
+    assert store_files(node.port, [first]) == [0]
+    (instance,) = all_instances(node)
+    stored = node.spool.absolute(instance.path)
+    before = stored.with_name(f"{sop}.dcm")
+    assert before != stored
+    stored.rename(before)  # where the node stored it before
+    with node.engine.begin() as connection:
+        relative = before.relative_to(node.spool.root).as_posix()
+        connection.execute(update(db.Instance).where(db.Instance.id == instance.id).values(path=relative))
+
+    second = _ct(sop, str(first.SeriesInstanceUID))
+    second.ImageComments = "second copy"
+    assert store_files(node.port, [second]) == [0]
+    (again,) = all_instances(node)
+    assert (again.path, again.times_received) == (instance.path, 2)
+    assert _files_and_rows(node) == ([stored], [stored])
+    assert dcmread(stored).ImageComments == "second copy"
 
 
 def test_one_instance_stored_by_two_associations_at_once_keeps_its_file(start_node: Any) -> None:
