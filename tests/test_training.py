@@ -829,8 +829,15 @@ def test_a_rerun_on_changed_data_recomputes_embeddings_and_finds_hard_slices_by_
     # Unchanged data: the stored embeddings are used as they are.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="training.train"):
-        np.testing.assert_array_equal(again.embeddings(None), emb)
+        np.testing.assert_array_equal(again.embeddings(slice_model), emb)
     assert "anew" not in caplog.text
+    # A slice model trained again (its files removed by hand) makes them anew.
+    encoder = slice_model.get_layer("slice_encoder")
+    encoder.set_weights([w * 0.5 for w in encoder.get_weights()])
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        emb = again.embeddings(slice_model)
+    assert "by another slice model: computing the embeddings anew" in caplog.text
+    np.testing.assert_allclose(emb[rows], encoder.predict_on_batch(again.loader.load(rows)), rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()
 
 

@@ -518,15 +518,18 @@ class Run:
     def embeddings(self, slice_model: Any) -> np.ndarray:
         """Slice CNN embeddings of every usable slice (``np.nan`` elsewhere)."""
         path = self.out / "embeddings.npz"
+        encoder = slice_model.get_layer("slice_encoder")
         # Rows are index rows: embeddings of another index (data added, removed or
-        # rewritten since) would hand the sequence stage other slices' embeddings.
-        fingerprint = self._index_fingerprint()
+        # rewritten since) would hand the sequence stage other slices' embeddings,
+        # and those of another slice model (one trained again) that model's.
+        fingerprint = f"{self._index_fingerprint()} {_weights_sha256(encoder)}"
         if path.exists():
             with np.load(path) as stored:
-                if "index_sha256" in stored and str(stored["index_sha256"]) == fingerprint:
+                if "fingerprint" in stored and str(stored["fingerprint"]) == fingerprint:
                     return stored["embeddings"]
-            logger.warning("%s was computed on another index of the data: computing the embeddings anew", path)
-        encoder = slice_model.get_layer("slice_encoder")
+            logger.warning(
+                "%s was computed on another index of the data or by another slice model: computing the embeddings "
+                "anew", path)
         dim = int(encoder.outputs[0].shape[-1])
         emb = np.full((len(self.index), dim), np.nan, dtype=np.float32)
         rows = np.flatnonzero(self.ok)
@@ -540,7 +543,7 @@ class Run:
             e = np.asarray(encoder.predict_on_batch(x))
             emb[rows[start : start + len(e)]] = e
             start += len(e)
-        np.savez(path, embeddings=emb, index_sha256=np.array(fingerprint))
+        np.savez(path, embeddings=emb, fingerprint=np.array(fingerprint))
         return emb
 
     def _index_fingerprint(self) -> str:
@@ -705,6 +708,13 @@ class Run:
 
 
 _UNSET = object()  # a setting one of two configs lacks
+
+
+def _weights_sha256(model: Any) -> str:
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
 
 
 def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
