@@ -131,8 +131,8 @@ def check_config(config_path: Path | None) -> None:
     Also checks the model (its card, its file), that the Keras backend
     ($KERAS_BACKEND, as this command sees it) loads, that a database server
     answers and takes the URL's login, that the spool is the database's own,
-    and that the peers' host names resolve. The database password is
-    printed as ***.
+    and warns of peers' host names that do not resolve here. The database
+    password is printed as ***.
     """
     from .config import keras_backend, keras_backend_problem, model_path_problem, unresolved_hosts
     from .db import driver_problem, server_problem
@@ -146,10 +146,11 @@ def check_config(config_path: Path | None) -> None:
     problems = [
         model_path_problem(config),
         f"database.url: {database}" if database else _spool_problem(config),
-        *unresolved_hosts(config),
         keras_backend_problem(),
     ]
     problems = [problem for problem in problems if problem]
+    for unresolved in unresolved_hosts(config):
+        click.echo(f"warning: {unresolved}", err=True)
     if problems:
         click.echo("error: invalid configuration:\n  " + "\n  ".join(problems), err=True)
         sys.exit(1)

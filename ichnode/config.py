@@ -14,19 +14,10 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictFloat,
-    StrictInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "ICHNODE_CONFIG"
 DEFAULT_PATH = Path("config.yaml")
@@ -45,11 +36,21 @@ class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid."""
 
 
+def _not_a_boolean(value: Any) -> Any:
+    # YAML reads yes, on and true as a boolean, which a number would take for
+    # 1: retention_days: true would delete images after a day. Numbers are
+    # otherwise taken as they come: 7.0 for 7, "6e2" (text to YAML) for 600.
+    if isinstance(value, bool):
+        raise ValueError("a number is needed, not yes/no/on/off/true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
-    # Numbers are StrictInt and StrictFloat: YAML reads yes, on and true as a
-    # boolean, which a lax number takes for 1 (retention_days: true would
-    # delete images after a day).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
@@ -90,6 +91,14 @@ def _check_peer_host(value: str | None) -> str | None:
             raise ValueError(
                 f"host must be a name or an address without a port (give that as port), got {value!r}"
             ) from None
+        return value
+    # "ct2..radiology.org", or a label over 63 characters, can never be looked up.
+    try:
+        value.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"host {value!r} is not a valid host name (an empty label, or one over 63 characters)"
+        ) from None
     return value
 
 
@@ -130,12 +139,12 @@ class NodeConfig(_Section):
     ae_title: str = "ICHNODE"
     host: str = "127.0.0.1"
     # 0 picks a free port (tests); the log says which.
-    port: StrictInt = Field(11112, ge=0, le=65535)
-    max_associations: StrictInt = Field(8, ge=1)
+    port: Int = Field(11112, ge=0, le=65535)
+    max_associations: Int = Field(8, ge=1)
     # Receiver processes sharing the port (SO_REUSEPORT). More than one lets
     # concurrent associations use several CPU cores; max_associations applies
     # to each.
-    receiver_processes: StrictInt = Field(1, ge=1, le=32)
+    receiver_processes: Int = Field(1, ge=1, le=32)
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_listen_host)
@@ -149,7 +158,7 @@ class Peer(_Section):
 
     ae_title: str
     host: str | None = None
-    port: StrictInt | None = Field(None, ge=1, le=65535)
+    port: Int | None = Field(None, ge=1, le=65535)
 
     @field_validator("ae_title")
     @classmethod
@@ -177,10 +186,10 @@ class AccessConfig(_Section):
 
 class StorageConfig(_Section):
     spool_dir: Path = Path("ichnode-data/spool")
-    min_free_mb: StrictInt = Field(1024, ge=0)
+    min_free_mb: Int = Field(1024, ge=0)
     # fsync every received file and its folder before answering Success.
     fsync: bool = True
-    retention_days: StrictInt = Field(7, ge=0)
+    retention_days: Int = Field(7, ge=0)
 
     _spool = field_validator("spool_dir")(_check_path)
 
@@ -225,12 +234,12 @@ def _sqlite_in_memory(database: str | None, query: Any) -> bool:
 
 
 class SeriesConfig(_Section):
-    stable_seconds: StrictFloat = Field(10.0, gt=0)
-    check_interval_seconds: StrictFloat = Field(1.0, gt=0)
-    min_slices: StrictInt = Field(10, ge=1)
+    stable_seconds: Float = Field(10.0, gt=0)
+    check_interval_seconds: Float = Field(1.0, gt=0)
+    min_slices: Int = Field(10, ge=1)
     # Largest angle between the slice normal and the patient's z axis still
     # called axial; admits gantry tilt (typically up to ~30 degrees).
-    axial_tolerance_degrees: StrictFloat = Field(35.0, ge=0, le=90)
+    axial_tolerance_degrees: Float = Field(35.0, ge=0, le=90)
     # A series is a head series when its BodyPartExamined contains one of
     # these words (case-insensitive); when that tag is empty, when a study or
     # series description or protocol name does; with all of them empty, it is.
@@ -243,9 +252,9 @@ class SeriesConfig(_Section):
 
 class ModelConfig(_Section):
     path: Path | None = None  # None: the bundled default model
-    batch_size: StrictInt = Field(32, ge=1)
-    worker_processes: StrictInt | None = Field(None, ge=1)  # None: CPU cores - 1, at least 2
-    thresholds: dict[str, StrictFloat] = Field(default_factory=dict)
+    batch_size: Int = Field(32, ge=1)
+    worker_processes: Int | None = Field(None, ge=1)  # None: CPU cores - 1, at least 2
+    thresholds: dict[str, Float] = Field(default_factory=dict)
 
     _path = field_validator("path")(_check_path)
 
@@ -263,16 +272,16 @@ class ModelConfig(_Section):
 class Destination(_Section):
     ae_title: str
     host: str
-    port: StrictInt = Field(ge=1, le=65535)
+    port: Int = Field(ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
     _host = field_validator("host")(_check_peer_host)
 
 
 class RetryConfig(_Section):
-    first_delay_s: StrictFloat = Field(5.0, gt=0)
-    max_delay_s: StrictFloat = Field(600.0, gt=0)
-    max_attempts: StrictInt = Field(20, ge=1)
+    first_delay_s: Float = Field(5.0, gt=0)
+    max_delay_s: Float = Field(600.0, gt=0)
+    max_attempts: Int = Field(20, ge=1)
 
 
 class ReportsConfig(_Section):
@@ -284,7 +293,7 @@ class ReportsConfig(_Section):
     # Connect, association, DIMSE and network timeouts with a destination: a
     # PACS across a slow link may need more, one that never answers holds
     # back only its own reports for this long.
-    timeout_seconds: StrictFloat = Field(30.0, gt=0, le=3600)
+    timeout_seconds: Float = Field(30.0, gt=0, le=3600)
 
     @field_validator("destinations")
     @classmethod
@@ -485,10 +494,12 @@ def keras_backend_problem() -> str | None:
 
 
 def unresolved_hosts(config: Config) -> list[str]:
-    """The peers' host names that do not resolve here, each as a problem naming its key.
+    """The peers' host names that do not resolve here, each naming its key.
 
     A destination's typo would otherwise show only once its reports are dead
     letters, hours later, and an allowed sender's as refused associations.
+    Warnings, not errors: a name may resolve only on the node's network, or
+    DNS be down for a moment, and the node looks names up again as it goes.
     """
     hosts = [(f"access.allow.{i}.host", peer.host) for i, peer in enumerate(config.access.allow) if peer.host]
     hosts += [(f"reports.destinations.{i}.host", d.host) for i, d in enumerate(config.reports.destinations)]

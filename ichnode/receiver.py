@@ -154,7 +154,7 @@ class AccessPolicy:
             return cached[1]
         try:
             addresses = host_addresses(host)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode ("a..b")
             logger.warning("cannot resolve %s of access.allow: %s", host, exc)
             return {host}
         self._host_cache[host] = (time.monotonic(), addresses)

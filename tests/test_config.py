@@ -446,32 +446,36 @@ def test_check_config_loads_the_keras_backend_as_serve_does(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("text", "key", "expected"),
+    ("text", "key"),
     [
         # YAML reads yes/true as a boolean, which a lax integer would take as 1:
         # images deleted after one day, a node listening on port 1.
-        ("storage:\n  retention_days: true\n", "storage.retention_days", "a valid integer"),
-        ("node:\n  port: yes\n", "node.port", "a valid integer"),
-        ("model:\n  worker_processes: on\n", "model.worker_processes", "a valid integer"),
-        ("access:\n  allow: [{ae_title: CT, host: 10.1.2.3, port: yes}]\n", "access.allow.0.port", "a valid integer"),
-        ("reports:\n  timeout_seconds: yes\n", "reports.timeout_seconds", "a valid number"),
-        ("model:\n  thresholds: {subdural: true}\n", "model.thresholds.subdural", "a valid number"),
+        ("storage:\n  retention_days: true\n", "storage.retention_days"),
+        ("node:\n  port: yes\n", "node.port"),
+        ("model:\n  worker_processes: on\n", "model.worker_processes"),
+        ("access:\n  allow: [{ae_title: CT, host: 10.1.2.3, port: yes}]\n", "access.allow.0.port"),
+        ("reports:\n  timeout_seconds: yes\n", "reports.timeout_seconds"),
+        ("model:\n  thresholds: {subdural: true}\n", "model.thresholds.subdural"),
     ],
 )
-def test_a_boolean_is_no_number(tmp_path: Path, text: str, key: str, expected: str) -> None:
+def test_a_boolean_is_no_number(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "node.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert f"{key}: Input should be {expected} (got True)" in str(info.value)
+    assert f"{key}: Value error, a number is needed, not yes/no/on/off/true/false (got True)" in str(info.value)
 
 
-def test_numbers_stay_numbers(tmp_path: Path) -> None:
-    # An integer is a good float; a float with nothing after the point is no integer (a port 104.0).
+def test_numbers_are_taken_as_they_come(tmp_path: Path) -> None:
+    # As they loaded before booleans were refused: YAML reads 6e2 as text.
+    text = "node: {port: '11112'}\nstorage: {retention_days: 7.0}\nreports: {retry: {max_delay_s: 6e2}}\n"
+    (tmp_path / "node.yaml").write_text(text)
+    config = load_config(tmp_path / "node.yaml")
+    assert (config.node.port, config.storage.retention_days, config.reports.retry.max_delay_s) == (11112, 7, 600.0)
     config = parse_config({"reports": {"timeout_seconds": 45}, "model": {"thresholds": {"any": 1}}}, tmp_path)
     assert (config.reports.timeout_seconds, config.model.thresholds) == (45.0, {"any": 1.0})
-    with pytest.raises(ConfigError, match=r"node.port: Input should be a valid integer \(got 104.0\)"):
-        parse_config({"node": {"port": 104.0}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"node.port: Input should be a valid integer, got a number with a fraction"):
+        parse_config({"node": {"port": 104.5}}, tmp_path)
 
 
 def test_a_leading_tilde_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -510,8 +514,9 @@ def test_a_path_with_an_environment_variable_is_refused(tmp_path: Path, data: di
     assert parse_config({"database": {"url": url}}, tmp_path).database.url == url
 
 
-def test_check_config_names_a_peer_host_that_does_not_resolve(tmp_path: Path) -> None:
+def test_check_config_warns_of_a_peer_host_that_does_not_resolve(tmp_path: Path) -> None:
     # A typo in a destination would show only once its reports are dead letters, hours later.
+    # A warning, not an error: the name may resolve only on the node's own network.
     data = config_data(
         tmp_path,
         access={
@@ -526,12 +531,20 @@ def test_check_config_names_a_peer_host_that_does_not_resolve(tmp_path: Path) ->
     )
     path = write_config(tmp_path / "node.yaml", data)
     result = run_cli(["check-config", "--config", str(path)])
-    assert result.returncode == 1
-    heading, *problems = result.stderr.splitlines()
-    assert heading == "error: invalid configuration:"
-    assert [problem.split(":", 1)[0].strip() for problem in problems] == [
-        "access.allow.1.host",
-        "reports.destinations.1.host",
-    ]
-    assert problems[0].startswith("  access.allow.1.host: cannot resolve host ct.nonexistent.invalid: ")
-    assert problems[1].startswith("  reports.destinations.1.host: cannot resolve host pacs.nonexistent.invalid: ")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, result.stderr
+    assert warnings[0].startswith("warning: access.allow.1.host: cannot resolve host ct.nonexistent.invalid: ")
+    unresolved = "warning: reports.destinations.1.host: cannot resolve host pacs.nonexistent.invalid: "
+    assert warnings[1].startswith(unresolved)
+
+
+@pytest.mark.parametrize("host", ["ct2..radiology.org", "a" * 64 + ".org"])
+def test_a_host_name_that_can_never_be_looked_up_is_refused(tmp_path: Path, host: str) -> None:
+    # Taken in, it had made the receiver drop every connection with a traceback.
+    for section in (
+        {"access": {"allow": [{"ae_title": "CT2", "host": host}]}},
+        {"reports": {"destinations": [{"ae_title": "PACS", "host": host, "port": 104}]}},
+    ):
+        with pytest.raises(ConfigError, match="is not a valid host name"):
+            parse_config(section, tmp_path)
