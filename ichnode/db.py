@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -374,11 +374,8 @@ def open_node_database(url: str, *, before_creating: Callable[[], object] = lamb
     engine = None
     try:
         engine = make_engine(url)
-        if not new_file:
-            with engine.connect() as connection:
-                new = not inspect(connection).has_table(Meta.__tablename__)
-            if new:  # a new database on a server, an empty file
-                before_creating()
+        if not new_file and not _setting_up(engine, lambda: _has_tables(engine)):
+            before_creating()  # a new database on a server, an empty file
         init_db(engine)
         return engine
     except BaseException as exc:
@@ -516,21 +513,32 @@ _SCHEMA_LOCK = 0x1C4D0DE
 
 def init_db(engine: Engine) -> None:
     """Create missing tables and record the schema version; refuse a newer schema."""
-    for attempt in range(_INIT_TRIES):
+    _setting_up(engine, lambda: _init_db(engine))
+
+
+def _setting_up(engine: Engine, step: Callable[[], _T]) -> _T:
+    """``step`` of opening a database, tried again while another process of
+    the node sets up the same new SQLite database ("table meta already
+    exists", "database is locked"): the next try finds what it made.
+    (PostgreSQL takes a lock instead, and there such an error is a server not
+    answering.)"""
+    for attempt in range(_INIT_TRIES - 1):
         try:
-            _init_db(engine)
-            return
+            return step()
         except (OperationalError, IntegrityError):
-            # Another process of the node setting up a new SQLite database at
-            # the same moment ("table meta already exists", "database is
-            # locked"): the next try finds what it made. (PostgreSQL takes a
-            # lock instead, and there such an error is a server not answering.)
-            if engine.dialect.name != "sqlite" or attempt == _INIT_TRIES - 1:
+            if engine.dialect.name != "sqlite":
                 raise
             time.sleep(0.2 * (attempt + 1))
+    return step()
+
+
+def _has_tables(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return inspect(connection).has_table(Meta.__tablename__)
 
 
 _INIT_TRIES = 5
+_T = TypeVar("_T")
 
 
 def _init_db(engine: Engine) -> None:
